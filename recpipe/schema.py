@@ -1,0 +1,131 @@
+"""Arrow schemas of the archive tables, built from ``schemas/tables.yaml``.
+
+The YAML file is the single definition; this module only turns it into
+pyarrow types and checks rows against it before they are written.
+
+    >>> from recpipe.schema import table_schema
+    >>> table_schema("rollouts").field("behaviour_logprobs").type
+    ListType(list<item: float>)
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import yaml
+
+_PRIMITIVES: dict[str, pa.DataType] = {
+    "string": pa.string(),
+    "bool": pa.bool_(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+_LIST = re.compile(r"^list<(\w+)>$")
+
+
+def schemas_dir() -> Path:
+    """Folder holding tables.yaml and queries/ (repo checkout or installed wheel)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "schemas", here.parent / "schemas"):
+        if (candidate / "tables.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"schemas/tables.yaml not found next to {here}")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: pa.Schema
+    partition_by: tuple[str, ...]
+    key: tuple[str, ...]
+    description: str
+
+
+def _arrow_type(spec: dict[str, Any], where: str) -> pa.DataType:
+    kind = spec["type"]
+    if kind in _PRIMITIVES:
+        return _PRIMITIVES[kind]
+    match = _LIST.match(kind)
+    if match and match.group(1) in _PRIMITIVES:
+        return pa.list_(_PRIMITIVES[match.group(1)])
+    if kind == "struct":
+        return pa.struct([_field(f, f"{where}.{f['name']}") for f in spec["fields"]])
+    raise ValueError(f"{where}: unknown type {kind!r}")
+
+
+def _field(spec: dict[str, Any], where: str) -> pa.Field:
+    metadata = {"description": spec["description"]} if spec.get("description") else None
+    return pa.field(
+        spec["name"], _arrow_type(spec, where), nullable=spec.get("nullable", True), metadata=metadata
+    )
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    with open(schemas_dir() / "tables.yaml") as f:
+        return yaml.safe_load(f)
+
+
+SCHEMA_VERSION: int = int(_document()["schema_version"])
+
+
+@functools.cache
+def table_spec(name: str) -> TableSpec:
+    tables = _document()["tables"]
+    if name not in tables:
+        raise KeyError(f"unknown table {name!r}; tables are {sorted(tables)}")
+    doc = tables[name]
+    fields = [_field(c, f"{name}.{c['name']}") for c in doc["columns"]]
+    return TableSpec(
+        name=name,
+        schema=pa.schema(fields, metadata={"table": name, "schema_version": str(SCHEMA_VERSION)}),
+        partition_by=tuple(doc.get("partition_by", ())),
+        key=tuple(doc.get("key", ())),
+        description=doc.get("description", ""),
+    )
+
+
+def table_schema(name: str) -> pa.Schema:
+    return table_spec(name).schema
+
+
+def table_names() -> list[str]:
+    return list(_document()["tables"])
+
+
+def migrations() -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Columns added after each older schema_version, per table."""
+    return {int(k): v for k, v in (_document().get("migrations") or {}).items()}
+
+
+def conform(name: str, data: pa.Table | list[dict[str, Any]]) -> pa.Table:
+    """Cast rows to the table's schema; raise ValueError naming what does not fit."""
+    schema = table_schema(name)
+    if isinstance(data, list):
+        missing = {f.name for f in schema} - set().union(*(row.keys() for row in data)) if data else set()
+        if missing:
+            raise ValueError(f"{name}: rows lack columns {sorted(missing)}")
+        try:
+            return pa.Table.from_pylist(data, schema=schema).combine_chunks()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
+            raise ValueError(f"{name}: rows do not fit the schema: {exc}") from exc
+    extra = set(data.column_names) - set(schema.names)
+    missing = set(schema.names) - set(data.column_names)
+    if extra or missing:
+        raise ValueError(f"{name}: columns differ from the schema: missing {sorted(missing)}, unexpected {sorted(extra)}")
+    try:
+        table = data.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ValueError(f"{name}: rows do not fit the schema: {exc}") from exc
+    for field in schema:
+        if not field.nullable and table.column(field.name).null_count:
+            raise ValueError(f"{name}: column {field.name!r} must not be null")
+    return table
