@@ -110,22 +110,24 @@ def conform(name: str, data: pa.Table | list[dict[str, Any]]) -> pa.Table:
     """Cast rows to the table's schema; raise ValueError naming what does not fit."""
     schema = table_schema(name)
     if isinstance(data, list):
-        missing = {f.name for f in schema} - set().union(*(row.keys() for row in data)) if data else set()
+        present = set().union(*(row.keys() for row in data)) if data else set(schema.names)
+        missing = set(schema.names) - present
         if missing:
             raise ValueError(f"{name}: rows lack columns {sorted(missing)}")
         try:
-            return pa.Table.from_pylist(data, schema=schema).combine_chunks()
+            data = pa.Table.from_pylist(data, schema=schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as exc:
             raise ValueError(f"{name}: rows do not fit the schema: {exc}") from exc
     extra = set(data.column_names) - set(schema.names)
     missing = set(schema.names) - set(data.column_names)
     if extra or missing:
-        raise ValueError(f"{name}: columns differ from the schema: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    try:
-        table = data.select(schema.names).cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"{name}: rows do not fit the schema: {exc}") from exc
+        raise ValueError(
+            f"{name}: columns differ from the schema: missing {sorted(missing)}, unexpected {sorted(extra)}"
+        )
     for field in schema:
-        if not field.nullable and table.column(field.name).null_count:
+        if not field.nullable and data.column(field.name).null_count:
             raise ValueError(f"{name}: column {field.name!r} must not be null")
-    return table
+    try:
+        return data.select(schema.names).cast(schema).combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, ValueError) as exc:
+        raise ValueError(f"{name}: rows do not fit the schema: {exc}") from exc

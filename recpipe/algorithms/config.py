@@ -33,13 +33,15 @@ class LossConfig(BaseModel):
             (the sequence ratio) | advantage (exp(A_i / temp), RED-Weight).
         temp (float, 1.0): RED-Weight temperature.
     Regularizer (R_t, on every response token, independent of c_t):
-        regularizer (str, "none"): none | forward-kl (-beta * l_t, AsymRE) | k2 (beta * (l_t - l_old_t)^2, OPMD).
+        regularizer (str, "none"): none | forward-kl (-beta * l_t, AsymRE)
+            | k2 (beta * (l_t - l_old_t)^2, OPMD).
         regularizer_coef (float, 0.0): beta.
     Advantages (per group):
         std_normalize (bool, False): divide by the group's population std + 1e-6 (GRPO).
         drop (str, "none"): none | balance (RED-Drop: drop surplus negatives).
 
-    Paper: Yao, Chen et al., "Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm" (arXiv 2509.24203).
+    Paper: Yao, Chen et al., "Group-Relative REINFORCE Is Secretly an Off-Policy Algorithm"
+    (arXiv 2509.24203).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -50,10 +52,10 @@ class LossConfig(BaseModel):
         "sequence ratio, loss = mean over responses of each response's token mean).",
     )
     epsilon_low: float = Field(
-        0.2, ge=0, allow_inf_nan=False, description="Lower band edge 1 - epsilon_low on rho (unitless, >= 0)."
+        0.2, ge=0, allow_inf_nan=False, description="Lower band edge 1 - epsilon_low on rho (unitless, >=0)."
     )
     epsilon_high: float = Field(
-        0.2, ge=0, allow_inf_nan=False, description="Upper band edge 1 + epsilon_high on rho (unitless, >= 0)."
+        0.2, ge=0, allow_inf_nan=False, description="Upper band edge 1 + epsilon_high on rho (unitless, >=0)."
     )
     epsilon_low_prime: float = Field(
         0.6,
@@ -77,7 +79,7 @@ class LossConfig(BaseModel):
     )
     regularizer: Regularizer = Field(
         "none",
-        description="Added term R_t: none | forward-kl (-beta*l_t, AsymRE) | k2 (beta*(l_t - l_old_t)^2, OPMD).",
+        description="Added term R_t: none | forward-kl (-beta*l_t, AsymRE) | k2 (beta*(l-l_old)^2, OPMD).",
     )
     regularizer_coef: float = Field(
         0.0, ge=0, allow_inf_nan=False, description="beta, the regularizer coefficient (>= 0; > 0 iff used)."

@@ -38,6 +38,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 # Clip masks c_t. Arguments: rho (B, T) token ratio, seq_ratio (B,) sequence ratio, adv (B, T), cfg.
 # They return a bool (B, T); tokens outside the trust region give no policy gradient at all.
 
+
 def _one_side(ratio: Tensor, adv: Tensor, cfg: LossConfig) -> Tensor:
     # Positive advantage: stop pushing up once rho is already above 1 + eps_high; negative: stop
     # pushing down once rho is already below 1 - eps_low. The other direction is never clipped.
@@ -212,8 +213,9 @@ def policy_loss(
             "tokens": m.sum(),
         }
         # One device->host copy for all metrics instead of one sync per .item().
-        flat = dict(zip(values, torch.stack([v.detach().to(dtype) for v in values.values()]).tolist(),
-                        strict=True))
+        flat = dict(
+            zip(values, torch.stack([v.detach().to(dtype) for v in values.values()]).tolist(), strict=True)
+        )
     for flat_name, slash_name in _SLASH_NAMES.items():
         flat[slash_name] = flat[flat_name]
     return loss, flat
@@ -243,7 +245,8 @@ def token_entropy(logits: Tensor, mask: Tensor) -> float:
     """
     if logits.dim() != 3 or logits.shape[:2] != mask.shape:
         raise ValueError(
-            f"logits must be (B, T, V) with (B, T) = mask.shape {tuple(mask.shape)}; got {tuple(logits.shape)}"
+            f"logits must be (B, T, V) with (B, T) = mask.shape {tuple(mask.shape)}; "
+            f"got {tuple(logits.shape)}"
         )
     m = mask.float()
     total = torch.zeros((), dtype=torch.float32, device=logits.device)

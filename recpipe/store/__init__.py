@@ -188,7 +188,7 @@ class Store:
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "")
         con = self.connect()
         try:
-            return con.execute(sql, params or {}).to_arrow_table()
+            return con.sql(sql, params=params or None).to_arrow_table()
         finally:
             con.close()
 

@@ -70,11 +70,9 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, An
         timer = threading.Timer(timeout_s, stop)
         timer.start()
     try:
-        result = None
-        for i, statement in enumerate(statements):
-            last = i == len(statements) - 1
-            result = con.execute(statement, params if last and params else None)
-        return result.to_arrow_table()
+        for statement in statements[:-1]:
+            con.execute(statement.query)
+        return con.sql(statements[-1].query, params=params or None).to_arrow_table()
     except duckdb.PermissionException as exc:
         raise QueryRefused(f"refused: {exc}".split("\n")[0]) from None
     except duckdb.InterruptException:

@@ -1,0 +1,51 @@
+"""Turn a model spec into a checkpoint directory, and load it for training.
+
+    >>> resolve_model("tiny")                         # doctest: +SKIP
+    PosixPath('/root/.cache/recpipe/tiny-seed0')
+    >>> model, tokenizer = load_policy(resolve_model("smollm2"), "cpu", torch.float32)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from recpipe.models.cache import build_once, cache_root
+from recpipe.models.smollm2 import smollm2_checkpoint
+from recpipe.models.tiny import build_tiny_model
+
+BUILTIN_MODELS = ("tiny", "smollm2")
+
+
+def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """Checkpoint directory for ``spec``: "tiny", "smollm2" or a local HF checkpoint directory.
+
+    Raises:
+        ValueError: ``spec`` is neither built in nor a directory holding config.json.
+    """
+    if spec == "tiny":
+        return build_once(cache_root(cache_dir) / "tiny-seed0", lambda tmp: build_tiny_model(tmp, seed=0))
+    if spec == "smollm2":
+        return smollm2_checkpoint(cache_dir)
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        reason = "does not exist" if not path.exists() else "has no config.json"
+        raise ValueError(
+            f"model={spec!r}: {path} {reason}; use one of {list(BUILTIN_MODELS)} or a local Hugging Face "
+            f"checkpoint directory (config.json, weights, tokenizer)"
+        )
+    return path.resolve()
+
+
+def load_policy(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, object]:
+    """(model, tokenizer) from a checkpoint directory; the model is on ``device`` in train mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(str(path)) if str(path) in BUILTIN_MODELS else Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.train()
+    return model, tokenizer

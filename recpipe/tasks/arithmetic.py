@@ -1,0 +1,128 @@
+"""The default task: seeded one-operation arithmetic, e.g. "What is 3 + 7? Answer with just the number."
+
+    from recpipe.tasks import get_task
+    task = get_task("arithmetic")                              # a + b, a and b in 1..10
+    task = get_task("arithmetic", operation="mul", low=2, high=12)
+    task.prompts("train", limit=8, seed=0)
+
+Why these defaults: with SmolLM2-135M-Instruct at temperature 1.0, a + b over 1..10 is right in
+21-24% of samples and 76-80% of 8-sample groups are mixed (design.md): the reward varies inside
+groups, which is what group-relative RL learns from. Wider ranges are harder (1..99: 6% right).
+
+Splits: the task draws n_test + n_train distinct ordered pairs (a, b) from [low, high]^2 with a fixed
+`split_seed`; the first n_test are "test", the rest "train". So the splits never share a pair (b + a
+may still be in train when a + b is in test: the prompt text differs) and do not depend on the
+`seed` that `prompts` uses to order and sub-sample a split.
+
+Reward (RewardResult.from_parts): correctness 1.0 when the response's answer equals the gold number,
+plus format +0.1 when the whole response is the bare number (spaces and a final "." allowed: "7", "7.",
+"$7"), else -0.1. The small model almost never answers with the bare number, so the answer is looked
+for in free text, in this order:
+  1. the first number right after "answer" ("The answer is 7", "Answer: **7**");
+  2. else the first number right after "is", "=", "equals", "gives", "makes", "get(s)" ("3 + 4 = 7");
+  3. else the last number in the response.
+A number in 1. or 2. that starts an expression ("What is 3 + 4", "= 3 + 4 = 7") is skipped, so echoing
+the question does not count as answering it. Numbers follow answers.py: ASCII digits only, "1,234",
+"-3", "3.0" == 3, "$5"; responses longer than answers.MAX_PARSE_CHARS are parsed by head and tail.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from recpipe.tasks import answers
+from recpipe.tasks.base import Prompt, RewardResult, check_prompts_args, check_response
+
+OPERATIONS = {"add": ("+", lambda a, b: a + b), "mul": ("*", lambda a, b: a * b)}
+PROMPT_TEMPLATE = "What is {a} {symbol} {b}? Answer with just the number."
+
+_ANSWER_CUE = re.compile(r"answer(?:\s+is)?[\s:=*]*$", re.IGNORECASE | re.ASCII)
+_RESULT_CUE = re.compile(r"(?:\bis|=|\bequals?|\bequal to|\bgives?|\bmakes?|\bgets?)[\s*]*$", re.IGNORECASE | re.ASCII)
+_STARTS_EXPRESSION = re.compile(r"\s*[-+*/x×÷^]\s*\$?[0-9(]", re.ASCII)
+
+
+def extract_answer(text: str) -> str | None:
+    """Canonical final answer found in an arithmetic response (rules in the module docstring), or None."""
+    text = answers.clip(text)
+    found = answers.numbers(text)
+    if not found:
+        return None
+    for cue in (_ANSWER_CUE, _RESULT_CUE):
+        for match in found:
+            if cue.search(answers.before(text, match)) and not _STARTS_EXPRESSION.match(answers.after(text, match)):
+                return answers.canonical(match)
+    return answers.canonical(found[-1])
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Seeded arithmetic prompts "What is a <op> b?" with a, b in [low, high].
+
+    operation: "add" (a + b) or "mul" (a * b). Default "add".
+    low, high: inclusive operand range. Default 1..10 (100 ordered pairs).
+    n_train, n_test: distinct pairs per split; n_train + n_test <= (high - low + 1) ** 2. Default 80 / 20.
+    split_seed: seed of the train/test partition; change it only to get a different partition.
+    """
+
+    name: ClassVar[str] = "arithmetic"
+
+    operation: str = "add"
+    low: int = 1
+    high: int = 10
+    n_train: int = 80
+    n_test: int = 20
+    split_seed: int = 20250101
+
+    def __post_init__(self) -> None:
+        if self.operation not in OPERATIONS:
+            raise ValueError(f"operation={self.operation!r}: expected one of {sorted(OPERATIONS)}")
+        for field in ("low", "high", "n_train", "n_test", "split_seed"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{field}={value!r}: expected an int")
+        if self.low > self.high:
+            raise ValueError(f"low={self.low} > high={self.high}: expected low <= high")
+        if self.n_train < 0 or self.n_test < 0:
+            raise ValueError(f"n_train={self.n_train}, n_test={self.n_test}: expected both >= 0")
+        if self.n_train + self.n_test > self._n_pairs:
+            raise ValueError(
+                f"n_train + n_test = {self.n_train + self.n_test} > {self._n_pairs} distinct pairs in "
+                f"[{self.low}, {self.high}]^2: lower n_train/n_test or widen low..high"
+            )
+
+    @property
+    def _n_pairs(self) -> int:
+        return (self.high - self.low + 1) ** 2
+
+    def _split_pairs(self, split: str) -> list[tuple[int, int]]:
+        # random.sample over a range never materialises it, so huge operand ranges are fine.
+        picked = random.Random(self.split_seed).sample(range(self._n_pairs), self.n_test + self.n_train)
+        chosen = picked[: self.n_test] if split == "test" else picked[self.n_test :]
+        width = self.high - self.low + 1
+        return [(self.low + i // width, self.low + i % width) for i in sorted(chosen)]
+
+    def prompts(self, split: str, limit: int | None = None, seed: int | None = 0) -> list[Prompt]:
+        """The split's prompts, shuffled by `seed` (None: sorted by (a, b)), the first `limit` of them."""
+        check_prompts_args(split, limit)
+        pairs = self._split_pairs(split)
+        if seed is not None:
+            random.Random(seed).shuffle(pairs)
+        symbol, fn = OPERATIONS[self.operation]
+        return [
+            Prompt(
+                prompt_id=f"{self.operation}_{a}_{b}",  # content-based: stable across seeds, limits and splits
+                messages=[{"role": "user", "content": PROMPT_TEMPLATE.format(a=a, symbol=symbol, b=b)}],
+                answer=str(fn(a, b)),
+            )
+            for a, b in pairs[:limit]
+        ]
+
+    def score(self, prompt: Prompt, response: str) -> RewardResult:
+        """1.0 for the right number anywhere the rules find it, +0.1 for the bare-number form, else -0.1."""
+        text = check_response(response)
+        return RewardResult.from_parts(
+            correct=extract_answer(text) == prompt.answer, formatted=answers.is_bare_number(text)
+        )

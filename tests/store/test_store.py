@@ -1,0 +1,150 @@
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from recpipe.store import RunLocked, Store, StoreError, connect
+from recpipe.store.files import remove_stale_temps, stale_temps
+from recpipe.testing import synthetic_rollouts
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store.create(tmp_path / "store")
+
+
+def count(store, table, where="true"):
+    con = store.connect()
+    return con.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0]
+
+
+def test_empty_store_has_every_view(store):
+    con = connect(store.root)
+    for table in ("rollouts", "groups", "policies", "batches", "steps", "evals"):
+        assert con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+    cols = [r[0] for r in con.execute("DESCRIBE rollouts").fetchall()]
+    assert "behaviour_logprobs" in cols
+
+
+def test_open_requires_a_store(tmp_path):
+    with pytest.raises(StoreError, match="not a recpipe store"):
+        Store(tmp_path)
+    (tmp_path / "file.txt").write_text("precious")
+    with pytest.raises(StoreError, match="not empty"):
+        Store.create(tmp_path)
+    assert (tmp_path / "file.txt").read_text() == "precious"
+
+
+def test_append_is_idempotent_per_shard(store):
+    rows = synthetic_rollouts(shard_id="s1", groups=3, group_size=4)
+    assert store.append_rollouts(rows, shard_id="s1") is True
+    assert store.append_rollouts(rows, shard_id="s1") is False
+    assert count(store, "rollouts") == 12
+    assert count(store, "groups") == 3
+    files = store.files("rollouts")
+    assert [f.relative_to(store.root).as_posix() for f in files] == ["rollouts/run=r/policy_version=0/s1.parquet"]
+
+
+def test_partition_columns_keep_their_types(store):
+    store.append_rollouts(synthetic_rollouts(policy_version=3, shard_id="a"), shard_id="a")
+    con = store.connect()
+    types = dict(con.execute("SELECT column_name, column_type FROM (DESCRIBE rollouts)").fetchall())
+    assert types["policy_version"] == "INTEGER"
+    assert con.execute("SELECT DISTINCT policy_version FROM rollouts").fetchall() == [(3,)]
+
+
+def test_group_summary_matches_rollouts(store):
+    rewards = [[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]
+    store.append_rollouts(synthetic_rollouts(rewards=rewards, shard_id="g"), shard_id="g")
+    con = store.connect()
+    got = con.execute("SELECT prompt_id, n, reward_mean, reward_std FROM groups ORDER BY prompt_id").fetchall()
+    assert got == [("p0", 4, 0.5, 0.5), ("p1", 4, 0.5, 0.0)]
+
+
+def test_groups_completed_after_crash_between_commits(store):
+    rows = synthetic_rollouts(shard_id="s1")
+    store.append("rollouts", rows, shard_id="s1")  # as if killed before the summary commit
+    assert count(store, "groups") == 0
+    assert store.append_rollouts(rows, shard_id="s1") is False
+    assert count(store, "groups") == 2 and count(store, "rollouts") == 8
+
+
+def test_bad_rows_write_nothing(store):
+    rows = synthetic_rollouts().drop_columns(["reward"])
+    with pytest.raises(ValueError, match="reward"):
+        store.append_rollouts(rows, shard_id="bad")
+    assert store.files("rollouts") == []
+    mixed = synthetic_rollouts(policy_version=0).to_pylist() + synthetic_rollouts(policy_version=1).to_pylist()
+    with pytest.raises(StoreError, match="spans 2 values of 'policy_version'"):
+        store.append("rollouts", mixed, shard_id="mixed")
+
+
+def test_compaction_keeps_every_row_and_shard_identity(store):
+    for v in (0, 1):
+        for i in range(4):
+            sid = f"v{v}-s{i}"
+            store.append_rollouts(synthetic_rollouts(policy_version=v, shard_id=sid, seed=i), shard_id=sid)
+    before = store.connect().sql("SELECT * FROM rollouts ORDER BY rollout_id").to_arrow_table()
+    stats = store.compact("rollouts")
+    assert stats == {"partitions": 2, "files_merged": 8, "files_written": 2}
+    assert len(store.files("rollouts")) == 2
+    after = store.connect().sql("SELECT * FROM rollouts ORDER BY rollout_id").to_arrow_table()
+    assert after.equals(before)
+    # A shard merged into a compact file is still known as committed.
+    again = synthetic_rollouts(policy_version=1, shard_id="v1-s2", seed=2)
+    assert store.append_rollouts(again, shard_id="v1-s2") is False
+    assert count(store, "rollouts") == 64
+    assert not list(store.root.rglob("*.tmp"))
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from recpipe.store import Store
+    from recpipe.testing import synthetic_rollouts
+    store = Store(sys.argv[1])
+    rows = synthetic_rollouts(shard_id="big", groups=4000, group_size=8, response_length=64)
+    print("ready", flush=True)
+    store.append_rollouts(rows, shard_id="big")
+""")
+
+
+def test_writer_killed_mid_write_leaves_nothing_visible(store):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.root)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.monotonic() + 60
+    part = store.root / "rollouts" / "run=r" / "policy_version=0"
+    while time.monotonic() < deadline and not (part.exists() and any(part.glob(".*.tmp"))):
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert stale_temps(store.root), "the kill should have landed while the temp file was being written"
+    assert store.files("rollouts") == []
+    assert count(store, "rollouts") == 0
+    assert remove_stale_temps(store.root)
+    rows = synthetic_rollouts(shard_id="big", groups=10, group_size=8)
+    assert store.append_rollouts(rows, shard_id="big") is True
+    assert count(store, "rollouts") == 80
+    assert pq.read_table(store.files("rollouts")[0]).num_rows == 80
+
+
+def test_second_writer_is_refused_and_stale_lock_is_taken(store):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys,time; from recpipe.store import Store; "
+         "l=Store(sys.argv[1]).lock('r', 'loop').acquire(); print('held', flush=True); time.sleep(60)",
+         str(store.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=rf"pid {holder.pid} .*loop"):
+            store.lock("r").acquire()
+        with store.lock("other"):  # other runs are independent
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with store.lock("r") as lock:  # the dead holder's lock is stale: taken at once
+        assert lock.held
