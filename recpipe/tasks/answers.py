@@ -70,4 +70,3 @@ def before(text: str, match: re.Match[str]) -> str:
 def after(text: str, match: re.Match[str]) -> str:
     """The few characters behind a number: tells "3 + 4" (an expression) from "7." (a result)."""
     return text[match.end() : match.end() + _CONTEXT_CHARS]
-

@@ -40,7 +40,9 @@ OPERATIONS = {"add": ("+", lambda a, b: a + b), "mul": ("*", lambda a, b: a * b)
 PROMPT_TEMPLATE = "What is {a} {symbol} {b}? Answer with just the number."
 
 _ANSWER_CUE = re.compile(r"answer(?:\s+is)?[\s:=*]*$", re.IGNORECASE | re.ASCII)
-_RESULT_CUE = re.compile(r"(?:\bis|=|\bequals?|\bequal to|\bgives?|\bmakes?|\bgets?)[\s*]*$", re.IGNORECASE | re.ASCII)
+_RESULT_CUE = re.compile(
+    r"(?:\bis|=|\bequals?|\bequal to|\bgives?|\bmakes?|\bgets?)[\s*]*$", re.IGNORECASE | re.ASCII
+)
 _STARTS_EXPRESSION = re.compile(r"\s*[-+*/x×÷^]\s*\$?[0-9(]", re.ASCII)
 
 
@@ -52,7 +54,8 @@ def extract_answer(text: str) -> str | None:
         return None
     for cue in (_ANSWER_CUE, _RESULT_CUE):
         for match in found:
-            if cue.search(answers.before(text, match)) and not _STARTS_EXPRESSION.match(answers.after(text, match)):
+            is_expression = _STARTS_EXPRESSION.match(answers.after(text, match)) is not None
+            if not is_expression and cue.search(answers.before(text, match)):
                 return answers.canonical(match)
     return answers.canonical(found[-1])
 
@@ -113,7 +116,7 @@ class ArithmeticTask:
         symbol, fn = OPERATIONS[self.operation]
         return [
             Prompt(
-                prompt_id=f"{self.operation}_{a}_{b}",  # content-based: stable across seeds, limits and splits
+                prompt_id=f"{self.operation}_{a}_{b}",  # content-based: stable across seeds and limits
                 messages=[{"role": "user", "content": PROMPT_TEMPLATE.format(a=a, symbol=symbol, b=b)}],
                 answer=str(fn(a, b)),
             )

@@ -38,7 +38,8 @@ from recpipe.tasks.base import Prompt, RewardResult, check_prompts_args, check_r
 
 PROMPT_TEMPLATE = (
     "{question}\n"
-    'Solve the problem step by step. End your response with the final answer on its own line as "#### <number>".'
+    "Solve the problem step by step. "
+    'End your response with the final answer on its own line as "#### <number>".'
 )
 
 _HASHES_CUE = re.compile(r"####\s*$")
@@ -56,12 +57,14 @@ def default_data_dir() -> Path:
     for candidate in candidates:
         if (candidate / "test.jsonl").is_file():
             return candidate
-    raise ValueError(f"GSM8K data not found in {[str(c) for c in candidates]}: pass data_dir=<folder with *.jsonl>")
+    raise ValueError(
+        f"GSM8K data not found in {[str(c) for c in candidates]}: pass data_dir=<folder with *.jsonl>"
+    )
 
 
 def gold_answer(solution: str) -> str:
     """Canonical gold number of a GSM8K solution: the number after its last "####"."""
-    head, sep, tail = solution.rpartition("####")
+    _, sep, tail = solution.rpartition("####")
     number = answers.canonical_number(tail) if sep else None
     if number is None:
         raise ValueError(f"answer={solution[-80:]!r}: expected a solution ending in '#### <number>'")
@@ -138,4 +141,5 @@ class GSM8KTask:
     def score(self, prompt: Prompt, response: str) -> RewardResult:
         """1.0 for the right final number, +0.1 for a final "#### N" / "The answer is N" line, else -0.1."""
         text = check_response(response)
-        return RewardResult.from_parts(correct=extract_answer(text) == prompt.answer, formatted=has_final_line(text))
+        correct = extract_answer(text) == prompt.answer
+        return RewardResult.from_parts(correct=correct, formatted=has_final_line(text))

@@ -79,6 +79,6 @@ def get_task(name: str, **options: Any) -> Task:
     if not isinstance(task, Task) or not isinstance(getattr(task, "name", None), str):
         raise ValueError(
             f"task={name!r}: the factory returned {type(task).__name__}, "
-            "expected an object with a str `name`, `prompts(split, limit, seed)` and `score(prompt, response)`"
+            "expected a Task: a str `name`, `prompts(split, limit, seed)` and `score(prompt, response)`"
         )
     return task

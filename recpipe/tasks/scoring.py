@@ -44,7 +44,8 @@ def _score_one(task: Task, prompt: Prompt, response: str) -> RewardResult:
     except BaseException as e:  # noqa: BLE001 - a scorer calling sys.exit() must not end the worker silently
         return RewardResult.failed(f"{type(e).__name__}: {e}")
     if not isinstance(result, RewardResult):
-        return RewardResult.failed(f"TypeError: score returned {type(result).__name__}, expected RewardResult")
+        got = type(result).__name__
+        return RewardResult.failed(f"TypeError: score returned {got}, expected RewardResult")
     return result
 
 
@@ -70,7 +71,8 @@ class _Worker(threading.Thread):
     def cancel(self) -> None:
         self.cancelled = True
         if self.is_alive() and self.ident is not None:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident), ctypes.py_object(_Cancelled))
+            set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+            set_async_exc(ctypes.c_ulong(self.ident), ctypes.py_object(_Cancelled))
 
 
 def score_responses(
@@ -82,11 +84,15 @@ def score_responses(
     timeout (for scorers known to be fast, e.g. in a subprocess that has its own limit).
     """
     if len(prompts) != len(responses):
-        raise ValueError(f"len(prompts)={len(prompts)} != len(responses)={len(responses)}: pass one prompt per response")
+        raise ValueError(
+            f"len(prompts)={len(prompts)} != len(responses)={len(responses)}: pass one prompt per response"
+        )
     if timeout_s is None:
         return [_score_one(task, p, r) for p, r in zip(prompts, responses, strict=True)]
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not (
-        math.isfinite(timeout_s) and timeout_s > 0
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, int | float)
+        or not (math.isfinite(timeout_s) and timeout_s > 0)
     ):
         raise ValueError(f"timeout_s={timeout_s!r}: expected a finite number of seconds > 0, or None")
 
