@@ -53,9 +53,9 @@ def balance_drop(rewards: Sequence[float], generator: random.Random | torch.Gene
     """RED-Drop's choice for one group: kept[i] is False for the negatives dropped to balance the group."""
     r = _check_rewards(rewards)
     mean_all = statistics.mean(r)
-    positives = [i for i, x in enumerate(r) if x >= mean_all]  # never empty: max(r) >= mean
-    negatives = [i for i, x in enumerate(r) if x < mean_all]
-    surplus = len(negatives) - len(positives)
+    positive = [x >= mean_all for x in r]  # never all False: max(r) >= mean
+    negatives = [i for i, p in enumerate(positive) if not p]
+    surplus = len(negatives) - (len(r) - len(negatives))
     kept = [True] * len(r)
     if surplus <= 0:
         return kept

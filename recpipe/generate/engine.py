@@ -79,7 +79,11 @@ class Engine(Protocol):
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
     """Prompt token ids exactly as the model sees them: chat template plus the assistant header."""
     return [
-        list(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        list(
+            tokenizer.apply_chat_template(
+                p.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
         for p in prompts
     ]
 
@@ -116,7 +120,9 @@ def vllm_available() -> bool:
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or RuntimeError from a broken torchvision
-        logger.info("vLLM unavailable (%s: %s); the transformers backend will be used", type(exc).__name__, exc)
+        logger.info(
+            "vLLM unavailable (%s: %s); the transformers backend will be used", type(exc).__name__, exc
+        )
         return False
     return True
 
@@ -150,7 +156,9 @@ def make_engine(
         raise ValueError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
-        raise ValueError(f"checkpoint={str(checkpoint)!r}: no config.json there (see recpipe.models.resolve_model)")
+        raise ValueError(
+            f"checkpoint={str(checkpoint)!r}: no config.json there (see recpipe.models.resolve_model)"
+        )
     name = model_name or checkpoint.name
     if backend == "auto":
         backend = "vllm" if vllm_available() else "hf"
@@ -158,9 +166,16 @@ def make_engine(
         from recpipe.generate.vllm_engine import VLLMEngine
 
         return VLLMEngine(
-            checkpoint, model_name=name, seed=seed, max_model_len=max_model_len,
-            enforce_eager=enforce_eager, dtype=dtype, **(vllm_kwargs or {}),
+            checkpoint,
+            model_name=name,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+            **(vllm_kwargs or {}),
         )
     from recpipe.generate.hf_engine import HFEngine
 
-    return HFEngine(checkpoint, model_name=name, seed=seed, max_model_len=max_model_len, dtype=dtype, device=device)
+    return HFEngine(
+        checkpoint, model_name=name, seed=seed, max_model_len=max_model_len, dtype=dtype, device=device
+    )

@@ -60,7 +60,9 @@ class HFEngine:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         if not eos_ids:
-            raise ValueError(f"checkpoint={str(checkpoint)!r}: neither generation_config nor tokenizer names an EOS token")
+            raise ValueError(
+                f"checkpoint={str(checkpoint)!r}: neither generation_config nor tokenizer names an EOS token"
+            )
         self.eos_ids = torch.tensor(sorted(eos_ids), device=self.device)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else int(self.eos_ids[0])
@@ -90,7 +92,10 @@ class HFEngine:
         """n samples per prompt; see recpipe.generate.engine.Sample. Same seed and batch, same samples."""
         check_sampling_args(prompts_token_ids, n, temperature, top_p, max_tokens, self.max_model_len)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
         rows = [list(ids) for ids in prompts_token_ids for _ in range(n)]  # prompt i's samples are adjacent
         samples: list[Sample] = []
         for start in range(0, len(rows), self.max_batch_size):
@@ -124,8 +129,12 @@ class HFEngine:
         past = None
         for step in range(max_tokens):
             out = self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=past, use_cache=True, logits_to_keep=1,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
             )
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()  # (B, V)

@@ -95,8 +95,10 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         check_sampling_args(prompts_token_ids, n, temperature, top_p, max_tokens, self.max_model_len)
+        # vLLM refuses n > 1 under greedy decoding; K identical greedy samples are K requests of n=1.
+        copies = n if temperature == 0 else 1
         params = SamplingParams(
-            n=n,
+            n=n // copies,
             temperature=temperature,
             top_p=top_p,
             top_k=0,  # full distribution (0 = off)
@@ -105,19 +107,21 @@ class VLLMEngine:
             seed=seed,  # vLLM gives sample i of a request the seed `seed + i`
             logprobs=0,  # only the sampled token's log-prob
         )
-        requests = [{"prompt_token_ids": list(ids)} for ids in prompts_token_ids]
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompts_token_ids for _ in range(copies)]
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        groups = []
-        for request in outputs:
-            group = []
-            for out in sorted(request.outputs, key=lambda o: o.index):
-                token_ids = list(out.token_ids)
-                logprobs = [float(entry[tok].logprob) for entry, tok in zip(out.logprobs, token_ids, strict=True)]
-                if out.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished a request with finish_reason={out.finish_reason!r}")
-                group.append(Sample(token_ids, logprobs, out.text, out.finish_reason))
-            groups.append(group)
-        return groups
+        samples = [
+            self._sample(out) for request in outputs for out in sorted(request.outputs, key=lambda o: o.index)
+        ]
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts_token_ids))]
+
+    @staticmethod
+    def _sample(out: Any) -> Sample:
+        if out.finish_reason not in ("stop", "length"):
+            raise RuntimeError(f"vLLM finished a request with finish_reason={out.finish_reason!r}")
+        token_ids = list(out.token_ids)
+        # out.logprobs[t] maps token id -> Logprob; with logprobs=0 it holds just the sampled token.
+        logprobs = [float(entry[tok].logprob) for entry, tok in zip(out.logprobs, token_ids, strict=True)]
+        return Sample(token_ids, logprobs, out.text, out.finish_reason)
 
     def close(self) -> None:
         """Drop the engine (its KV cache and weights are freed with it)."""

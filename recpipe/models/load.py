@@ -1,8 +1,8 @@
 """Turn a model spec into a checkpoint directory, and load it for training.
 
-    >>> resolve_model("tiny")                         # doctest: +SKIP
-    PosixPath('/root/.cache/recpipe/tiny-seed0')
-    >>> model, tokenizer = load_policy(resolve_model("smollm2"), "cpu", torch.float32)  # doctest: +SKIP
+>>> resolve_model("tiny")                         # doctest: +SKIP
+PosixPath('/root/.cache/recpipe/tiny-seed0')
+>>> model, tokenizer = load_policy(resolve_model("smollm2"), "cpu", torch.float32)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -34,7 +34,9 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def token_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_p: float = 1.0
+) -> torch.Tensor:
     """log softmax(top_p(logits / temperature))[target]; temperature 0 means greedy (raw log-probs).
 
     logits (..., V), targets (...) -> (...), float32.
@@ -103,7 +105,9 @@ def recompute_logprobs(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=total - first
     )
     logits = out.logits  # (B, total - first, V)
-    positions = (prompt_lens[:, None] - 1 - first + torch.arange(max_resp)[None, :]).clamp(max=logits.shape[1] - 1)
+    positions = (prompt_lens[:, None] - 1 - first + torch.arange(max_resp)[None, :]).clamp(
+        max=logits.shape[1] - 1
+    )
     picked = logits.gather(1, positions.to(device)[..., None].expand(-1, -1, logits.shape[-1]))  # (B, R, V)
     logp = token_logprobs(picked, targets.to(device), temperature, top_p)
     mask = mask.to(device)

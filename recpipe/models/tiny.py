@@ -31,15 +31,41 @@ VOCAB_SIZE = 512  # byte alphabet (256) + specials + ~250 merges
 
 def _corpus(seed: int) -> list[str]:
     rng = random.Random(seed)
-    words = (
-        "what is the answer with just number sum of and plus minus times equals a an so "
-        "system user assistant you are helpful please compute question solve step"
-    ).split()
+    words = [
+        "what",
+        "is",
+        "the",
+        "answer",
+        "with",
+        "just",
+        "number",
+        "sum",
+        "of",
+        "and",
+        "plus",
+        "minus",
+        "times",
+        "equals",
+        "a",
+        "so",
+        "system",
+        "user",
+        "assistant",
+        "you",
+        "are",
+        "helpful",
+        "please",
+        "compute",
+        "question",
+        "solve",
+        "step",
+    ]
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     lines = []
     for _ in range(400):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         op = rng.choice("+-*")
-        lines.append(f"What is {a} {op} {b}? Answer with just the number. {a} {op} {b} = {eval(f'{a}{op}{b}')}")
+        lines.append(f"What is {a} {op} {b}? Answer with just the number. {a} {op} {b} = {ops[op](a, b)}")
         lines.append(" ".join(rng.choice(words) for _ in range(8)))
     return lines
 

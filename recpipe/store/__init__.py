@@ -172,10 +172,18 @@ class Store:
                 hive_types = ", ".join(
                     f"{_sql_str(c)}: {_sql_str(_duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
                 )
-                con.execute(
-                    f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(self.glob(table))}, "
-                    f"hive_partitioning = true, hive_types = {{{hive_types}}}, union_by_name = true)"
-                )
+                try:
+                    con.execute(
+                        f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(self.glob(table))}, "
+                        f"hive_partitioning = true, hive_types = {{{hive_types}}}, union_by_name = true)"
+                    )
+                except duckdb.Error as exc:
+                    con.close()
+                    first = str(exc).splitlines()[0]
+                    raise StoreError(
+                        f"table {table!r} cannot be read: {first}; run `recpipe doctor --store {self.root}` "
+                        "to list damaged files and `--repair` to quarantine them"
+                    ) from None
             else:
                 empty = spec.schema.empty_table()  # noqa: F841 - referenced by name in the SQL below
                 con.execute(f"CREATE TABLE {table} AS SELECT * FROM empty")

@@ -52,6 +52,14 @@ def canonical_number(text: str) -> str | None:
     return canonical(match) if match else None
 
 
+def gold_number(answer: str) -> str:
+    """Canonical form of a prompt's gold answer ("1,234" -> "1234"); ValueError if it is not one number."""
+    number = canonical_number(answer) if isinstance(answer, str) else None
+    if number is None:
+        raise ValueError(f"prompt.answer={answer!r:.80}: expected one number, e.g. '42' or '-3.5'")
+    return number
+
+
 def is_bare_number(text: str) -> bool:
     """True when the (clipped) response is just a number, e.g. "7", " 7.\\n", "$1,234"."""
     return canonical_number(clip(text)) is not None

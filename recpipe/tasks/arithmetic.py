@@ -126,6 +126,5 @@ class ArithmeticTask:
     def score(self, prompt: Prompt, response: str) -> RewardResult:
         """1.0 for the right number anywhere the rules find it, +0.1 for the bare-number form, else -0.1."""
         text = check_response(response)
-        return RewardResult.from_parts(
-            correct=extract_answer(text) == prompt.answer, formatted=answers.is_bare_number(text)
-        )
+        correct = extract_answer(text) == answers.gold_number(prompt.answer)
+        return RewardResult.from_parts(correct=correct, formatted=answers.is_bare_number(text))

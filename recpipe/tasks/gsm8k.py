@@ -141,5 +141,5 @@ class GSM8KTask:
     def score(self, prompt: Prompt, response: str) -> RewardResult:
         """1.0 for the right final number, +0.1 for a final "#### N" / "The answer is N" line, else -0.1."""
         text = check_response(response)
-        correct = extract_answer(text) == prompt.answer
+        correct = extract_answer(text) == answers.gold_number(prompt.answer)
         return RewardResult.from_parts(correct=correct, formatted=has_final_line(text))

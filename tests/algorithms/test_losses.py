@@ -64,8 +64,9 @@ def loss_and_grad(config: LossConfig, **kwargs):
 
 
 def per_token(values_row0, values_row1) -> torch.Tensor:
-    return torch.tensor([list(values_row0) + [0.0] * (4 - len(values_row0)), list(values_row1) + [0.0]],
-                        dtype=torch.float64)
+    return torch.tensor(
+        [list(values_row0) + [0.0] * (4 - len(values_row0)), list(values_row1) + [0.0]], dtype=torch.float64
+    )
 
 
 # ------------------------------------------------------------------------------------------- clip modes
@@ -147,6 +148,7 @@ def test_red_weight_by_hand():
 
 # ------------------------------------------------------------------------------------------ regularizers
 
+
 def test_forward_kl_by_hand():
     # AsymRE: R_t = -beta * l_t on every response token, whatever the clip says.
     # Regularizer loss = -0.1 * (-5.309333 - 5.008602) / 7 = 0.147399; grad adds -beta / 7 per token.
@@ -178,6 +180,7 @@ def test_k2_by_hand():
 
 # ------------------------------------------------------------------------------------- inputs and masks
 
+
 def test_metrics_by_hand():
     # rho over the 7 response tokens: mean 8.7 / 7 = 1.242857, max 3.5;
     # mismatch = mean |ln rho| = (0 + .405465 + 1.203973 + .510826 + 1.252763 + .356675 + .095310) / 7.
@@ -187,10 +190,15 @@ def test_metrics_by_hand():
     assert metrics["mismatch"] == pytest.approx(0.546430, abs=1e-6)
     assert metrics["tokens"] == 7
     assert metrics["loss"] == pytest.approx(metrics["policy_loss"] + metrics["regularizer_loss"])
-    for flat, slash in [("loss", "loss/total"), ("policy_loss", "loss/policy"),
-                        ("regularizer_loss", "loss/regularizer"), ("clip_fraction", "clip/fraction"),
-                        ("ratio_mean", "is_ratio/mean"), ("ratio_max", "is_ratio/max"),
-                        ("mismatch", "mismatch/abs_mean")]:
+    for flat, slash in [
+        ("loss", "loss/total"),
+        ("policy_loss", "loss/policy"),
+        ("regularizer_loss", "loss/regularizer"),
+        ("clip_fraction", "clip/fraction"),
+        ("ratio_mean", "is_ratio/mean"),
+        ("ratio_max", "is_ratio/max"),
+        ("mismatch", "mismatch/abs_mean"),
+    ]:
         assert metrics[slash] == metrics[flat]
     assert all(type(v) is float for v in metrics.values())
 
@@ -243,8 +251,8 @@ def test_per_response_and_per_token_advantages_agree(name):
     logp, old, adv, mask = example()
     loss_b, metrics_b = policy_loss(logp, old, adv, mask, preset(name))
     loss_bt, metrics_bt = policy_loss(logp, old, adv[:, None].expand(2, 4), mask, preset(name))
-    grad_b, = torch.autograd.grad(loss_b, logp)
-    grad_bt, = torch.autograd.grad(loss_bt, logp)
+    (grad_b,) = torch.autograd.grad(loss_b, logp)
+    (grad_bt,) = torch.autograd.grad(loss_bt, logp)
     assert loss_b.item() == loss_bt.item()
     torch.testing.assert_close(grad_b, grad_bt)
     assert metrics_b == metrics_bt
@@ -262,8 +270,10 @@ def test_micro_batches_sum_to_the_full_batch(name):
     mask[3, 2:] = 0
     full, _ = policy_loss(logp, old, adv, mask, preset(name))
     totals = {"total_tokens": mask.sum().item(), "total_responses": 5}
-    parts = [policy_loss(logp[i:j], old[i:j], adv[i:j], mask[i:j], preset(name), **totals)[0]
-             for i, j in [(0, 2), (2, 5)]]
+    parts = [
+        policy_loss(logp[i:j], old[i:j], adv[i:j], mask[i:j], preset(name), **totals)[0]
+        for i, j in [(0, 2), (2, 5)]
+    ]
     assert (parts[0] + parts[1]).item() == pytest.approx(full.item())
 
 
@@ -304,10 +314,12 @@ def test_bad_inputs_raise_naming_the_argument(kwargs, field):
 
 # ---------------------------------------------------------------- every combination against a reference
 
+
 def reference_loss(logp, old, adv, mask, cfg, s):
     """The algorithms.md formulas one token at a time, in plain python floats (only for testing)."""
     B, T = len(logp), len(logp[0])
-    terms = []  # (response, token, policy term coefficient on l_t, R_t)
+    terms = []  # (response, token, L_t, dL_t / dl_t, response length)
+    clipped = []  # 1 - c_t per response token
     for i in range(B):
         toks = [t for t in range(T) if mask[i][t]]
         seq = math.exp(sum(logp[i][t] - old[i][t] for t in toks) / max(len(toks), 1))
@@ -321,16 +333,25 @@ def reference_loss(logp, old, adv, mask, cfg, s):
                 "none": True,
                 "one-side": one,
                 "two-side": band,
-                "ring": band or (a >= 0 and rho <= 1 - cfg.epsilon_low_prime)
+                "ring": band
+                or (a >= 0 and rho <= 1 - cfg.epsilon_low_prime)
                 or (a <= 0 and rho >= 1 + cfg.epsilon_high_prime),
                 "gspo-one-side": one,
             }[cfg.clip_mode]
-            w = {"none": 1.0, "importance_sampling": rho, "gspo_importance_sampling": seq,
-                 "advantage": math.exp(a / cfg.temp)}[cfg.weight]
+            w = {
+                "none": 1.0,
+                "importance_sampling": rho,
+                "gspo_importance_sampling": seq,
+                "advantage": math.exp(a / cfg.temp),
+            }[cfg.weight]
             beta = cfg.regularizer_coef
-            reg = {"none": 0.0, "forward-kl": -beta * logp[i][t],
-                   "k2": beta * (logp[i][t] - old[i][t]) ** 2}[cfg.regularizer]
-            dreg = {"none": 0.0, "forward-kl": -beta, "k2": 2 * beta * (logp[i][t] - old[i][t])}[cfg.regularizer]
+            reg = {"none": 0.0, "forward-kl": -beta * logp[i][t], "k2": beta * (logp[i][t] - old[i][t]) ** 2}[
+                cfg.regularizer
+            ]
+            dreg = {"none": 0.0, "forward-kl": -beta, "k2": 2 * beta * (logp[i][t] - old[i][t])}[
+                cfg.regularizer
+            ]
+            clipped.append(1.0 - float(c))
             coef = -s[i] * w * a * float(c)
             terms.append((i, t, coef * logp[i][t] + reg, coef + dreg, len(toks)))
     grad = [[0.0] * T for _ in range(B)]
@@ -344,45 +365,65 @@ def reference_loss(logp, old, adv, mask, cfg, s):
         loss = sum(v for _, _, v, _, _ in terms) / n_tok
         for i, t, _, d, _ in terms:
             grad[i][t] = d / n_tok
-    return loss, grad
+    return loss, grad, sum(clipped) / max(len(clipped), 1)
+
+
+REF_CONFIG = {"epsilon_low": 0.1, "epsilon_high": 0.15, "epsilon_low_prime": 0.3, "epsilon_high_prime": 0.4}
+
+
+def reference_inputs():
+    """4 responses x 5 tokens of random log-probs with rho in about [0.3, 3], varied lengths and weights."""
+    gen = torch.Generator().manual_seed(1)
+    logp = -2 * torch.rand(4, 5, generator=gen, dtype=torch.float64)
+    old = logp + 0.4 * torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    # Response 2 has A = 0: its rho straddle every edge so the A = 0 cases of each clip rule are hit.
+    old[2] = logp[2] - torch.tensor([1.0, 1.3, 0.5, 1.6, 1.0], dtype=torch.float64).log()
+    adv = torch.tensor([1.3, -0.7, 0.0, -1.1], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    s = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
+    return logp.requires_grad_(), old, adv, mask, s
 
 
 @pytest.mark.parametrize("clip_mode", list(CLIP_MASKS))
 @pytest.mark.parametrize("weight", list(WEIGHTS))
 @pytest.mark.parametrize("regularizer", list(REGULARIZERS))
 def test_every_combination_matches_the_reference(clip_mode, weight, regularizer):
-    cfg = LossConfig(clip_mode=clip_mode, weight=weight, regularizer=regularizer,
-                     regularizer_coef=0.0 if regularizer == "none" else 0.1,
-                     epsilon_low=0.1, epsilon_high=0.15, epsilon_low_prime=0.3, epsilon_high_prime=0.4, temp=0.7)
-    gen = torch.Generator().manual_seed(1)
-    logp = (-2 * torch.rand(4, 5, generator=gen, dtype=torch.float64)).requires_grad_()
-    old = logp.detach() + 0.4 * torch.randn(4, 5, generator=gen, dtype=torch.float64)  # rho in ~[0.3, 3]
-    adv = torch.tensor([1.3, -0.7, 0.0, -1.1], dtype=torch.float64)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
-    s = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
-    loss, _ = policy_loss(logp, old, adv, mask, cfg, sample_weight=s)
+    beta = 0.0 if regularizer == "none" else 0.1
+    cfg = LossConfig(
+        clip_mode=clip_mode,
+        weight=weight,
+        regularizer=regularizer,
+        regularizer_coef=beta,
+        temp=0.7,
+        **REF_CONFIG,
+    )
+    logp, old, adv, mask, s = reference_inputs()
+    loss, metrics = policy_loss(logp, old, adv, mask, cfg, sample_weight=s)
     loss.backward()
-    ref_loss, ref_grad = reference_loss(logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), cfg, s.tolist())
+    ref_loss, ref_grad, ref_clip_fraction = reference_loss(
+        logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), cfg, s.tolist()
+    )
     assert loss.item() == pytest.approx(ref_loss, abs=1e-12)
     torch.testing.assert_close(logp.grad, torch.tensor(ref_grad, dtype=torch.float64))
+    assert metrics["clip_fraction"] == pytest.approx(ref_clip_fraction)
 
 
 def test_reference_example_exercises_every_clip_branch():
-    # Guards the test above: with its data each mode must clip something and the modes must differ.
-    gen = torch.Generator().manual_seed(1)
-    logp = -2 * torch.rand(4, 5, generator=gen, dtype=torch.float64)
-    old = logp + 0.4 * torch.randn(4, 5, generator=gen, dtype=torch.float64)
-    rho = (logp - old).exp()
-    adv = torch.tensor([1.3, -0.7, 0.0, -1.1], dtype=torch.float64)[:, None].expand(4, 5)
-    cfg = LossConfig(epsilon_low=0.1, epsilon_high=0.15, epsilon_low_prime=0.3, epsilon_high_prime=0.4)
-    seq = rho.log().mean(-1).exp()
-    masks = {name: fn(rho, seq, adv, cfg) for name, fn in CLIP_MASKS.items()}
-    assert len({tuple(m.flatten().tolist()) for m in masks.values()}) == len(masks)
-    ring_zones = ((adv >= 0) & (rho <= 0.7)) | ((adv <= 0) & (rho >= 1.4))
-    assert ring_zones.any()
+    # Guards the test above: with its data the clip modes must all differ and the ring's zones be hit.
+    logp, old, adv, mask, _ = reference_inputs()
+    on = mask.bool()
+    rho = (logp.detach() - old).exp()
+    adv = adv[:, None].expand(4, 5)
+    cfg = LossConfig(**REF_CONFIG)
+    seq = torch.stack([rho[i][on[i]].log().mean().exp() for i in range(4)])
+    masks = {name: fn(rho, seq, adv, cfg)[on] for name, fn in CLIP_MASKS.items()}
+    assert len({tuple(m.tolist()) for m in masks.values()}) == len(masks)
+    for sign in (adv > 0, adv < 0, adv == 0):
+        assert ((rho <= 0.7) & sign & on).any() and ((rho >= 1.4) & sign & on).any()
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
 
 def test_masked_mean():
     x = torch.tensor([[1.0, 2.0, float("nan")], [4.0, float("inf"), 6.0]])

@@ -1,0 +1,216 @@
+"""The ``recpipe`` command line: one command per pipeline stage.
+
+    recpipe init --store store
+    recpipe sql --store store "SELECT policy_version, avg(reward) FROM rollouts GROUP BY 1"
+    recpipe loop --model smollm2 --task arithmetic --steps 4 --store store
+
+Every command takes ``--config FILE`` and ``--set section.field=value``;
+errors print one clear line and exit non-zero without touching the store.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recpipe.config import ConfigError, RecpipeConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline off-policy RL pipeline: generate -> select -> train over a Parquet archive.")
+console = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", help="Archive directory (overrides config `store`).")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (overrides config `run`).")]
+
+
+def friendly_errors(fn: F) -> F:
+    """Turn expected errors into one red line and exit code 2 (no traceback)."""
+    from recpipe.store import RunLocked, StoreError, StoreWriteError
+    from recpipe.store.sql import QueryRefused, QueryTimeout
+
+    expected = (ConfigError, StoreError, StoreWriteError, RunLocked, QueryRefused, QueryTimeout,
+                ValueError, KeyError, FileNotFoundError, PermissionError, TimeoutError)
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except expected as exc:
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:  # DuckDB errors etc.: still one line, but say what kind
+            import duckdb
+
+            if isinstance(exc, duckdb.Error):
+                console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+                raise typer.Exit(2) from None
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_config(config: Path | None, overrides: list[str] | None, store: Path | None = None,
+                run: str | None = None, extra: dict[str, Any] | None = None) -> RecpipeConfig:
+    items = list(overrides or [])
+    if store is not None:
+        items.append(f"store={store}")
+    if run is not None:
+        items.append(f"run={run}")
+    for key, value in (extra or {}).items():
+        if value is not None:
+            items.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return load_config(config, items)
+
+
+def print_table(table: Any, fmt: str = "table", title: str | None = None) -> None:
+    """Print a pyarrow table as a rich table, CSV or JSON lines."""
+    rows = table.to_pylist()
+    if fmt == "json":
+        for row in rows:
+            out.print_json(json.dumps(row, default=str), indent=None)
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=table.column_names)
+        writer.writeheader()
+        writer.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+        return
+    view = Table(title=title, show_lines=False)
+    for name in table.column_names:
+        view.add_column(name, overflow="fold")
+    for row in rows:
+        view.add_row(*(_cell(row[name]) for name in table.column_names))
+    out.print(view)
+    console.print(f"{len(rows)} row(s)")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+@app.command()
+@friendly_errors
+def init(config: ConfigOpt = None, set_: SetOpt = None, store: StoreOpt = None) -> None:
+    """Create an empty archive. Example: recpipe init --store store"""
+    from recpipe.store import Store
+
+    cfg = make_config(config, set_, store)
+    st = Store.create(cfg.store)
+    console.print(f"store ready at {st.root}")
+
+
+@app.command()
+@friendly_errors
+def sql(
+    query: Annotated[str, typer.Argument(help="A read-only SQL query over the tables.")],
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
+    timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 60.0,
+) -> None:
+    """Query the archive with SQL (read-only). Example: recpipe sql --store store "SELECT count(*) FROM rollouts" """
+    from recpipe.store import Store
+    from recpipe.store.sql import run_read_only
+
+    if fmt not in ("table", "csv", "json"):
+        raise ValueError(f"--format must be one of table, csv, json (got {fmt!r})")
+    cfg = make_config(config, set_, store)
+    con = Store(cfg.store).connect(read_only=True)
+    print_table(run_read_only(con, query, timeout_s=timeout), fmt)
+
+
+@app.command()
+@friendly_errors
+def compact(
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    table: Annotated[str, typer.Option(help="Table to compact (default: all).")] = "all",
+    run: RunOpt = None,
+) -> None:
+    """Merge small Parquet files per partition, atomically. Example: recpipe compact --store store"""
+    from recpipe.schema import table_names
+    from recpipe.store import Store
+
+    cfg = make_config(config, set_, store)
+    st = Store(cfg.store)
+    names = table_names() if table == "all" else [table]
+    for name in names:
+        if name not in table_names():
+            raise ValueError(f"--table must be one of {', '.join(table_names())} or all (got {name!r})")
+    runs = [run] if run else sorted(p.name.removeprefix("run=") for p in st.root.glob("*/run=*"))
+    for r in sorted(set(runs)):
+        with st.lock(r, "compact"):
+            for name in names:
+                stats = st.compact(name, run=r)
+                if stats["files_merged"]:
+                    console.print(f"{name} run={r}: {stats['files_merged']} files -> {stats['files_written']}")
+    console.print("compaction done")
+
+
+@app.command()
+@friendly_errors
+def doctor(
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Quarantine bad files, remove stale temp files.")] = False,
+    migrate: Annotated[bool, typer.Option("--migrate", help="Rewrite files of older schema versions.")] = False,
+) -> None:
+    """Check the archive; exit 1 if problems remain. Example: recpipe doctor --store store --repair"""
+    from recpipe.store import Store
+    from recpipe.store.doctor import diagnose
+    from recpipe.store.doctor import repair as repair_store
+
+    cfg = make_config(config, set_, store)
+    st = Store(cfg.store)
+    report = diagnose(st)
+    for problem in report.problems:
+        out.print(f"[yellow]{problem.kind}[/] {problem.path}: {problem.detail}", highlight=False)
+    if repair or migrate:
+        with _all_run_locks(st):
+            repair_store(st, report, migrate=migrate)
+        for line in report.repaired:
+            out.print(f"[green]repaired[/] {line}", highlight=False)
+        report = diagnose(st)
+    out.print(f"{report.files_checked} files checked, {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+def _all_run_locks(st: Any) -> Any:
+    """Hold every run's writer lock so repairs never race a running loop."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    for run in sorted({p.name.removeprefix("run=") for p in st.root.glob("*/run=*")}):
+        stack.enter_context(st.lock(run, "doctor"))
+    return stack
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
