@@ -192,7 +192,7 @@ def policy_loss(
         n_tok = m.sum().clamp(min=1) if total_tokens is None else total_tokens
 
         def aggregate(x: Tensor) -> Tensor:
-            return (x * m).sum() / 7
+            return (x * m).sum() / n_tok
 
     pg_loss = aggregate(pg)
     reg_loss = aggregate(reg)

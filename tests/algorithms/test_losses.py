@@ -372,12 +372,23 @@ REF_CONFIG = {"epsilon_low": 0.1, "epsilon_high": 0.15, "epsilon_low_prime": 0.3
 
 
 def reference_inputs():
-    """4 responses x 5 tokens of random log-probs with rho in about [0.3, 3], varied lengths and weights."""
+    """4 responses x 5 tokens: random log-probs, chosen ratios, varied lengths and sample weights.
+
+    With the band [0.9, 1.15] and ring zones rho <= 0.7 / rho >= 1.4, the ratios hit every clip branch:
+    inside the band, above and below it, in each ring zone, for A > 0, A < 0 and A = 0.
+    """
     gen = torch.Generator().manual_seed(1)
     logp = -2 * torch.rand(4, 5, generator=gen, dtype=torch.float64)
-    old = logp + 0.4 * torch.randn(4, 5, generator=gen, dtype=torch.float64)
-    # Response 2 has A = 0: its rho straddle every edge so the A = 0 cases of each clip rule are hit.
-    old[2] = logp[2] - torch.tensor([1.0, 1.3, 0.5, 1.6, 1.0], dtype=torch.float64).log()
+    rho = torch.tensor(
+        [
+            [0.6, 4.4, 1.1, 0.95, 0.8],  # A = +1.3
+            [1.5, 0.85, 1.05, 0.5, 9.0],  # A = -0.7, last two are padding
+            [1.0, 1.3, 0.5, 1.6, 3.0],  # A = 0, last is padding
+            [2.0, 0.1, 0.1, 0.1, 0.1],  # A = -1.1, one token
+        ],
+        dtype=torch.float64,
+    )
+    old = logp - rho.log()
     adv = torch.tensor([1.3, -0.7, 0.0, -1.1], dtype=torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     s = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
