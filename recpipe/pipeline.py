@@ -33,6 +33,12 @@ from recpipe.tasks import Prompt, Task, get_task
 log = logging.getLogger("recpipe")
 
 Progress = Callable[[str, dict[str, Any]], None]
+# How a stage function is called: plain (identity) or wrapped as a Prefect task by flows/.
+Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def plain(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
 
 
 def _quiet(event: str, info: dict[str, Any]) -> None:
@@ -61,7 +67,8 @@ class RunContext:
             from recpipe.train import Trainer
 
             self._trainer = Trainer(self.store, self.cfg.run, self.model_path, self.cfg.train,
-                                    self.cfg.loss.build(), preset_name=self.cfg.loss.preset)
+                                    self.cfg.loss.build(), preset_name=self.cfg.loss.preset,
+                                    needed_versions=lambda: needed_versions(self, self._trainer.next_step))
             self._trainer.setup()
         return self._trainer
 
@@ -80,13 +87,12 @@ class RunContext:
         return self._engine
 
     def checkpoint(self, version: int) -> Path:
-        if version == 0 and self._trainer is None:
-            return self.model_path
-        from recpipe.train import checkpoint_path
-
-        return checkpoint_path(self.store, self.cfg.run, version)
+        return self.model_path if version == 0 else self.trainer.checkpoint_path(version)
 
     def close(self) -> None:
+        if self._trainer is not None:
+            self._trainer.close()
+            self._trainer = None
         if self._engine is not None:
             self._engine.close()
             self._engine = None
@@ -183,9 +189,10 @@ def generate_shard(ctx: RunContext, version: int, plan: ShardPlan) -> int:
     return table.num_rows
 
 
-def generate_version(ctx: RunContext, version: int, prompts: int) -> int:
+def generate_version(ctx: RunContext, version: int, prompts: int, stage: Stage = plain) -> int:
     """Generate every not-yet-committed shard of ``version``; returns rows written."""
-    return sum(generate_shard(ctx, version, plan) for plan in plan_generation(ctx, version, prompts))
+    return sum(stage(generate_shard)(ctx, version, plan) for plan in plan_generation(ctx, version, prompts)
+               if not shard_committed(ctx, version, plan))
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -229,7 +236,7 @@ def needed_versions(ctx: RunContext, from_step: int) -> set[int]:
 
 def train_step(ctx: RunContext, step: int, batch: Any) -> Any:
     started = time.perf_counter()
-    result = ctx.trainer.step(step, batch, needed_versions=needed_versions(ctx, step + 1))
+    result = ctx.trainer.step(step, batch)
     ctx.timings["train"] += time.perf_counter() - started
     return result
 
@@ -257,33 +264,78 @@ def evaluate(ctx: RunContext, version: int) -> dict[str, Any]:
     return row
 
 
-def next_step(ctx: RunContext) -> int:
-    steps = ctx.store.read("steps", "run = $run", {"run": ctx.cfg.run})
-    return 0 if steps.num_rows == 0 else max(steps.column("step").to_pylist()) + 1
-
-
-def loop_step(ctx: RunContext, step: int) -> Any:
+def loop_step(ctx: RunContext, step: int, stage: Stage = plain) -> Any:
     """One iteration: make sure version v(step)'s rollouts exist, select a batch, train on it."""
     version = schedule_version(ctx, step)
-    generate_version(ctx, version, prompts_needed(ctx, version))
-    batch = select_batch(ctx, step)
-    result = train_step(ctx, step, batch)
+    generate_version(ctx, version, prompts_needed(ctx, version), stage)
+    batch = stage(select_batch)(ctx, step)
+    result = stage(train_step)(ctx, step, batch)
     ctx.progress("step", {"step": step, **{k: getattr(result, k) for k in ("loss", "policy_version", "applied")
                                            if hasattr(result, k)}})
     return result
 
 
-def run_loop(ctx: RunContext) -> list[Any]:
+def run_loop(ctx: RunContext, stage: Stage = plain) -> list[Any]:
     """Run (or resume) the loop to ``loop.steps`` steps; evaluates at start, every N steps and at the end."""
     loop = ctx.cfg.loop
-    start = next_step(ctx)
+    start = ctx.trainer.next_step
     results = []
     if start == 0:
-        evaluate(ctx, 0)
+        stage(evaluate)(ctx, 0)
     for step in range(start, loop.steps):
-        results.append(loop_step(ctx, step))
+        results.append(loop_step(ctx, step, stage))
         if loop.eval_every and (step + 1) % loop.eval_every == 0:
-            evaluate(ctx, ctx.trainer.current_version)
-    if start < loop.steps or not loop.eval_every:
-        evaluate(ctx, ctx.trainer.current_version)
+            stage(evaluate)(ctx, ctx.trainer.current_version)
+    stage(evaluate)(ctx, ctx.trainer.current_version)  # idempotent per version
+    return results
+
+
+# ---- single stages, training without generation, retraining --------------------------------------
+def generate_stage(ctx: RunContext, version: int | None = None, prompts: int | None = None,
+                   stage: Stage = plain) -> int:
+    """Generate ``prompts`` groups (default: one step's worth) with ``version`` (default: the latest)."""
+    version = ctx.trainer.current_version if version is None else version
+    return generate_version(ctx, version, prompts or ctx.cfg.select.groups_per_step, stage)
+
+
+def batch_summary(batch: Any) -> dict[str, Any]:
+    table = batch.rollouts
+    versions = table.column("policy_version").to_pylist()
+    return {"step": batch.step, "query": batch.query_name, "groups": len(set(table.column("group_id").to_pylist())),
+            "rollouts": table.num_rows, "policy_versions": sorted(set(versions)),
+            "reward_mean": sum(table.column("reward").to_pylist()) / max(1, table.num_rows)}
+
+
+def run_training(ctx: RunContext, steps: int, stage: Stage = plain) -> list[Any]:
+    """Train ``steps`` more steps on batches the configured query selects (no generation)."""
+    results = []
+    for step in range(ctx.trainer.next_step, ctx.trainer.next_step + steps):
+        batch = stage(select_batch)(ctx, step)
+        results.append(stage(train_step)(ctx, step, batch))
+    return results
+
+
+def replay_batch(ctx: RunContext, source_run: str, step: int) -> Any:
+    from recpipe.select import replay_lineage
+
+    return replay_lineage(ctx.store, source_run, step, run=ctx.cfg.run)
+
+
+def run_retrain(ctx: RunContext, source_run: str | None = None, stage: Stage = plain) -> list[Any]:
+    """A new run from archived rollouts only: replay ``source_run``'s recorded batches step by step
+    (its lineage; behaviour log-probs come from the archive), or select with the configured query."""
+    if source_run is None:
+        return run_training(ctx, ctx.cfg.loop.steps - ctx.trainer.next_step, stage)
+    if source_run == ctx.cfg.run:
+        raise ValueError("retrain: source_run must differ from the new run's name")
+    recorded = ctx.store.read("batches", "run = $run", {"run": source_run}).column("step").to_pylist()
+    if not recorded:
+        raise ValueError(f"retrain: run {source_run!r} has no recorded batches to replay")
+    results = []
+    for step in sorted(set(recorded)):
+        if step < ctx.trainer.next_step or step >= ctx.cfg.loop.steps:
+            continue
+        batch = stage(replay_batch)(ctx, source_run, step)
+        results.append(stage(train_step)(ctx, step, batch))
+    stage(evaluate)(ctx, ctx.trainer.current_version)
     return results

@@ -100,6 +100,21 @@ REGULARIZERS: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 }
 
 
+# Flat names (steps table columns) -> "/" names (logging, style guide rule 9).
+_SLASH_NAMES = {
+    "loss": "loss/total",
+    "policy_loss": "loss/policy",
+    "regularizer_loss": "loss/regularizer",
+    "clip_fraction": "clip/fraction",
+    "ratio_mean": "is_ratio/mean",
+    "ratio_max": "is_ratio/max",
+    "mismatch": "mismatch/abs_mean",
+    "seq_ratio_mean": "is_ratio/seq_mean",
+    "seq_ratio_max": "is_ratio/seq_max",
+    "tokens": "tokens/response",
+}
+
+
 def _check_shapes(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, sample_weight: Tensor | None
 ) -> None:
@@ -219,21 +234,6 @@ def policy_loss(
     for flat_name, slash_name in _SLASH_NAMES.items():
         flat[slash_name] = flat[flat_name]
     return loss, flat
-
-
-# Flat names (steps table columns) -> "/" names (logging, style guide rule 9).
-_SLASH_NAMES = {
-    "loss": "loss/total",
-    "policy_loss": "loss/policy",
-    "regularizer_loss": "loss/regularizer",
-    "clip_fraction": "clip/fraction",
-    "ratio_mean": "is_ratio/mean",
-    "ratio_max": "is_ratio/max",
-    "mismatch": "mismatch/abs_mean",
-    "seq_ratio_mean": "is_ratio/seq_mean",
-    "seq_ratio_max": "is_ratio/seq_max",
-    "tokens": "tokens/response",
-}
 
 
 @torch.no_grad()

@@ -382,7 +382,7 @@ def reference_inputs():
     rho = torch.tensor(
         [
             [0.6, 4.4, 1.1, 0.95, 0.8],  # A = +1.3
-            [1.5, 0.85, 1.05, 0.5, 9.0],  # A = -0.7, last two are padding
+            [1.5, 0.6, 1.05, 0.5, 9.0],  # A = -0.7, last two are padding
             [1.0, 1.3, 0.5, 1.6, 3.0],  # A = 0, last is padding
             [2.0, 0.1, 0.1, 0.1, 0.1],  # A = -1.1, one token
         ],

@@ -1,0 +1,24 @@
+"""Prefect flows: thin wrappers over recpipe.pipeline (see flows/pipeline_flows.py).
+
+Importing this package points Prefect's state at recpipe's cache folder
+(unless PREFECT_HOME is already set) and runs Prefect in its ephemeral mode
+when no server is configured.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _configure_prefect() -> None:
+    cache = Path(os.environ.get("RECPIPE_CACHE", Path.home() / ".cache" / "recpipe"))
+    home = Path(os.environ.setdefault("PREFECT_HOME", str(cache / "prefect")))
+    os.environ.setdefault("PREFECT_MEMO_STORE_PATH", str(home / "memo_store.toml"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
+    home.mkdir(parents=True, exist_ok=True)
+
+
+_configure_prefect()

@@ -1,0 +1,431 @@
+"""The train stage: one optimizer step per selected batch, one policy version per applied step.
+
+    from recpipe.algorithms import preset
+    from recpipe.config import TrainConfig
+    from recpipe.models import resolve_model
+    from recpipe.train import Trainer
+
+    with Trainer(store, "run1", resolve_model("tiny"), TrainConfig(lr=1e-5), preset("grpo"), "grpo") as trainer:
+        result = trainer.step(trainer.next_step, batch)   # batch: recpipe.select Batch or its rollouts table
+        print(result.applied, trainer.current_version, result.row["loss"])
+
+A step: recompute the response log-probs with the current weights at the temperature the
+generator sampled with, take ``policy_loss`` (token mean over the whole batch, accumulated over
+length-bucketed micro-batches), clip the gradient, take one AdamW step, write version v + 1
+(checkpoint dir, ``policies`` row, ``steps`` row). A step whose inputs, loss or gradient are
+not finite is not applied: no checkpoint, a ``steps`` row with applied=false and the reason;
+``max_bad_steps`` of them in a row raise ``TrainingDiverged``.
+
+Resume: ``setup()`` heals rows lost between commits, loads the latest committed version with its
+optimizer state, and continues at the step after the last recorded one. Every step draws its
+randomness from (seed, step), so a killed and resumed run ends with the same weights as one
+that never stopped. Same code on CUDA (bf16 autocast, fused AdamW) and CPU (float32).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from recpipe.algorithms import LossConfig, policy_loss
+from recpipe.config import LossSection, TrainConfig
+from recpipe.schema import SCHEMA_VERSION
+from recpipe.store import Store
+from recpipe.train import checkpoint as ckpt
+from recpipe.train.batching import MicroBatch, Sample, collate, plan_micro_batches, samples_from_table
+from recpipe.train.logprobs import response_logprobs
+
+
+class TrainingDiverged(RuntimeError):
+    """``max_bad_steps`` consecutive steps had a non-finite input, loss or gradient."""
+
+
+@dataclass
+class StepResult:
+    """What one ``Trainer.step`` did.
+
+    row: the ``steps`` table row (flat names, see schemas/tables.yaml).
+    metrics: the row's numbers plus extras (policy_loss, regularizer_loss, seq_ratio_*, input_tokens,
+        save_seconds) and "/" names for loggers (loss/total, is_ratio/max, ...).
+    replayed: the step was already recorded (a resumed loop asked again); nothing was computed.
+    """
+
+    step: int
+    applied: bool
+    policy_version: int
+    skip_reason: str | None
+    row: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    replayed: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63 - 1)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Randomness of one step depends on (seed, step) only, not on what ran before in this process."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _non_finite_inputs(samples: list[Sample]) -> str | None:
+    for s in samples:
+        for name, value in (("advantage", s.advantage), ("weight", s.weight)):
+            if not math.isfinite(value):
+                return f"non-finite {name} {value} in rollout {s.rollout_id!r}"
+        if not all(math.isfinite(x) for x in s.old_logprobs):
+            return f"non-finite behaviour_logprobs in rollout {s.rollout_id!r}"
+    return None
+
+
+class Trainer:
+    """Owns the policy being trained for one run: its weights, optimizer and versions in the store.
+
+    Args:
+        store: The archive (a Store or its directory).
+        run: Run name; versions live in ``policies`` / ``checkpoints/<run>``.
+        model_path: Base model checkpoint dir (version 0), e.g. ``recpipe.models.resolve_model("tiny")``.
+        train_cfg: Optimizer, micro-batching, device, retention (default ``TrainConfig()``).
+        loss_cfg: Which member of the REINFORCE family (default: the preset ``preset_name``, else the
+            default ``LossSection``).
+        preset_name: Written to the ``preset`` column of ``steps`` ("custom" when only loss_cfg is given).
+        needed_versions: Retention: versions still in use (e.g. by the generator), or a callable returning
+            them at each retention pass. The latest and every ``keep_every``-th version are always kept.
+
+    Raises (from ``setup``):
+        ValueError: the run was started from another base model; a device that is not there; the store
+            holds applied steps whose version dirs are gone, or a version without its optimizer state.
+        RunLocked: another trainer is writing this run.
+    """
+
+    def __init__(self, store: Store | str | Path, run: str, model_path: str | Path,
+                 train_cfg: TrainConfig | None = None, loss_cfg: LossConfig | None = None,
+                 preset_name: str | None = None, *, needed_versions: ckpt.Needed = None):
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.run = run
+        self.model_path = Path(model_path).resolve()
+        if not (self.model_path / "config.json").is_file():
+            raise ValueError(f"model_path={str(model_path)!r} holds no config.json; pass a checkpoint directory")
+        self.cfg = train_cfg or TrainConfig()
+        if loss_cfg is None:
+            section = LossSection(preset=preset_name) if preset_name else LossSection()
+            loss_cfg, preset_name = section.build(), section.preset
+        self.loss_cfg = loss_cfg
+        self.preset_name = preset_name or "custom"
+        self.needed_versions = needed_versions
+        self.device = resolve_device(self.cfg.device)
+        self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._version = 0
+        self._next_step = 0
+        self._bad_streak = 0
+        self._lock = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def setup(self) -> Trainer:
+        """Take the run's trainer lock, heal rows lost in a crash, load the latest version (or register v0)."""
+        self._lock = self.store.lock(f"{self.run}+trainer", purpose="trainer").acquire()  # '+' is not in run names
+        try:
+            self._resume()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> Trainer:
+        return self if self.model is not None else self.setup()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def current_version(self) -> int:
+        """Version of the weights in memory = number of applied steps."""
+        return self._version
+
+    @property
+    def next_step(self) -> int:
+        """The step ``step()`` expects next (0-based, one past the last recorded step)."""
+        return self._next_step
+
+    def checkpoint_path(self, version: int | None = None) -> Path:
+        """Directory of a version (default: the current one); version 0 is the base model."""
+        version = self._version if version is None else version
+        return self.model_path if version == 0 else self.store.checkpoint_dir(self.run, version)
+
+    def _resume(self) -> None:
+        ckpt.recover_rows(self.store, self.run)
+        params = {"run": self.run}
+        policies = self.store.read("policies", "run = $run", params).to_pylist()
+        steps = self.store.read("steps", "run = $run", params).to_pylist()
+        self._register_base(policies)
+
+        committed = ckpt.version_dirs(self.store, self.run)
+        latest = max([0] + [r["version"] for r in policies if r["version"] in committed])
+        state = ckpt.read_state(committed[latest]) if latest else None
+        last_applied = state["step"] if state else -1
+        later = [r for r in steps if r["step"] > last_applied]
+        if any(r["applied"] for r in later):
+            lost = sorted(r["step"] for r in later if r["applied"])
+            raise ValueError(
+                f"run {self.run!r}: steps {lost} were applied but their versions after v{latest} are gone from "
+                f"{self.store.checkpoint_dir(self.run, latest).parent}; start a new run or restore them"
+            )
+        self._version = latest
+        self._next_step = max([last_applied] + [r["step"] for r in steps]) + 1
+        self._bad_streak = len(later)  # rows after the last applied step are all skipped steps, in a row
+
+        self.model = self._load_model(self.checkpoint_path(latest))
+        self.optimizer = self._build_optimizer()
+        if latest:
+            self._load_optimizer(committed[latest])
+
+    def _register_base(self, policies: list[dict[str, Any]]) -> None:
+        base = [r for r in policies if r["version"] == 0]
+        if base and base[0]["base_model"] != str(self.model_path):
+            raise ValueError(
+                f"model_path={str(self.model_path)!r}, but run {self.run!r} was started from "
+                f"{base[0]['base_model']!r}; use that model or a new run name"
+            )
+        if not base:
+            row = ckpt.policies_row(self.run, 0, None, ckpt.relative_to_store(self.store, self.model_path),
+                                    None, str(self.model_path))
+            self.store.append("policies", [row], shard_id=ckpt.policies_shard(0))
+
+    def _load_model(self, path: Path) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        # Float32 master weights on every device (CUDA computes in bf16 under autocast): checkpoints
+        # reload bit-exactly, which is what makes resume give identical results.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        model.train()
+        config = model.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self._pad_id = int(pad[0] if isinstance(pad, list) else pad or 0)  # padding is never attended to
+        return model
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        # Weight decay on matrices only (nanoGPT): decaying norms and biases only hurts.
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        fused = True if self.device.type == "cuda" else None
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), fused=fused)
+
+    def _load_optimizer(self, path: Path) -> None:
+        file = path / ckpt.OPTIMIZER_FILE
+        if not file.is_file():
+            raise ValueError(f"{file} is missing: the latest version must keep its optimizer state to resume")
+        saved = torch.load(file, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        for group in self.optimizer.param_groups:  # the config wins over the saved hyper-parameters
+            group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
+        torch.set_rng_state(saved["rng"]["cpu"].cpu())
+        if self.device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), self.device)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def step(self, step: int, batch: Any) -> StepResult:
+        """Train on ``batch`` (a recpipe.select Batch or an Arrow table of its rollouts) as step ``step``.
+
+        A step below ``next_step`` was already recorded: its row is returned (``replayed``), nothing runs.
+
+        Raises:
+            ValueError: step skips ahead of ``next_step``; the batch lacks columns or has bad shapes.
+            TrainingDiverged: this was the ``max_bad_steps``-th skipped step in a row.
+        """
+        if self.model is None:
+            raise ValueError("call setup() (or use the Trainer as a context manager) before step()")
+        if step < self._next_step:
+            return self._replay(step)
+        if step != self._next_step:
+            raise ValueError(f"step={step}: the next step of run {self.run!r} is {self._next_step}; steps are consecutive")
+        start = time.perf_counter()
+        table = batch.rollouts if hasattr(batch, "rollouts") else batch
+        samples = samples_from_table(table)
+        plan = plan_micro_batches(samples, self.cfg.micro_batch_tokens)
+        row = self._batch_stats(step, samples, plan)
+
+        reason = _non_finite_inputs(samples)
+        metrics: dict[str, float] = {}
+        if reason is None:
+            with _seeded(self.device, _step_seed(self.cfg.seed, step)):
+                metrics, reason = self._accumulate_gradients(samples, plan)
+                if reason is None:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
+                    metrics["grad_norm"] = grad_norm
+                    if not math.isfinite(grad_norm):
+                        reason = f"non-finite gradient norm {grad_norm}"
+                    else:
+                        self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        row.update({k: metrics.get(k) for k in _LOSS_COLUMNS})
+        row.update(seconds=seconds, lr=self.optimizer.param_groups[0]["lr"],
+                   tokens_per_second=row["tokens"] / seconds if seconds > 0 else None)
+        if reason is not None:
+            return self._skip(step, row, metrics, reason)
+        return self._commit(step, row, metrics)
+
+    def _accumulate_gradients(self, samples: list[Sample], plan: list[MicroBatch]
+                              ) -> tuple[dict[str, float], str | None]:
+        """Forward/backward over length-bucketed micro-batches; the loss is the whole batch's token mean."""
+        total_tokens = sum(len(s.response) for s in samples)
+        total_responses = sum(1 for s in samples if s.response)
+        if total_tokens == 0:
+            raise ValueError("batch has no response tokens; nothing to train on")
+        cuda = self.device.type == "cuda"
+        sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "regularizer_loss": 0.0, "entropy": 0.0,
+                                  "clip_fraction": 0.0, "ratio_mean": 0.0, "mismatch": 0.0,
+                                  "seq_ratio_mean": 0.0, "ratio_max": 0.0, "seq_ratio_max": 0.0}
+        for mb in plan:
+            tensors = collate(mb, self._pad_id, self.device)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
+                logp, entropy = response_logprobs(self.model, tensors)
+            loss, m = policy_loss(logp, tensors["old_logprobs"], tensors["advantages"], tensors["response_mask"],
+                                  self.loss_cfg, tensors["weights"], total_tokens=total_tokens,
+                                  total_responses=total_responses)
+            if not math.isfinite(m["loss"]):
+                return {"loss": m["loss"]}, f"non-finite loss {m['loss']}"
+            loss.backward()
+            # Micro-batch losses are already scaled to the whole batch: they add up. Means are token- or
+            # response-weighted, maxima are maxima.
+            n_tok, n_resp = m["tokens"], len(mb.samples)
+            for key in ("loss", "policy_loss", "regularizer_loss"):
+                sums[key] += m[key]
+            for key in ("clip_fraction", "ratio_mean", "mismatch"):
+                sums[key] += m[key] * n_tok
+            sums["seq_ratio_mean"] += m["seq_ratio_mean"] * n_resp
+            sums["entropy"] += entropy.item()
+            sums["ratio_max"] = max(sums["ratio_max"], m["ratio_max"])
+            sums["seq_ratio_max"] = max(sums["seq_ratio_max"], m["seq_ratio_max"])
+        for key in ("clip_fraction", "ratio_mean", "mismatch", "entropy"):
+            sums[key] /= total_tokens
+        sums["seq_ratio_mean"] /= total_responses
+        return sums, None
+
+    def _batch_stats(self, step: int, samples: list[Sample], plan: list[MicroBatch]) -> dict[str, Any]:
+        """The steps-row columns that describe the batch itself (known before any compute)."""
+        versions = [s.policy_version for s in samples]
+        rewards = [s.reward for s in samples]
+        padded = sum(mb.padded_tokens for mb in plan)
+        real = sum(mb.real_tokens for mb in plan)
+        if any(not s.kept for s in samples) or self.loss_cfg.drop == "none":
+            drop_fraction = sum(not s.kept for s in samples) / len(samples)
+        else:
+            drop_fraction = None  # RED-Drop preset, but the batch does not say which responses were dropped
+        return {
+            "run": self.run, "step": step, "policy_version": self._version, "preset": self.preset_name,
+            "batch_policy_version_min": min(versions), "batch_policy_version_max": max(versions),
+            "staleness_mean": statistics.fmean(self._version - v for v in versions),
+            "drop_fraction": drop_fraction,
+            "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
+            "tokens": sum(len(s.response) for s in samples), "padded_tokens": padded,
+            "padding_fraction": 1 - real / padded if padded else 0.0,
+            "applied": False, "skip_reason": None,
+        }
+
+    def _finish_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        row.update(created_at=ckpt.now(), schema_version=SCHEMA_VERSION)
+        return row
+
+    def _skip(self, step: int, row: dict[str, Any], metrics: dict[str, float], reason: str) -> StepResult:
+        row = self._finish_row({**row, "applied": False, "skip_reason": reason})
+        self.store.append("steps", [row], shard_id=ckpt.steps_shard(step))
+        self._next_step = step + 1
+        self._bad_streak += 1
+        result = StepResult(step, False, self._version, reason, row, _log_metrics(row, metrics))
+        if self._bad_streak >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"run {self.run!r}: {self._bad_streak} consecutive steps skipped (max_bad_steps="
+                f"{self.cfg.max_bad_steps}), last at step {step}: {reason}. The policy stays at version "
+                f"{self._version}; inspect the batches (NaN advantages/weights?) or lower train.lr"
+            )
+        return result
+
+    def _commit(self, step: int, row: dict[str, Any], metrics: dict[str, float]) -> StepResult:
+        """Write version v + 1: checkpoint dir (with the rows inside), then the policies and steps rows."""
+        start = time.perf_counter()
+        version = self._version + 1
+        final = self.store.checkpoint_dir(self.run, version)
+        row = self._finish_row({**row, "applied": True, "policy_version": version})
+        policy = ckpt.policies_row(self.run, version, step, ckpt.relative_to_store(self.store, final),
+                                   self._version, str(self.model_path))
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        state = {"format": ckpt.STATE_FORMAT, "run": self.run, "version": version, "step": step,
+                 "next_step": step + 1, "seed": self.cfg.seed, "base_model": str(self.model_path),
+                 "policies_row": policy, "steps_row": row}
+        ckpt.write_checkpoint(final, self.model, self.model_path,
+                              {"optimizer": self.optimizer.state_dict(), "rng": rng}, state)
+        self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version))
+        self.store.append("steps", [row], shard_id=ckpt.steps_shard(step))
+        self._version, self._next_step, self._bad_streak = version, step + 1, 0
+        ckpt.apply_retention(self.store, self.run, version, self.cfg.keep_every, self.needed_versions)
+        metrics = {**metrics, "save_seconds": time.perf_counter() - start}
+        return StepResult(step, True, version, None, row, _log_metrics(row, metrics), final)
+
+    def _replay(self, step: int) -> StepResult:
+        rows = self.store.read("steps", "run = $run AND step = $step", {"run": self.run, "step": step}).to_pylist()
+        if not rows:
+            raise ValueError(f"step={step} of run {self.run!r} is before next_step={self._next_step} but has no row")
+        row = rows[0]
+        path = self.store.checkpoint_dir(self.run, row["policy_version"]) if row["applied"] else None
+        return StepResult(step, row["applied"], row["policy_version"], row["skip_reason"], row,
+                          _log_metrics(row, {}), path, replayed=True)
+
+
+# Columns of the steps row that come from the loss computation (the rest describe the batch).
+_LOSS_COLUMNS = ("loss", "clip_fraction", "ratio_mean", "ratio_max", "mismatch", "entropy", "grad_norm")
+_SLASH = {"loss": "loss/total", "policy_loss": "loss/policy", "regularizer_loss": "loss/regularizer",
+          "clip_fraction": "clip/fraction", "ratio_mean": "is_ratio/mean", "ratio_max": "is_ratio/max",
+          "mismatch": "mismatch/abs_mean", "entropy": "entropy/mean", "grad_norm": "grad/norm",
+          "reward_mean": "reward/mean", "reward_std": "reward/std", "drop_fraction": "drop/fraction",
+          "staleness_mean": "staleness/mean", "padding_fraction": "tokens/padding_fraction",
+          "tokens_per_second": "perf/tokens_per_second", "seconds": "perf/seconds", "lr": "optim/lr"}
+
+
+def _log_metrics(row: dict[str, Any], extra: dict[str, float]) -> dict[str, float]:
+    """One flat dict for loggers: numeric row values and extras, also under "/" names (style rule 9)."""
+    out = {k: float(v) for k, v in {**row, **extra}.items()
+           if isinstance(v, int | float) and not isinstance(v, bool) and k != "schema_version"}
+    out.update({_SLASH[k]: out[k] for k in _SLASH if k in out})
+    return out
+
+
+def train_step(store: Store | str | Path, run: str, model_path: str | Path, batch: Any,
+               train_cfg: TrainConfig | None = None, loss_cfg: LossConfig | None = None,
+               preset_name: str | None = None, *, needed_versions: ckpt.Needed = None) -> StepResult:
+    """Load the run's latest version, train one step on ``batch`` as its next step, write the next version."""
+    with Trainer(store, run, model_path, train_cfg, loss_cfg, preset_name, needed_versions=needed_versions) as trainer:
+        return trainer.step(trainer.next_step, batch)
