@@ -208,6 +208,183 @@ def _all_run_locks(st: Any) -> Any:
     return stack
 
 
+LOOP_SUMMARY = """
+SELECT r.policy_version, count(*) AS rollouts, round(avg(r.reward), 3) AS reward_mean,
+       round(avg(r.reward_parts.correctness), 3) AS correct,
+       (SELECT round(max(e.accuracy), 3) FROM evals e WHERE e.run = r.run AND e.policy_version = r.policy_version) AS eval_accuracy
+FROM rollouts r WHERE r.run = $run GROUP BY r.run, r.policy_version ORDER BY r.policy_version
+"""
+STALENESS_SUMMARY = """
+SELECT b.step, any_value(s.policy_version) - 1 AS trained_from_version, min(b.policy_version) AS data_version,
+       any_value(s.policy_version) - 1 - min(b.policy_version) AS staleness, count(*) AS rollouts,
+       round(any_value(s.loss), 4) AS loss, round(any_value(s.clip_fraction), 3) AS clip_fraction
+FROM batches b JOIN steps s ON s.run = b.run AND s.step = b.step
+WHERE b.run = $run GROUP BY b.step ORDER BY b.step
+"""
+
+
+def _summarise(cfg: RecpipeConfig) -> None:
+    from recpipe.store import Store
+
+    con = Store(cfg.store).connect(read_only=True)
+    print_table(con.sql(LOOP_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="rewards per policy version")
+    print_table(con.sql(STALENESS_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="trained batches")
+
+
+ModelOpt = Annotated[str | None, typer.Option("--model", help="tiny | smollm2 | PATH to a HF checkpoint.")]
+TaskOpt = Annotated[str | None, typer.Option("--task", help="arithmetic | gsm8k | a plugin task.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Loss preset (algorithms.md).")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Training steps.")]
+
+
+def _loop_overrides(steps: int | None, preset_: str | None, sync_interval: int | None, sync_offset: int | None,
+                    model: str | None, task: str | None) -> dict[str, Any]:
+    return {"loop.steps": steps, "loss.preset": preset_, "loop.sync_interval": sync_interval,
+            "loop.sync_offset": sync_offset, "model.name": model, "task.name": task}
+
+
+@app.command()
+@friendly_errors
+def loop(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    steps: StepsOpt = None,
+    preset_: PresetOpt = None,
+    sync_interval: Annotated[int | None, typer.Option("--sync-interval", help="k (algorithms.md).")] = None,
+    sync_offset: Annotated[int | None, typer.Option("--sync-offset", help="o (algorithms.md).")] = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    summary: Annotated[bool, typer.Option(help="Print the SQL summary at the end.")] = True,
+) -> None:
+    """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store"""
+    cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
+    from flows.pipeline_flows import loop as loop_flow
+    from recpipe.progress import LoopProgress
+
+    with LoopProgress(cfg.loop.steps, console) as progress:
+        loop_flow(cfg.model_dump(mode="json"), progress=progress)
+    if summary:
+        _summarise(cfg)
+
+
+@app.command()
+@friendly_errors
+def generate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    version: Annotated[int | None, typer.Option(help="Policy version to sample from (default: latest).")] = None,
+    prompts: Annotated[int | None, typer.Option(help="Groups to generate (default: select.groups_per_step).")] = None,
+) -> None:
+    """Generate rollouts into the archive. Example: recpipe generate --model tiny --prompts 16 --store store"""
+    cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
+    from flows.pipeline_flows import generate as generate_flow
+    from recpipe.progress import LoopProgress
+
+    with LoopProgress(0, console) as progress:
+        rows = generate_flow(cfg.model_dump(mode="json"), version=version, prompts=prompts, progress=progress)
+    console.print(f"{rows} rollouts written")
+
+
+@app.command()
+@friendly_errors
+def select(
+    step: Annotated[int, typer.Option("--step", help="Training step the batch is for.")],
+    query: Annotated[str | None, typer.Option("--query", help="Named query or path to a .sql file.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", help="Query parameter k=v (repeatable).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+) -> None:
+    """Select and record one step's batch. Example: recpipe select --store store --query schedule --step 0"""
+    from recpipe.config import apply_overrides
+
+    params = apply_overrides({}, list(param or []))
+    extra: dict[str, Any] = {"select.query": query}
+    cfg = make_config(config, set_, store, run, extra)
+    cfg.select.params = {**cfg.select.params, **params}
+    from recpipe import pipeline
+
+    with pipeline.open_run(cfg) as ctx:
+        summary = pipeline.batch_summary(pipeline.select_batch(ctx, step))
+    for key, value in summary.items():
+        out.print(f"{key}: {value}", highlight=False)
+
+
+@app.command()
+@friendly_errors
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps to train (no generation).")] = 1,
+    preset_: PresetOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Train on batches selected from the archive. Example: recpipe train --store store --steps 2 --set select.query=fresh"""
+    cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model})
+    from flows.pipeline_flows import train as train_flow
+    from recpipe.progress import LoopProgress
+
+    with LoopProgress(steps, console) as progress:
+        train_flow(cfg.model_dump(mode="json"), steps=steps, progress=progress)
+
+
+@app.command()
+@friendly_errors
+def retrain(
+    source_run: Annotated[str | None, typer.Option("--from-run", help="Replay this run's recorded batches.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    steps: StepsOpt = None,
+    preset_: PresetOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """Train a new run from archived rollouts only. Example: recpipe retrain --from-run base --run re1 --preset grpo"""
+    cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model, "loop.steps": steps})
+    if source_run is not None and steps is None:
+        from recpipe.store import Store
+
+        recorded = Store(cfg.store).read("batches", "run = $run", {"run": source_run}).column("step").to_pylist()
+        if not recorded:
+            raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
+        cfg.loop.steps = max(recorded) + 1
+    from flows.pipeline_flows import retrain as retrain_flow
+    from recpipe.progress import LoopProgress
+
+    with LoopProgress(cfg.loop.steps, console) as progress:
+        retrain_flow(cfg.model_dump(mode="json"), source_run=source_run, progress=progress)
+    _summarise(cfg)
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    version: Annotated[int | None, typer.Option(help="Policy version (default: latest).")] = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+) -> None:
+    """Greedy held-out accuracy into `evals`. Example: recpipe evaluate --store store --version 0"""
+    cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
+    from flows.pipeline_flows import evaluate as evaluate_flow
+
+    row = evaluate_flow(cfg.model_dump(mode="json"), version=version)
+    out.print(f"run {row['run']} v{row['policy_version']} {row['task']}: accuracy {row['accuracy']:.3f} (n={row['n']})")
+
+
 def main() -> None:
     app()
 

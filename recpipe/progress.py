@@ -1,0 +1,42 @@
+"""Progress shown while the pipeline runs: rich bars on a terminal, one log line per event otherwise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+class LoopProgress:
+    """A ``progress(event, info)`` callable for recpipe.pipeline: steps bar plus the latest numbers."""
+
+    def __init__(self, total_steps: int, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console,
+                            transient=False)
+        self.task = self.bar.add_task("steps", total=total_steps, status="starting")
+
+    def __enter__(self) -> LoopProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.stop()
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        if event == "shard":
+            status = (f"generated v{info['version']} shard {info['shard']}: {info['rows']} rollouts, "
+                      f"reward {info['reward']:.3f}, {info['tokens_per_s']:.0f} tok/s")
+        elif event == "step":
+            self.bar.advance(self.task)
+            loss = info.get("loss")
+            status = (f"step {info['step']}: loss {loss:.4f}" if isinstance(loss, float) else
+                      f"step {info['step']}: skipped") + f", policy v{info.get('policy_version', '?')}"
+        elif event == "eval":
+            status = f"eval v{info['version']}: accuracy {info['accuracy']:.3f} (n={info['n']})"
+        else:
+            status = f"{event} {info}"
+        self.bar.update(self.task, status=status)
+        self.console.log(status, highlight=False)
