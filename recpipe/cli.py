@@ -215,8 +215,8 @@ SELECT r.policy_version, count(*) AS rollouts, round(avg(r.reward), 3) AS reward
 FROM rollouts r WHERE r.run = $run GROUP BY r.run, r.policy_version ORDER BY r.policy_version
 """
 STALENESS_SUMMARY = """
-SELECT b.step, any_value(s.policy_version) - 1 AS trained_from_version, min(b.policy_version) AS data_version,
-       any_value(s.policy_version) - 1 - min(b.policy_version) AS staleness, count(*) AS rollouts,
+SELECT b.step, min(b.policy_version) AS data_version, b.step - min(b.policy_version) AS staleness,
+       count(*) AS rollouts, any_value(s.applied) AS applied,
        round(any_value(s.loss), 4) AS loss, round(any_value(s.clip_fraction), 3) AS clip_fraction
 FROM batches b JOIN steps s ON s.run = b.run AND s.step = b.step
 WHERE b.run = $run GROUP BY b.step ORDER BY b.step
@@ -383,6 +383,76 @@ def evaluate(
 
     row = evaluate_flow(cfg.model_dump(mode="json"), version=version)
     out.print(f"run {row['run']} v{row['policy_version']} {row['task']}: accuracy {row['accuracy']:.3f} (n={row['n']})")
+
+
+@app.command()
+@friendly_errors
+def report(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for PNGs and index.html (default: <store>/reports/<run>).")] = None,
+) -> None:
+    """PNG plots + one HTML page for a run. Example: recpipe report --store store --run default"""
+    from recpipe.report import write_report
+    from recpipe.store import Store
+
+    cfg = make_config(config, set_, store, run)
+    st = Store(cfg.store)
+    path = write_report(st, cfg.run, out_dir or st.root / "reports" / cfg.run)
+    out.print(f"report written to {path}")
+
+
+@app.command()
+@friendly_errors
+def experiment(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    presets: Annotated[str, typer.Option(help="Comma-separated loss presets.")] = "reinforce,rec-oneside-nois,grpo",
+    settings: Annotated[str, typer.Option(help="Comma-separated sync settings: onpolicy, sync, lag, offline, or k:o.")] = "onpolicy,sync,lag,offline",
+    steps: StepsOpt = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    threshold: Annotated[float, typer.Option(help="Accuracy threshold for 'steps to threshold'.")] = 0.5,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the table and plot (default: <store>/reports/experiment).")] = None,
+) -> None:
+    """The paper's study in one command: presets x sync settings on one archive.
+    Example: recpipe experiment --model tiny --steps 6 --store exp"""
+    from recpipe.experiment import experiment_configs, parse_settings, run_experiment
+
+    cfg = make_config(config, set_, store, None, {"loop.steps": steps, "model.name": model, "task.name": task})
+    preset_names = [p.strip() for p in presets.split(",") if p.strip()]
+    grid = parse_settings(settings, cfg.loop.steps)
+    experiment_configs(cfg, preset_names, grid)  # validate every preset before the first run starts
+    from flows.pipeline_flows import loop as loop_flow
+    from recpipe.progress import LoopProgress
+
+    with LoopProgress(cfg.loop.steps * len(preset_names) * len(grid), console) as progress:
+        table, path = run_experiment(cfg, preset_names, grid,
+                                     lambda c: loop_flow(c.model_dump(mode="json"), progress=progress),
+                                     threshold=threshold, out_dir=out_dir)
+    print_table(table, title="experiment")
+    out.print(f"comparison written to {path}")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    flow_name: Annotated[list[str] | None, typer.Option("--flow", help="Flow(s) to deploy: loop, generate, retrain, train, evaluate.")] = None,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (nightly).")] = None,
+    interval: Annotated[float | None, typer.Option(help="Interval schedule in seconds, e.g. 3600.")] = None,
+) -> None:
+    """Register and serve scheduled deployments (needs a Prefect server: see README).
+    Example: recpipe serve --flow generate --interval 3600 --store store"""
+    from flows.deployments import serve_deployments
+
+    cfg = make_config(config, set_, store)
+    serve_deployments(cfg, flow_name or ["loop"], cron=cron, interval=interval)
 
 
 def main() -> None:

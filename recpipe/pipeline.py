@@ -61,6 +61,14 @@ class RunContext:
     timings: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "select": 0.0, "train": 0.0,
                                                                "evaluate": 0.0})
 
+    def record_time(self, stage: str, item: str, seconds: float, tokens: int | None = None,
+                    version: int | None = None) -> None:
+        """Add to the in-memory totals and commit a `timings` row (the report plots tokens/s per stage)."""
+        self.timings[stage] += seconds
+        row = {"run": self.cfg.run, "stage": stage, "item": item, "policy_version": version, "seconds": seconds,
+               "tokens": tokens, "created_at": dt.datetime.now(dt.UTC), "schema_version": SCHEMA_VERSION}
+        self.store.append("timings", [row], shard_id=f"{stage}-{item}-{time.time_ns()}")
+
     @property
     def trainer(self) -> Any:
         if self._trainer is None:
@@ -181,8 +189,8 @@ def generate_shard(ctx: RunContext, version: int, plan: ShardPlan) -> int:
         max_tokens=g.max_tokens, stop=g.stop, seed=plan.seed, reward_timeout_s=ctx.cfg.task.reward_timeout_s)
     ctx.store.append_rollouts(table, shard_id=plan.shard_id)
     seconds = time.perf_counter() - started
-    ctx.timings["generate"] += seconds
     tokens = sum(table.column("response_length").to_pylist())
+    ctx.record_time("generate", plan.shard_id, seconds, tokens, version)
     ctx.progress("shard", {"version": version, "shard": plan.index, "rows": table.num_rows,
                            "reward": sum(table.column("reward").to_pylist()) / max(1, table.num_rows),
                            "tokens_per_s": tokens / max(seconds, 1e-9)})
@@ -225,7 +233,7 @@ def select_batch(ctx: RunContext, step: int) -> Any:
     started = time.perf_counter()
     batch = select(ctx.store, ctx.cfg.select.query, select_params(ctx, step), step=step, run=ctx.cfg.run,
                    groups=ctx.cfg.select.groups_per_step, loss_config=ctx.cfg.loss.build(), seed=ctx.cfg.train.seed)
-    ctx.timings["select"] += time.perf_counter() - started
+    ctx.record_time("select", f"step-{step:06d}", time.perf_counter() - started, batch.rollouts.num_rows)
     return batch
 
 
@@ -237,7 +245,8 @@ def needed_versions(ctx: RunContext, from_step: int) -> set[int]:
 def train_step(ctx: RunContext, step: int, batch: Any) -> Any:
     started = time.perf_counter()
     result = ctx.trainer.step(step, batch)
-    ctx.timings["train"] += time.perf_counter() - started
+    ctx.record_time("train", f"step-{step:06d}", time.perf_counter() - started, getattr(result, "tokens", None),
+                    ctx.trainer.current_version)
     return result
 
 
@@ -259,7 +268,7 @@ def evaluate(ctx: RunContext, version: int) -> dict[str, Any]:
            "accuracy": accuracy, "reward_mean": reward_mean, "n": n, "created_at": dt.datetime.now(dt.UTC),
            "schema_version": SCHEMA_VERSION}
     ctx.store.append("evals", [row], shard_id=shard)
-    ctx.timings["evaluate"] += time.perf_counter() - started
+    ctx.record_time("evaluate", shard, time.perf_counter() - started, None, version)
     ctx.progress("eval", {"version": version, "accuracy": accuracy, "n": n})
     return row
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from recpipe.tasks.base import Prompt
+from recpipe.tasks import Prompt
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ import pyarrow as pa
 
 from recpipe.generate.engine import Engine, tokenize_prompts
 from recpipe.schema import SCHEMA_VERSION, conform
-from recpipe.tasks.base import Prompt, Task
-from recpipe.tasks.scoring import score_responses
+from recpipe.tasks import Prompt, Task, score_responses
 
 
 def shard_prompts(prompts: Sequence[Prompt], shard_size: int) -> list[list[Prompt]]:

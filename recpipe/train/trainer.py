@@ -297,6 +297,21 @@ class Trainer:
             return self._skip(step, row, metrics, reason)
         return self._commit(step, row, metrics)
 
+    def gradients(self, batch: Any, micro_batch_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """The batch's loss gradient per parameter name; nothing is stepped or recorded (for checks)."""
+        if self.model is None:
+            raise ValueError("call setup() before gradients()")
+        samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch)
+        plan = plan_micro_batches(samples, micro_batch_tokens or self.cfg.micro_batch_tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            _, reason = self._accumulate_gradients(samples, plan)
+            if reason is not None:
+                raise ValueError(f"batch gives no gradient: {reason}")
+            return {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+
     def _accumulate_gradients(self, samples: list[Sample], plan: list[MicroBatch]
                               ) -> tuple[dict[str, float], str | None]:
         """Forward/backward over length-bucketed micro-batches; the loss is the whole batch's token mean."""

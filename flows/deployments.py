@@ -1,0 +1,45 @@
+"""Scheduled deployments: ``recpipe serve`` registers the flows and serves them.
+
+    prefect server start                                    # terminal 1 (UI at http://127.0.0.1:4200)
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+    recpipe serve --flow generate --interval 3600 --store store       # hourly generation
+    recpipe serve --flow retrain --cron "0 3 * * *" --set select.query=replay --store store
+
+Each deployment carries the whole validated config as its parameter, so a
+scheduled run is exactly the command line that registered it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from prefect import serve
+
+from flows.pipeline_flows import FLOWS
+from recpipe.config import RecpipeConfig
+
+SCHEDULABLE = ("loop", "generate", "train", "evaluate", "retrain")
+
+
+def build_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None = None,
+                      interval: float | None = None) -> list[Any]:
+    if (cron is None) == (interval is None):
+        raise ValueError("give exactly one schedule: --cron EXPR or --interval SECONDS")
+    if interval is not None and interval <= 0:
+        raise ValueError(f"--interval must be > 0 seconds (got {interval})")
+    deployments = []
+    for name in names:
+        if name not in SCHEDULABLE:
+            raise ValueError(f"--flow {name!r}: expected one of {', '.join(SCHEDULABLE)}")
+        schedule = {"cron": cron} if cron else {"interval": dt.timedelta(seconds=interval)}
+        deployments.append(FLOWS[name].to_deployment(
+            name=f"{cfg.run}-{name}", parameters={"config": cfg.model_dump(mode="json")},
+            tags=["recpipe", cfg.run], **schedule))
+    return deployments
+
+
+def serve_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None = None,
+                      interval: float | None = None) -> None:
+    """Register the deployments with the Prefect API and run their schedules until interrupted."""
+    serve(*build_deployments(cfg, names, cron=cron, interval=interval))
