@@ -41,7 +41,6 @@ class TaskConfig(_Section):
 
 class GenerateConfig(_Section):
     backend: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable, else transformers.")
-    prompts_per_step: int = Field(8, ge=1, description="Prompts (groups) generated per policy version.")
     group_size: int = Field(8, ge=1, description="K responses sampled per prompt.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer recomputes log-probs with it).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")

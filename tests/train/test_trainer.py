@@ -1,0 +1,157 @@
+"""The Trainer: every preset trains, learning happens, micro-batching is exact, NaN steps are skipped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from train_batches import random_batch, sampled_batch
+
+from recpipe.algorithms import PRESETS, preset
+from recpipe.config import TrainConfig
+from recpipe.schema import table_schema
+from recpipe.train import Trainer, TrainingDiverged, train_step
+
+EOS = 2
+
+
+def _reward(tokens: list[int]) -> float:
+    return float(sum(tokens) % 2)  # arbitrary but deterministic: groups get reward variance
+
+
+def _prompts() -> list[list[int]]:
+    return [[5, 6, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [100, 101, 102, 103, 104]]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_trains_two_steps(store, tiny_model, name):
+    cfg = preset(name)
+    with Trainer(store, "r", tiny_model, TrainConfig(lr=1e-3, micro_batch_tokens=32), cfg, name) as trainer:
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        batch = sampled_batch(trainer.model, _prompts(), cfg, group_size=4, max_new_tokens=6, temperature=1.0,
+                              seed=1, eos_id=EOS, reward=_reward)
+        results = [trainer.step(step, batch) for step in range(2)]  # step 1 trains on version-0 rollouts
+        assert [r.applied for r in results] == [True, True]
+        assert all(math.isfinite(r.row["loss"]) for r in results)
+        assert trainer.current_version == 2
+        changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+        assert changed, f"{name}: no parameter changed"
+    steps = store.read("steps").to_pylist()
+    assert sorted((r["step"], r["policy_version"], r["preset"]) for r in steps) == [(0, 1, name), (1, 2, name)]
+    assert sorted(r["version"] for r in store.read("policies").to_pylist()) == [0, 1, 2]
+
+
+def test_steps_row_carries_every_metric(store, tiny_model):
+    cfg = preset("red-drop")
+    with Trainer(store, "r", tiny_model, TrainConfig(micro_batch_tokens=32), cfg, "red-drop") as trainer:
+        batch = random_batch(0, cfg, groups=4, group_size=6, policy_version=0)
+        result = trainer.step(0, batch)
+    (row,) = store.read("steps").to_pylist()
+    missing = [f.name for f in table_schema("steps") if row[f.name] is None and f.name != "skip_reason"]
+    assert missing == []
+    assert row == {**result.row, "created_at": row["created_at"]}
+    kept = batch.column("kept").to_pylist()
+    assert row["drop_fraction"] == pytest.approx(kept.count(False) / len(kept)) and kept.count(False) > 0
+    assert row["tokens"] == sum(len(r) for r in batch.column("response_token_ids").to_pylist())
+    assert row["padded_tokens"] > row["tokens"] and 0 <= row["padding_fraction"] < 0.25
+    assert row["staleness_mean"] == 0 and row["batch_policy_version_max"] == 0
+    assert 0 < row["ratio_mean"] and row["ratio_max"] >= row["ratio_mean"] and row["lr"] == 1e-5
+    assert result.metrics["loss/total"] == row["loss"] and "save_seconds" in result.metrics
+
+
+def test_learns_to_emit_a_chosen_token(store, tiny_model):
+    """On-policy loop, reward 1 for starting with a chosen token: its probability must rise a lot."""
+    prompt = [40, 41, 42, 43]
+    cfg = preset("rec-oneside-nois")
+    with Trainer(store, "r", tiny_model, TrainConfig(lr=3e-3, micro_batch_tokens=256), cfg, "rec-oneside-nois") as tr:
+
+        def p_next() -> torch.Tensor:
+            with torch.no_grad():
+                return tr.model(input_ids=torch.tensor([prompt])).logits[0, -1].softmax(-1)
+
+        probs = p_next()
+        target = int(probs.argsort(descending=True)[4])  # a token the model emits sometimes, not most often
+        start = probs[target].item()
+        for step in range(30):
+            batch = sampled_batch(tr.model, [prompt] * 2, cfg, group_size=8, max_new_tokens=2, temperature=1.0,
+                                  seed=step, eos_id=EOS, reward=lambda t: float(t[0] == target),
+                                  policy_version=tr.current_version)
+            tr.step(step, batch)
+        end = p_next()[target].item()
+    assert start < 0.2
+    assert end > max(0.6, 3 * start), (start, end)
+
+
+@pytest.mark.parametrize("name", ["rec-oneside-is", "rec-gspo-nois", "opmd", "red-weight"])
+def test_micro_batching_gives_the_gradient_of_one_big_batch(store, tiny_model, name):
+    cfg = preset(name)
+    with Trainer(store, "r", tiny_model, TrainConfig(), cfg, name) as trainer:
+        prompts = [[3 + i] * n for i, n in enumerate([2, 9, 4, 15])]  # mixed lengths: several buckets
+        batch = sampled_batch(trainer.model, prompts, cfg, group_size=3, max_new_tokens=5, temperature=1.0, seed=0,
+                              eos_id=EOS, reward=_reward)
+        whole = trainer.gradients(batch, micro_batch_tokens=10_000)
+        split = trainer.gradients(batch, micro_batch_tokens=20)
+    assert whole.keys() == split.keys()
+    assert any(g.abs().sum() > 0 for g in whole.values())
+    for n in whole:
+        torch.testing.assert_close(split[n], whole[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("column", ["advantage", "weight"])
+def test_a_nan_input_skips_the_step_and_says_why(store, tiny_model, column):
+    cfg = preset("reinforce")
+    with Trainer(store, "r", tiny_model, TrainConfig(max_bad_steps=3), cfg, "reinforce") as trainer:
+        trainer.step(0, random_batch(0, cfg))
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        bad = random_batch(1, cfg)
+        values = bad.column(column).to_pylist()
+        values[2] = float("nan")
+        bad = bad.set_column(bad.column_names.index(column), column, [values])
+        result = trainer.step(1, bad)
+        assert not result.applied and column in result.skip_reason and result.checkpoint is None
+        assert trainer.current_version == 1 and trainer.next_step == 2
+        assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+        assert not store.checkpoint_dir("r", 2).exists()
+        assert trainer.step(2, random_batch(2, cfg)).policy_version == 2
+    rows = {r["step"]: r for r in store.read("steps").to_pylist()}
+    assert [rows[s]["applied"] for s in range(3)] == [True, False, True]
+    assert rows[1]["policy_version"] == 1 and column in rows[1]["skip_reason"]
+
+
+def test_a_non_finite_loss_skips_the_step(store, tiny_model):
+    cfg = preset("grpo")
+    with Trainer(store, "r", tiny_model, TrainConfig(), cfg, "grpo") as trainer:
+        with torch.no_grad():
+            trainer.model.get_decoder().norm.weight[0] = float("inf")  # a diverged weight
+        result = trainer.step(0, random_batch(0, cfg))
+    assert not result.applied and "non-finite loss" in result.skip_reason
+    assert math.isnan(result.row["loss"]) and trainer.current_version == 0
+    assert not store.checkpoint_dir("r", 1).exists()
+
+
+def test_stops_after_max_bad_steps_in_a_row(store, tiny_model):
+    cfg = preset("reinforce")
+    bad = random_batch(0, cfg)
+    bad = bad.set_column(bad.column_names.index("advantage"), "advantage", [[float("inf")] * bad.num_rows])
+    with Trainer(store, "r", tiny_model, TrainConfig(max_bad_steps=2), cfg, "reinforce") as trainer:
+        assert not trainer.step(0, bad).applied
+        with pytest.raises(TrainingDiverged, match="2 consecutive steps skipped"):
+            trainer.step(1, bad)
+    assert sorted((r["step"], r["applied"]) for r in store.read("steps").to_pylist()) == [(0, False), (1, False)]
+    # The streak is part of the run's state: a restarted trainer stops at the next bad step too,
+    # and a good step resets it.
+    with Trainer(store, "r", tiny_model, TrainConfig(max_bad_steps=2), cfg, "reinforce") as trainer:
+        assert trainer.next_step == 2 and trainer.current_version == 0
+        with pytest.raises(TrainingDiverged):
+            trainer.step(2, bad)
+        assert trainer.step(3, random_batch(3, cfg)).applied
+        assert not trainer.step(4, bad).applied
+
+
+def test_train_step_continues_the_run(store, tiny_model):
+    cfg = preset("rec-oneside-nois")
+    first = train_step(store, "r", tiny_model, random_batch(0, cfg), TrainConfig(), cfg, "rec-oneside-nois")
+    second = train_step(store, "r", tiny_model, random_batch(1, cfg), TrainConfig(), cfg, "rec-oneside-nois")
+    assert (first.step, first.policy_version, second.step, second.policy_version) == (0, 1, 1, 2)
+    assert (second.checkpoint / "model.safetensors").is_file() and (second.checkpoint / "tokenizer.json").is_file()
