@@ -153,11 +153,11 @@ def compact(
     from recpipe.store import Store
 
     cfg = make_config(config, set_, store)
-    st = Store(cfg.store)
     names = table_names() if table == "all" else [table]
     for name in names:
         if name not in table_names():
             raise ValueError(f"--table must be one of {', '.join(table_names())} or all (got {name!r})")
+    st = Store(cfg.store)
     runs = [run] if run else sorted(p.name.removeprefix("run=") for p in st.root.glob("*/run=*"))
     for r in sorted(set(runs)):
         with st.lock(r, "compact"):
@@ -231,6 +231,12 @@ def _summarise(cfg: RecpipeConfig) -> None:
     print_table(con.sql(STALENESS_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="trained batches")
 
 
+def _preflight(cfg: RecpipeConfig) -> None:
+    from recpipe.pipeline import preflight
+
+    preflight(cfg)
+
+
 ModelOpt = Annotated[str | None, typer.Option("--model", help="tiny | smollm2 | PATH to a HF checkpoint.")]
 TaskOpt = Annotated[str | None, typer.Option("--task", help="arithmetic | gsm8k | a plugin task.")]
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="Loss preset (algorithms.md).")]
@@ -260,6 +266,7 @@ def loop(
 ) -> None:
     """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store"""
     cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
+    _preflight(cfg)
     from flows.pipeline_flows import loop as loop_flow
     from recpipe.progress import LoopProgress
 
@@ -283,6 +290,7 @@ def generate(
 ) -> None:
     """Generate rollouts into the archive. Example: recpipe generate --model tiny --prompts 16 --store store"""
     cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
+    _preflight(cfg)
     from flows.pipeline_flows import generate as generate_flow
     from recpipe.progress import LoopProgress
 
@@ -330,6 +338,7 @@ def train(
 ) -> None:
     """Train on batches selected from the archive. Example: recpipe train --store store --steps 2 --set select.query=fresh"""
     cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model})
+    _preflight(cfg)
     from flows.pipeline_flows import train as train_flow
     from recpipe.progress import LoopProgress
 
@@ -358,6 +367,7 @@ def retrain(
         if not recorded:
             raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
         cfg.loop.steps = max(recorded) + 1
+    _preflight(cfg)
     from flows.pipeline_flows import retrain as retrain_flow
     from recpipe.progress import LoopProgress
 
@@ -379,6 +389,7 @@ def evaluate(
 ) -> None:
     """Greedy held-out accuracy into `evals`. Example: recpipe evaluate --store store --version 0"""
     cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
+    _preflight(cfg)
     from flows.pipeline_flows import evaluate as evaluate_flow
 
     row = evaluate_flow(cfg.model_dump(mode="json"), version=version)
@@ -426,6 +437,7 @@ def experiment(
     preset_names = [p.strip() for p in presets.split(",") if p.strip()]
     grid = parse_settings(settings, cfg.loop.steps)
     experiment_configs(cfg, preset_names, grid)  # validate every preset before the first run starts
+    _preflight(cfg)
     from flows.pipeline_flows import loop as loop_flow
     from recpipe.progress import LoopProgress
 

@@ -108,13 +108,17 @@ class RunContext:
             self.lock.release()
 
 
+def preflight(cfg: RecpipeConfig) -> tuple[Task, Path]:
+    """Resolve the task and the model before anything starts: bad names fail here, store untouched."""
+    from recpipe.models import resolve_model
+
+    return get_task(cfg.task.name, **cfg.task.options), resolve_model(cfg.model.name, cfg.model.cache_dir)
+
+
 @contextlib.contextmanager
 def open_run(cfg: RecpipeConfig, *, progress: Progress | None = None, write: bool = True) -> Iterator[RunContext]:
     """Open (creating if needed) the store, take the run's writer lock, resolve task and model."""
-    from recpipe.models import resolve_model
-
-    task = get_task(cfg.task.name, **cfg.task.options)  # bad task names fail before the store is touched
-    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    task, model_path = preflight(cfg)
     store = Store.create(cfg.store) if write else Store(cfg.store)
     lock = store.lock(cfg.run, "loop").acquire() if write else None
     ctx = RunContext(cfg=cfg, store=store, task=task, model_path=model_path, lock=lock,

@@ -38,6 +38,22 @@ def set_vllm_env() -> None:
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
 
 
+def _repack_tied_lm_head(worker: Any) -> bool:
+    """Runs inside each vLLM worker after reload_weights: refresh a tied LM head's packed weight.
+
+    On CPU, vLLM packs every linear weight for its GEMM kernels at load time (the LM head included).
+    reload_weights re-processes each layer that receives weights, but a tied LM head receives none (its
+    weight is the embedding's), so its packed copy keeps the old values and logits come from stale
+    weights. Re-running its post-load processing repacks it; elsewhere that processing is a no-op.
+    """
+    model = worker.model_runner.get_model()
+    lm_head = getattr(model, "lm_head", None)
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False) or lm_head is None:
+        return False
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+    return True
+
+
 class VLLMEngine:
     """Sampling with a `vllm.LLM` kept alive across policy versions."""
 
@@ -56,6 +72,7 @@ class VLLMEngine:
     ) -> None:
         set_vllm_env()
         from vllm import LLM
+        from vllm.platforms import current_platform
 
         self.model_name = model_name
         self.max_model_len = max_model_len
@@ -70,12 +87,17 @@ class VLLMEngine:
             **llm_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.on_cpu = current_platform.is_cpu()
         self.last_load_seconds: float | None = None
 
     def load_weights(self, checkpoint: str | Path) -> None:
         """Load a new checkpoint (same architecture) into the running engine; ~0.1 s, no restart."""
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
+        if self.on_cpu:
+            # A callable RPC: runs in-process here (VLLM_ENABLE_V1_MULTIPROCESSING=0); with a separate
+            # engine process vLLM would need VLLM_ALLOW_INSECURE_SERIALIZATION=1 to ship it.
+            self.llm.collective_rpc(_repack_tied_lm_head)
         # Cached KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.checkpoint = Path(checkpoint)
@@ -114,14 +136,21 @@ class VLLMEngine:
         ]
         return [samples[i * n : (i + 1) * n] for i in range(len(prompts_token_ids))]
 
-    @staticmethod
-    def _sample(out: Any) -> Sample:
+    def _sample(self, out: Any) -> Sample:
         if out.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM finished a request with finish_reason={out.finish_reason!r}")
         token_ids = list(out.token_ids)
         # out.logprobs[t] maps token id -> Logprob; with logprobs=0 it holds just the sampled token.
         logprobs = [float(entry[tok].logprob) for entry, tok in zip(out.logprobs, token_ids, strict=True)]
-        return Sample(token_ids, logprobs, out.text, out.finish_reason)
+        # A stop string (stop_reason is then that string) cuts vLLM's text; otherwise decode the tokens
+        # ourselves: vLLM's incremental detokenizer drops a trailing incomplete UTF-8 sequence, which would
+        # make its text differ from the transformers backend's.
+        text = (
+            out.text
+            if isinstance(out.stop_reason, str)
+            else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        )
+        return Sample(token_ids, logprobs, text, out.finish_reason)
 
     def close(self) -> None:
         """Drop the engine (its KV cache and weights are freed with it)."""

@@ -46,7 +46,7 @@ def _cleanup_on_error(path: Path, final: Path) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # absent, or the file system refuses even that
             path.unlink()
         if isinstance(exc, OSError) and not isinstance(exc, StoreWriteError):
             reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)

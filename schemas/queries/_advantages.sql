@@ -43,12 +43,16 @@ WITH responses AS (
                       hive_types = {'run': 'VARCHAR', 'policy_version': 'INTEGER'}) AS r
     JOIN chosen AS c ON c.run = r.run AND c.group_id = r.group_id
 ),
-signs AS (
+totals AS (
     SELECT *,
            count(*) OVER grp AS n_all,
-           reward_exact * n_all + half_gap * n_all >= sum(reward_exact) OVER grp AS positive
+           sum(reward_exact) OVER grp AS sum_all
     FROM responses
     WINDOW grp AS (PARTITION BY source_run, group_id)
+),
+signs AS (
+    SELECT *, (reward_exact + half_gap) * n_all >= sum_all AS positive
+    FROM totals
 ),
 balanced AS (
     SELECT *,

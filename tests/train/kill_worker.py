@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
 from train_batches import random_batch
 
 from recpipe.algorithms import preset
@@ -30,5 +31,6 @@ def run_steps(store: Store, model: Path, run: str, steps: int) -> int:
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # as the in-process runs of the test (conftest.one_thread)
     root, model, run, steps = sys.argv[1:5]
     run_steps(Store(root), Path(model), run, int(steps))

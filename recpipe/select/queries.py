@@ -1,0 +1,246 @@
+"""Selection queries as data: ``schemas/queries/<name>.sql``, one query per file, typed by its header.
+
+    q = load_query("fresh")                       # a named query, or load_query("my/query.sql")
+    q.params["max_staleness"]                     # Param(name='max_staleness', type='INTEGER', default=4, ...)
+    values = q.bind({"run": "a", "step": 7, "groups": 8})    # typed, defaults filled in
+
+Header format (comment lines before the SQL; descriptions after a second ``--``):
+
+    -- name: fresh
+    -- description: what it selects (continued on following comment lines)
+    -- param run: VARCHAR                    -- no default: required
+    -- param max_staleness: INTEGER = 4      -- default 4
+    -- param runs: VARCHAR[] = NULL          -- NULL default: None allowed
+    -- output: run VARCHAR, group_id VARCHAR, ...
+
+Values reach DuckDB as ``$name`` prepared-statement parameters, never by string formatting. Types:
+VARCHAR, INTEGER, BIGINT, DOUBLE, BOOLEAN, and lists VARCHAR[] / INTEGER[]. Files whose name starts
+with ``_`` are templates the selection stage composes around a query (``_eligible``, ``_advantages``).
+A user's .sql file needs no header; its ``$name`` parameters are then untyped and required.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import yaml
+
+from recpipe.schema import schemas_dir
+
+NAME = re.compile(r"^_?[a-z][a-z0-9_]*$")
+_PARAM = re.compile(r"^param\s+(?P<name>[A-Za-z_]\w*)\s*:\s*(?P<type>[A-Z]+(?:\[\])?)\s*(?:=\s*(?P<default>.*?))?\s*$")
+TYPES = ("VARCHAR", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "VARCHAR[]", "INTEGER[]", "ANY")
+_REQUIRED = object()  # a Param default meaning "no default: the caller must give a value"
+
+
+class QueryError(ValueError):
+    """A query file is missing, malformed, or given parameters that do not fit its header."""
+
+
+def queries_dir() -> Path:
+    return schemas_dir() / "queries"
+
+
+def query_names() -> list[str]:
+    """Named selection queries (templates, whose names start with ``_``, left out)."""
+    return sorted(p.stem for p in queries_dir().glob("*.sql") if not p.stem.startswith("_"))
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    default: Any = _REQUIRED
+    description: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """``value`` checked against the declared type; raises QueryError naming the parameter."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise QueryError(f"{where}: parameter {self.name!r} must be a {self.type}, got None")
+        if self.type == "ANY":
+            return value
+        try:
+            return _coerce(self.type, value)
+        except (TypeError, ValueError):
+            raise QueryError(
+                f"{where}: parameter {self.name!r} must be a {self.type}; got {value!r} ({type(value).__name__})"
+            ) from None
+
+
+def _coerce(kind: str, value: Any) -> Any:
+    if kind.endswith("[]"):
+        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+            raise TypeError("not a list")
+        return [_coerce(kind[:-2], v) for v in value]
+    if kind == "VARCHAR":
+        if not isinstance(value, str):
+            raise TypeError("not a str")
+        return value
+    if kind in ("INTEGER", "BIGINT"):
+        if isinstance(value, bool):
+            raise TypeError("bool is not an integer")
+        value = operator.index(value)  # accepts numpy ints, rejects 2.0 and "2"
+        bits = 31 if kind == "INTEGER" else 63
+        if not -(2**bits) <= value < 2**bits:
+            raise ValueError("out of range")
+        return value
+    if kind == "DOUBLE":
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise TypeError("not a finite number")
+        return float(value)
+    if kind == "BOOLEAN":
+        if not isinstance(value, bool):
+            raise TypeError("not a bool")
+        return value
+    raise ValueError(f"unknown type {kind}")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One selection query: its SQL text and the parameters its header declares."""
+
+    name: str  # the file stem of a named query, the resolved path of a user's file
+    path: Path
+    text: str
+    params: dict[str, Param] = field(default_factory=dict)
+    description: str = ""
+    output: str = ""
+    builtin: bool = True
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the file's text: ``sha256sum schemas/queries/<name>.sql`` gives the same."""
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def body(self) -> str:
+        """The single SQL statement, without a trailing semicolon, ready to nest as a subquery."""
+        return _strip_terminator(self.text)
+
+    def bind(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Every declared parameter with its typed value: ``values`` first, then defaults.
+
+        Raises QueryError for a missing required parameter or a badly typed value; names not
+        declared are ignored here (the caller decides which names are allowed).
+        """
+        bound = {}
+        for name, param in self.params.items():
+            if name in values:
+                bound[name] = param.coerce(values[name], self.name)
+            elif param.required:
+                raise QueryError(
+                    f"{self.name}: parameter {name!r} ({param.type}) has no default and was not given"
+                    + (f" - {param.description}" if param.description else "")
+                )
+            else:
+                bound[name] = param.default
+        return bound
+
+
+def _strip_terminator(text: str) -> str:
+    body = text.rstrip()
+    while True:  # trailing comment lines, then one trailing ';'
+        lines = body.splitlines()
+        if lines and lines[-1].lstrip().startswith("--"):
+            body = "\n".join(lines[:-1]).rstrip()
+            continue
+        break
+    body = re.sub(r";\s*(--[^\n]*)?$", "", body).rstrip()
+    return body
+
+
+def _parse_default(text: str, param: str, where: str) -> Any:
+    if text.upper() == "NULL":
+        return None
+    try:
+        return yaml.safe_load(text)  # true/false, numbers, 'strings', [lists]
+    except yaml.YAMLError:
+        raise QueryError(f"{where}: default of parameter {param!r} is not a value: {text!r}") from None
+
+
+def parse_header(text: str, where: str) -> tuple[dict[str, Param], dict[str, str]]:
+    """Params and the other header fields (name, description, output) of a query file."""
+    params: dict[str, Param] = {}
+    fields: dict[str, str] = {}
+    last = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line.startswith("--"):
+            if line:
+                break  # the header ends where the SQL starts
+            continue
+        content = line[2:].strip()
+        content, _, note = content.partition(" --")
+        content, note = content.strip(), note.strip()
+        match = _PARAM.match(content)
+        if match:
+            name, kind = match.group("name"), match.group("type")
+            if kind not in TYPES:
+                raise QueryError(f"{where}: parameter {name!r} has unknown type {kind}; allowed: {', '.join(TYPES)}")
+            if name in params:
+                raise QueryError(f"{where}: parameter {name!r} is declared twice")
+            default = _REQUIRED
+            if match.group("default") is not None:
+                default = _parse_default(match.group("default"), name, where)
+                if default is not None:
+                    default = Param(name, kind).coerce(default, where)
+            params[name] = Param(name, kind, default, note)
+            last = None
+            continue
+        key, sep, value = content.partition(":")
+        if sep and key.strip() in ("name", "description", "output", "input"):
+            last = key.strip()
+            fields[last] = value.strip()
+        elif last and content:
+            fields[last] += " " + content  # continuation line
+    return params, fields
+
+
+def _from_file(path: Path, builtin: bool) -> Query:
+    text = path.read_text()
+    params, fields = parse_header(text, str(path))
+    name = path.stem if builtin else str(path)
+    if not builtin:
+        # A user's file may skip the header: every $name it uses becomes an untyped, required parameter.
+        try:
+            statements = duckdb.connect().extract_statements(text)
+        except duckdb.Error as exc:
+            raise QueryError(f"{path}: cannot parse the SQL: {exc}") from None
+        used = set().union(*(s.named_parameters for s in statements)) if statements else set()
+        for p in sorted(used - set(params)):
+            params[p] = Param(p, "ANY")
+    return Query(
+        name=name, path=path, text=text, params=params, description=fields.get("description", ""),
+        output=fields.get("output", ""), builtin=builtin,
+    )
+
+
+def load_query(query: str | Path) -> Query:
+    """A named query (``"schedule"``) or a path to a user's ``.sql`` file."""
+    if isinstance(query, str) and NAME.match(query):
+        path = queries_dir() / f"{query}.sql"
+        if not path.is_file():
+            raise QueryError(f"no query named {query!r}; named queries: {', '.join(query_names())} "
+                             "(or give a path to a .sql file)")
+        return _from_file(path, builtin=True)
+    path = Path(query).expanduser()
+    if path.suffix != ".sql":
+        raise QueryError(f"query {str(query)!r} is neither a query name ({', '.join(query_names())}) "
+                         "nor a path to a .sql file")
+    if not path.is_file():
+        raise QueryError(f"query file {path} does not exist")
+    return _from_file(path.resolve(), builtin=False)

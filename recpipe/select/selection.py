@@ -1,0 +1,378 @@
+"""Choose a training batch from the archive with SQL, compute advantages and weights, record lineage.
+
+    batch = select(store, "schedule", {"sync_interval": 20}, run="a", step=25, groups=96,
+                   loss_config=preset("red-drop"), seed=0)
+    batch = replay_lineage(store, "a", step=25)        # the same rollouts, for retraining
+
+Two stages, both SQL (schemas/queries):
+1. the query picks groups from the one-row-per-group ``groups`` table (1.25M rows for 10M rollouts),
+   composed as ``WITH eligible AS (_eligible.sql) SELECT * FROM (<query>)`` so it can use the shared
+   filters; a user's .sql file runs through the read-only guard of recpipe.store.sql, and its result
+   is checked (recpipe.select.validate);
+2. ``_advantages.sql`` reads the chosen groups' responses - only their partitions' files, only the
+   columns it needs - and computes advantage and weight with window functions over each group.
+The batch is then recorded in ``batches`` (one row per response, shard ``step-<step>``). If that shard
+already exists, select() returns the recorded batch instead of choosing again: a loop that crashed
+after selecting resumes on exactly the data it had chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recpipe.algorithms import LossConfig
+from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard
+from recpipe.select.queries import Param, Query, QueryError, load_query
+from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
+from recpipe.store import Store, StoreError, file_shards
+from recpipe.store.sql import check_read_only, lock_down, run_read_only
+
+CONTEXT = ("run", "step", "groups", "seed")  # parameters select() itself fills
+FROM_LOSS = ("std_normalize", "drop")  # parameters taken from loss_config when one is given
+DROPS = ("none", "balance")
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+def _param_table(*queries: Query) -> dict[str, Param]:
+    """The union of the queries' declared parameters; one name must mean one type everywhere."""
+    merged: dict[str, Param] = {}
+    for q in queries:
+        for name, param in q.params.items():
+            if name == "files":
+                continue  # _advantages' file list is computed, never given
+            other = merged.get(name)
+            if other is not None and other.type != param.type and "ANY" not in (other.type, param.type):
+                raise QueryError(f"parameter {name!r} is {other.type} in one query and {param.type} in {q.name}")
+            if other is None or other.type == "ANY":
+                merged[name] = param
+    return merged
+
+
+def _bind(table: dict[str, Param], given: Mapping[str, Any], context: dict[str, Any], query: str) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        allowed = sorted(set(table) - set(CONTEXT))
+        raise QueryError(f"{query}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
+    clash = sorted(set(given) & set(context))
+    if clash:
+        raise QueryError(f"{query}: parameter(s) {clash} are set by select() (its run/step/groups/seed/"
+                         "loss_config arguments), not through params")
+    values: dict[str, Any] = {}
+    for name, param in sorted(table.items()):
+        if name in context:
+            values[name] = context[name] if param.type == "ANY" else param.coerce(context[name], query)
+        elif name in given:
+            values[name] = param.coerce(given[name], query)
+        elif param.required:
+            raise QueryError(f"{query}: parameter {name!r} ({param.type}) has no default and was not given"
+                             + (f" - {param.description}" if param.description else ""))
+        else:
+            values[name] = param.default
+    if values.get("drop", "none") not in DROPS:
+        raise QueryError(f"{query}: parameter 'drop' is {values['drop']!r}; allowed: {', '.join(DROPS)}")
+    if (values.get("staleness_decay") or 0.0) < 0:
+        raise QueryError(f"{query}: parameter 'staleness_decay' is {values['staleness_decay']}; must be >= 0")
+    return values
+
+
+def _statement_values(con: duckdb.DuckDBPyConnection, sql: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Only the parameters the statement uses: DuckDB refuses extra ones."""
+    used = con.extract_statements(sql)[-1].named_parameters
+    return {name: values[name] for name in used}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
+    return value
+
+
+# ---- the two stages ------------------------------------------------------------------------------
+def compose(query: Query, eligible: Query) -> str:
+    """Stage 1's statement: the query with the shared filters in scope as ``eligible`` (trusted SQL text
+    of two files nested; values stay $parameters)."""
+    return f"WITH eligible AS (\n{eligible.body}\n)\nSELECT * FROM (\n{query.body}\n) AS selection"
+
+
+def _one_select(con: duckdb.DuckDBPyConnection, query: Query) -> None:
+    statements = check_read_only(con, query.text)  # raises QueryRefused for anything but reads
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise QueryError(f"{query.name}: a selection query must be exactly one SELECT statement; "
+                         f"found {len(statements)} statement(s)")
+
+
+def _partition_files(store: Store, groups: pa.Table) -> list[str]:
+    """Rollouts files of the chosen (run, policy_version) partitions: partition pruning done up front."""
+    files: list[str] = []
+    pairs = sorted(set(zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
+                           strict=True)))
+    for run, version in pairs:
+        folder = store.partition_dir("rollouts", {"run": run, "policy_version": version})
+        files.extend(sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".")))
+    return files
+
+
+def _lookup_groups(con: duckdb.DuckDBPyConnection, keys: pa.Table, query: str, timeout_s: float | None) -> pa.Table:
+    """policy_version and n of chosen groups, from the groups summary; unknown groups are an error."""
+    lookup = load_query("_chosen_groups")
+    con.register("chosen", keys)
+    try:
+        found = run_read_only(con, lookup.body, timeout_s=timeout_s)
+    finally:
+        con.unregister("chosen")
+    missing = found.filter(pc.is_null(found.column("policy_version")))
+    if missing.num_rows:
+        pairs = [f"{r}:{g}" for r, g in zip(missing.column("run").to_pylist(), missing.column("group_id").to_pylist(),
+                                            strict=True)]
+        raise SelectionError(f"{query}: {len(pairs)} chosen group(s) are not in the archive's groups table: "
+                             f"{', '.join(pairs[:5])}")
+    if found.num_rows != keys.num_rows:
+        raise SelectionError(f"{query}: the groups table lists some chosen groups more than once; "
+                             "run `recpipe doctor`")
+    return found
+
+
+def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: bool, query: str,
+                   timeout_s: float | None) -> pa.Table:
+    """One row per chosen group, in the query's order: run, group_id, policy_version, n, weight.
+
+    policy_version and n come from the groups summary unless a named query (trusted) returned them.
+    """
+    runs, group_ids = choice.column("run").to_pylist(), choice.column("group_id").to_pylist()
+    keys = list(dict.fromkeys(zip(runs, group_ids, strict=True)))
+    per_group = "rollout_id" not in choice.column_names
+    weight = dict.fromkeys(keys, 1.0)
+    if per_group and "weight" in choice.column_names:
+        weight = dict(zip(zip(runs, group_ids, strict=True), choice.column("weight").to_pylist(), strict=True))
+    if trust and per_group and {"policy_version", "n"} <= set(choice.column_names):
+        info = dict(zip(zip(runs, group_ids, strict=True), zip(choice.column("policy_version").to_pylist(),
+                                                               choice.column("n").to_pylist(), strict=True),
+                        strict=True))
+    else:
+        found = _lookup_groups(con, pa.table({"run": [k[0] for k in keys], "group_id": [k[1] for k in keys]}),
+                               query, timeout_s)
+        info = dict(zip(zip(found.column("run").to_pylist(), found.column("group_id").to_pylist(), strict=True),
+                        zip(found.column("policy_version").to_pylist(), found.column("n").to_pylist(), strict=True),
+                        strict=True))
+    return pa.table({
+        "run": pa.array([k[0] for k in keys], pa.string()),
+        "group_id": pa.array([k[1] for k in keys], pa.string()),
+        "policy_version": pa.array([info[k][0] for k in keys], pa.int32()),
+        "n": pa.array([info[k][1] for k in keys], pa.int32()),
+        "weight": pa.array([weight[k] for k in keys], pa.float64()),
+    })
+
+
+def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, values: dict[str, Any],
+                query: str, timeout_s: float | None) -> pa.Table:
+    """Stage 2 over ``chosen`` (run, group_id, policy_version, weight)."""
+    stage = load_query("_advantages")
+    files = _partition_files(store, chosen)
+    if not files:
+        raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
+                             "a rollouts file is missing - run `recpipe doctor`")
+    sql = stage.body
+    stage_values = {**values, "files": files}
+    con.register("chosen", chosen.select(["run", "group_id", "weight"]))
+    try:
+        return run_read_only(con, sql, _statement_values(con, sql, stage_values), timeout_s=timeout_s)
+    except duckdb.ConversionException as exc:
+        raise SelectionError(f"{query}: a chosen group has a reward that is not a finite number with "
+                             f"|reward| * group size < 1e10 ({str(exc).splitlines()[0]})") from None
+    finally:
+        con.unregister("chosen")
+
+
+def _assemble(table: pa.Table) -> pa.Table:
+    return table.select(list(BATCH_COLUMNS))
+
+
+def _override(found: pa.Table, choice: pa.Table) -> pa.Table:
+    """A per-response query result's own weight/advantage replace the computed ones."""
+    columns = [c for c in ("weight", "advantage") if c in choice.column_names]
+    if not columns or "rollout_id" not in choice.column_names:
+        return found
+    index = {(r, x): i for i, (r, x) in enumerate(zip(choice.column("run").to_pylist(),
+                                                      choice.column("rollout_id").to_pylist(), strict=True))}
+    rows = [index[(r, x)] for r, x in zip(found.column("source_run").to_pylist(),
+                                          found.column("rollout_id").to_pylist(), strict=True)]
+    for column in columns:
+        values = choice.column(column).take(pa.array(rows))
+        found = found.set_column(found.schema.get_field_index(column), column, values)
+    return found
+
+
+# ---- public API ----------------------------------------------------------------------------------
+def select(
+    store: Store,
+    query: str | Path = "schedule",
+    params: Mapping[str, Any] | None = None,
+    *,
+    run: str,
+    step: int,
+    groups: int = 8,
+    loss_config: LossConfig | None = None,
+    seed: int = 0,
+    min_groups: int = 1,
+    timeout_s: float | None = 60.0,
+) -> Batch:
+    """The batch of training step ``step`` of ``run``, chosen by ``query`` and recorded as lineage.
+
+    query: a named query (schemas/queries: schedule, fresh, replay, lineage) or a path to a .sql file.
+    params: the query's and the filters' parameters (see the query headers); run, step, groups and
+        seed come from the arguments, std_normalize and drop from loss_config when it is given.
+    groups: the most groups the batch holds ($groups); min_groups: fewer chosen raises EmptySelection.
+    seed: seeds RED-Drop's random choice (with step and rollout_id) and the replay tie-break.
+    If (run, step) already has recorded lineage, that batch is returned (Batch.resumed = True) and
+    the query is not run: crash-resume gets the same rollouts, advantages and weights.
+
+    Raises EmptySelection when nothing (or fewer than min_groups groups) is chosen, QueryResultError
+    when the result has the wrong shape (missing columns, duplicates, incomplete groups), QueryError
+    for bad parameters, QueryRefused for SQL that would write or reach outside the store.
+    """
+    if not isinstance(run, str) or not run:
+        raise ValueError(f"run must be a non-empty string; got {run!r}")
+    step = _check_int("step", step, 0)
+    groups = _check_int("groups", groups, 1)
+    min_groups = _check_int("min_groups", min_groups, 1)
+    seed = _check_int("seed", seed, 0)
+    recorded = _recorded(store, run, step)
+    if recorded is not None:
+        return _from_lineage(store, recorded, run=run, step=step, timeout_s=timeout_s)
+
+    q = load_query(query)
+    eligible, stage2 = load_query("_eligible"), load_query("_advantages")
+    context: dict[str, Any] = {"run": run, "step": step, "groups": groups, "seed": seed}
+    if loss_config is not None:
+        context.update(std_normalize=loss_config.std_normalize, drop=loss_config.drop)
+    values = _bind(_param_table(q, eligible, stage2), dict(params or {}), context, q.name)
+
+    con = store.connect(read_only=True)
+    try:
+        if not q.builtin:
+            _one_select(con, q)
+        sql = compose(q, eligible)
+        result = run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
+        choice = check_result(result, q.name, groups)
+        chosen = _chosen_groups(con, choice, trust=q.builtin, query=q.name, timeout_s=timeout_s)
+        if chosen.num_rows < min_groups:
+            raise EmptySelection(f"{q.name}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
+        found = _advantages(con, store, chosen, values, q.name, timeout_s)
+    finally:
+        con.close()
+    expected = dict(zip(zip(chosen.column("run").to_pylist(), chosen.column("group_id").to_pylist(), strict=True),
+                        chosen.column("n").to_pylist(), strict=True))
+    check_complete(choice, found, expected, q.name)
+    found = _override(found, choice)
+    batch = Batch(run=run, step=step, query_name=q.name, query_hash=q.sha256, params=values,
+                  rollouts=_assemble(found))
+    if not store.append("batches", lineage_rows(batch), shard_id=lineage_shard(step)):
+        # Another process recorded this step first: train on what it recorded, not on our choice.
+        return _from_lineage(store, _recorded(store, run, step), run=run, step=step, timeout_s=timeout_s)
+    return batch
+
+
+def replay_lineage(
+    store: Store,
+    source_run: str,
+    step: int,
+    *,
+    loss_config: LossConfig | None = None,
+    seed: int | None = None,
+    timeout_s: float | None = 60.0,
+) -> Batch:
+    """The batch ``source_run`` trained on at ``step``, rebuilt from its lineage (same rollout ids).
+
+    Without loss_config the recorded advantages and weights are returned; with one, advantages are
+    recomputed under its std_normalize/drop (RED-Drop seeded by ``seed``, default the recorded seed)
+    for retraining another algorithm on the same data. Nothing is recorded.
+    """
+    step = _check_int("step", step, 0)
+    recorded = _recorded(store, source_run, step)
+    if recorded is None:
+        steps = recorded_steps(store, source_run)
+        shown = f"recorded steps: {steps[:10]}{' ...' if len(steps) > 10 else ''}" if steps else "no recorded steps"
+        raise SelectionError(f"run {source_run!r} has no recorded batch for step {step} ({shown})")
+    recompute = None
+    if loss_config is not None:
+        recompute = {"std_normalize": loss_config.std_normalize, "drop": loss_config.drop}
+        if seed is not None:
+            recompute["seed"] = _check_int("seed", seed, 0)
+    return _from_lineage(store, recorded, run=source_run, step=step, timeout_s=timeout_s, recompute=recompute)
+
+
+def recorded_steps(store: Store, run: str) -> list[int]:
+    """Steps of ``run`` with recorded lineage (from file names and compacted files' footers)."""
+    steps = set()
+    for path in store.files("batches", run=run):
+        for shard in file_shards(path):
+            if shard.startswith("step-") and shard[5:].isdigit():
+                steps.add(int(shard[5:]))
+    return sorted(steps)
+
+
+# ---- lineage read-back ---------------------------------------------------------------------------
+def _recorded(store: Store, run: str, step: int) -> pa.Table | None:
+    shard = lineage_shard(step)
+    if not store.is_committed("batches", {"run": run}, shard):
+        return None
+    try:
+        rows = store.read_shard("batches", {"run": run}, shard)
+    except StoreError:
+        return None
+    return rows
+
+
+def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeout_s: float | None,
+                  recompute: dict[str, Any] | None = None) -> Batch:
+    """Rebuild a recorded batch: payload from the archive, advantage/weight as recorded (or recomputed)."""
+    first = lineage.slice(0, 1).to_pylist()[0]
+    params = json.loads(first["params"])
+    stage2 = load_query("_advantages")
+    values = {name: params.get(name, p.default) for name, p in stage2.params.items() if name != "files"}
+    values["step"] = params.get("step", step)
+    if recompute:
+        values.update(recompute)
+    keys = lineage.select(["source_run", "group_id", "policy_version"]).rename_columns(
+        ["run", "group_id", "policy_version"])
+    chosen = keys.group_by(["run", "group_id", "policy_version"], use_threads=False).aggregate([])
+    chosen = chosen.append_column("weight", pa.array([1.0] * chosen.num_rows))
+    where = f"lineage of run {run!r} step {step}"
+    con = duckdb.connect()
+    lock_down(con, store.root)  # stage 2 reads files by path; no views needed
+    try:
+        found = _advantages(con, store, chosen, values, where, timeout_s)
+    finally:
+        con.close()
+    recorded = {(r, x): i for i, (r, x) in enumerate(zip(lineage.column("source_run").to_pylist(),
+                                                         lineage.column("rollout_id").to_pylist(), strict=True))}
+    present = set(zip(found.column("source_run").to_pylist(), found.column("rollout_id").to_pylist(), strict=True))
+    gone = sorted(set(recorded) - present)
+    if gone:
+        raise SelectionError(f"{where}: {len(gone)} recorded rollout(s) are no longer in the archive, e.g. "
+                             f"{gone[0][0]}:{gone[0][1]}")
+    found = found.filter(pa.array([k in recorded for k in zip(found.column("source_run").to_pylist(),
+                                                              found.column("rollout_id").to_pylist(), strict=True)]))
+    rows = pa.array([recorded[k] for k in zip(found.column("source_run").to_pylist(),
+                                              found.column("rollout_id").to_pylist(), strict=True)])
+    replace = ("weight",) if recompute else ("weight", "advantage")
+    for column in replace:
+        found = found.set_column(found.schema.get_field_index(column), column, lineage.column(column).take(rows))
+    if recompute:
+        params = {**params, **recompute}
+    return Batch(run=run, step=step, query_name=first["query_name"], query_hash=first["query_hash"],
+                 params=params, rollouts=_assemble(found), resumed=True, created_at=first["created_at"])

@@ -1,0 +1,78 @@
+"""Faults 5 and 7 through the command line: hostile SQL and bad configs or arguments."""
+
+import hashlib
+import subprocess
+import sys
+
+import pytest
+
+from recpipe.store import Store
+from recpipe.testing import synthetic_rollouts
+
+RECPIPE = [sys.executable, "-m", "recpipe.cli"]
+
+
+def recpipe(*args, cwd=None):
+    return subprocess.run([*RECPIPE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def snapshot(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    store = Store.create(tmp_path_factory.mktemp("faults") / "store")
+    store.append_rollouts(synthetic_rollouts(shard_id="s"), shard_id="s")
+    return store
+
+
+@pytest.mark.parametrize("query", [
+    "DELETE FROM rollouts",
+    "COPY rollouts TO '/tmp/recpipe-stolen.csv'",
+    "ATTACH '/tmp/recpipe-evil.db'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET enable_external_access = true",
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT 1; DROP VIEW rollouts",
+])
+def test_hostile_sql_on_the_command_line(store, query):
+    before = snapshot(store.root)
+    result = recpipe("sql", "--store", str(store.root), query)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+    assert snapshot(store.root) == before
+
+
+def test_endless_query_is_stopped(store):
+    result = recpipe("sql", "--store", str(store.root), "--timeout", "1",
+                     "SELECT count(*) FROM range(100000000000) a, range(1000000) b")
+    assert result.returncode == 2 and "time limit" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["loop", "--steps", "0"], "loop.steps: Input should be greater than or equal to 1"),
+    (["loop", "--preset", "ppo"], "unknown preset 'ppo'"),
+    (["loop", "--set", "train.lr=abc"], "train.lr: Input should be a valid number"),
+    (["loop", "--set", "generate.backend=tpu"], "generate.backend"),
+    (["loop", "--task", "chess"], "chess"),
+    (["loop", "--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["loop", "--config", "/nonexistent.yaml"], "does not exist"),
+    (["sql", "--format", "xml", "SELECT 1"], "--format must be one of table, csv, json"),
+    (["compact", "--table", "nope"], "--table must be one of"),
+])
+def test_bad_arguments_fail_clearly_and_create_nothing(tmp_path, args, message):
+    target = tmp_path / "new-store"
+    result = recpipe(*args, "--store", str(target), cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    assert not target.exists()
+
+
+def test_unknown_option_is_a_usage_error(tmp_path):
+    result = recpipe("loop", "--stepz", "3", "--store", str(tmp_path / "s"))
+    assert result.returncode == 2 and "No such option" in result.stderr
+    assert not (tmp_path / "s").exists()
