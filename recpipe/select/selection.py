@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 
 from recpipe.algorithms import LossConfig
 from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard
+from recpipe.select.connection import selection_connection
 from recpipe.select.queries import Param, Query, QueryError, load_query
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
 from recpipe.store import Store, StoreError, file_shards
@@ -102,10 +103,18 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
 
 
 # ---- the two stages ------------------------------------------------------------------------------
-def compose(query: Query, eligible: Query) -> str:
-    """Stage 1's statement: the query with the shared filters in scope as ``eligible`` (trusted SQL text
-    of two files nested; values stay $parameters)."""
-    return f"WITH eligible AS (\n{eligible.body}\n)\nSELECT * FROM (\n{query.body}\n) AS selection"
+NO_TRUNCATED = "SELECT NULL::VARCHAR AS run, NULL::INTEGER AS policy_version, NULL::VARCHAR AS group_id WHERE false"
+
+
+def compose(query: Query, eligible: Query, truncated: Query | None = None) -> str:
+    """Stage 1's statement: the query with the shared filters in scope as ``eligible``.
+
+    Trusted SQL text of the query files is nested; values stay $parameters. ``truncated`` (the
+    _truncated.sql query) is composed in only when the exclude_truncated filter is on, so that other
+    selections never touch the rollouts table.
+    """
+    return (f"WITH truncated AS (\n{truncated.body if truncated else NO_TRUNCATED}\n),\n"
+            f"eligible AS (\n{eligible.body}\n)\nSELECT * FROM (\n{query.body}\n) AS selection")
 
 
 def _one_select(con: duckdb.DuckDBPyConnection, query: Query) -> None:
@@ -255,17 +264,18 @@ def select(
         return _from_lineage(store, recorded, run=run, step=step, timeout_s=timeout_s)
 
     q = load_query(query)
-    eligible, stage2 = load_query("_eligible"), load_query("_advantages")
+    eligible, truncated, stage2 = load_query("_eligible"), load_query("_truncated"), load_query("_advantages")
     context: dict[str, Any] = {"run": run, "step": step, "groups": groups, "seed": seed}
     if loss_config is not None:
         context.update(std_normalize=loss_config.std_normalize, drop=loss_config.drop)
-    values = _bind(_param_table(q, eligible, stage2), dict(params or {}), context, q.name)
+    values = _bind(_param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name)
 
-    con = store.connect(read_only=True)
+    # The rollouts view costs a footer read per file: only for user SQL and the truncation filter.
+    con = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"])
     try:
         if not q.builtin:
             _one_select(con, q)
-        sql = compose(q, eligible)
+        sql = compose(q, eligible, truncated if values["exclude_truncated"] else None)
         result = run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
         choice = check_result(result, q.name, groups)
         chosen = _chosen_groups(con, choice, trust=q.builtin, query=q.name, timeout_s=timeout_s)

@@ -1,19 +1,26 @@
 """Faults 5 and 7 through the command line: hostile SQL and bad configs or arguments."""
 
 import hashlib
+import os
 import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
+from recpipe.cli import app
 from recpipe.store import Store
 from recpipe.testing import synthetic_rollouts
 
-RECPIPE = [sys.executable, "-m", "recpipe.cli"]
-
 
 def recpipe(*args, cwd=None):
-    return subprocess.run([*RECPIPE, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+    """The CLI in process (fast); one test below runs it as a real subprocess too."""
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(here)
 
 
 def snapshot(root):
@@ -41,15 +48,25 @@ def store(tmp_path_factory):
 def test_hostile_sql_on_the_command_line(store, query):
     before = snapshot(store.root)
     result = recpipe("sql", "--store", str(store.root), query)
-    assert result.returncode == 2
-    assert "error:" in result.stderr and "Traceback" not in result.stderr
+    assert result.exit_code == 2
+    assert "error:" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert snapshot(store.root) == before
+
+
+def test_hostile_sql_in_a_real_process(store):
+    before = snapshot(store.root)
+    result = subprocess.run([sys.executable, "-m", "recpipe.cli", "sql", "--store", str(store.root),
+                             "COPY rollouts TO '/tmp/recpipe-stolen.csv'"], capture_output=True, text=True)
+    assert result.returncode == 2 and "COPY statements are not allowed" in result.stderr
+    assert "Traceback" not in result.stderr
     assert snapshot(store.root) == before
 
 
 def test_endless_query_is_stopped(store):
     result = recpipe("sql", "--store", str(store.root), "--timeout", "1",
                      "SELECT count(*) FROM range(100000000000) a, range(1000000) b")
-    assert result.returncode == 2 and "time limit" in result.stderr
+    assert result.exit_code == 2 and "time limit" in result.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -66,13 +83,13 @@ def test_endless_query_is_stopped(store):
 def test_bad_arguments_fail_clearly_and_create_nothing(tmp_path, args, message):
     target = tmp_path / "new-store"
     result = recpipe(*args, "--store", str(target), cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.exit_code == 2
     assert message in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not target.exists()
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):
     result = recpipe("loop", "--stepz", "3", "--store", str(tmp_path / "s"))
-    assert result.returncode == 2 and "No such option" in result.stderr
+    assert result.exit_code == 2 and "No such option" in result.stderr
     assert not (tmp_path / "s").exists()

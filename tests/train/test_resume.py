@@ -48,7 +48,6 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, tin
     worker.send_signal(signal.SIGKILL)
     _, err = worker.communicate(timeout=30)
     assert worker.returncode == -signal.SIGKILL, f"worker ended by itself before the kill: {err.decode()[-2000:]}"
-    print("killed after steps", _keys(store, "steps", "step"), sorted(version_dirs(store, "r")))
     assert _keys(store, "steps", "step")[-1] < STEPS - 1  # it really was cut off mid-run
 
     assert run_steps(store, tiny_model, "r", STEPS) == STEPS
