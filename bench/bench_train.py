@@ -1,0 +1,116 @@
+"""Trainer throughput and padding share on a realistic batch (default: SmolLM2-135M on CPU).
+
+    .venv/bin/python bench/bench_train.py                       # 8 groups x 8 responses, <= 48 tokens
+    .venv/bin/python bench/bench_train.py --model tiny --steps 5
+    .venv/bin/python bench/bench_train.py --budgets 4096 1024 --device cuda
+
+Each budget (TrainConfig.micro_batch_tokens) runs one warm-up step and then --steps measured steps
+of the real Trainer (recompute log-probs, loss, backward, AdamW, checkpoint write) in a throw-away
+store. Prompts are the arithmetic task's chat-templated prompts; response lengths are uniform in
+[--min-response, --max-response] with random tokens (the cost does not depend on which tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import statistics
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from recpipe.algorithms import preset
+from recpipe.config import TrainConfig
+from recpipe.models import resolve_model
+from recpipe.store import Store
+from recpipe.train import Trainer, plan_micro_batches, samples_from_table
+
+PROMPT = "What is {a} + {b}? Answer with just the number."
+
+
+def make_batch(model_dir: Path, groups: int, group_size: int, lengths: tuple[int, int], seed: int) -> pa.Table:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(seed)
+    rows = []
+    for g in range(groups):
+        messages = [{"role": "user", "content": PROMPT.format(a=rng.randint(1, 10), b=rng.randint(1, 10))}]
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=False))
+        rewards = [float(rng.random() < 0.25) for _ in range(group_size)]
+        mean = statistics.fmean(rewards)
+        for i in range(group_size):
+            n = rng.randint(*lengths)
+            rows.append({
+                "rollout_id": f"g{g}/{i}", "policy_version": 0, "advantage": rewards[i] - mean, "weight": 1.0,
+                "prompt_token_ids": prompt, "response_token_ids": [rng.randrange(3, len(tokenizer)) for _ in range(n)],
+                "behaviour_logprobs": [-rng.uniform(0.1, 4.0) for _ in range(n)], "reward": rewards[i],
+                "temperature": 1.0,
+            })
+    return pa.Table.from_pylist(rows)
+
+
+def naive_padding(batch: pa.Table) -> float:
+    """Padding share if the whole batch were one tensor padded to its longest row (no bucketing)."""
+    samples = samples_from_table(batch)
+    return 1 - sum(s.length for s in samples) / (len(samples) * max(s.length for s in samples))
+
+
+def bench(model_dir: Path, batch: pa.Table, budget: int, steps: int, device: str) -> dict[str, float]:
+    cfg = preset("rec-oneside-nois")
+    with tempfile.TemporaryDirectory() as tmp, Trainer(
+        Store.create(Path(tmp) / "store"), "bench", model_dir,
+        TrainConfig(micro_batch_tokens=budget, device=device), cfg, "rec-oneside-nois",
+    ) as trainer:
+        trainer.step(0, batch)  # warm-up: allocator, kernels, first checkpoint dir
+        results = [trainer.step(step, batch) for step in range(1, steps + 1)]
+        dev = trainer.device.type
+    rows = [r.row for r in results]
+    seconds = statistics.fmean(r["seconds"] for r in rows)
+    return {
+        "device": dev,
+        "budget": budget,
+        "micro_batches": len(plan_micro_batches(samples_from_table(batch), budget)),
+        "step_s": seconds,
+        "save_s": statistics.fmean(r.metrics["save_seconds"] for r in results),
+        "response_tok_s": rows[0]["tokens"] / seconds,
+        "input_tok_s": rows[0]["padded_tokens"] * (1 - rows[0]["padding_fraction"]) / seconds,
+        "padded_tokens": rows[0]["padded_tokens"],
+        "padding": rows[0]["padding_fraction"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="tiny, smollm2 or a checkpoint dir")
+    parser.add_argument("--groups", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--min-response", type=int, default=8)
+    parser.add_argument("--max-response", type=int, default=48)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[4096, 1024])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    model_dir = resolve_model(args.model)
+    batch = make_batch(model_dir, args.groups, args.group_size, (args.min_response, args.max_response), seed=0)
+    samples = samples_from_table(batch)
+    print(f"model {model_dir.name}, {len(samples)} responses, {sum(len(s.response) for s in samples)} response "
+          f"tokens, prompts {len(samples[0].prompt)} tokens, torch threads {torch.get_num_threads()}; "
+          f"padding without bucketing (one padded tensor): {naive_padding(batch):.1%}\n")
+    print("| device | micro_batch_tokens | micro-batches | step s | checkpoint s | response tok/s | input tok/s "
+          "| padded tokens | padding |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for budget in args.budgets:
+        r = bench(model_dir, batch, budget, args.steps, args.device)
+        print(f"| {r['device']} | {r['budget']} | {r['micro_batches']} | {r['step_s']:.2f} | {r['save_s']:.2f} "
+              f"| {r['response_tok_s']:.0f} | {r['input_tok_s']:.0f} | {r['padded_tokens']} | {r['padding']:.1%} |")
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

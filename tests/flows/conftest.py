@@ -1,0 +1,19 @@
+"""Whole-flow tests run the real CLI in a subprocess on the tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from flowtools import recpipe_cmd, recpipe_env
+
+
+@pytest.fixture
+def run_recpipe(tmp_path):
+    env = recpipe_env(tmp_path)
+
+    def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(recpipe_cmd(*args), capture_output=True, text=True, env=env, timeout=timeout)
+
+    run.env = env
+    return run

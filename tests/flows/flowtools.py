@@ -1,0 +1,33 @@
+"""Helpers for whole-flow tests: the real CLI, Prefect flows, vLLM and trainer in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+SMALL = [
+    "--set", "select.groups_per_step=2", "--set", "generate.group_size=4", "--set", "generate.max_tokens=8",
+    "--set", "generate.shard_size=2", "--set", "task.eval_prompts=4", "--set", "train.lr=1e-3",
+    "--set", "generate.max_model_len=128",
+]
+
+
+def recpipe_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "RECPIPE_CACHE": str(tmp_path / "cache"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+    })
+    env.pop("PREFECT_API_URL", None)  # ephemeral mode
+    return env
+
+
+def recpipe_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "recpipe.cli", *args]
+
+
