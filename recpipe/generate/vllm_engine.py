@@ -77,6 +77,13 @@ class VLLMEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.checkpoint = Path(checkpoint)
+        self.on_cpu = current_platform.is_cpu()
+        if self.on_cpu:
+            # Chunked prefill splits a prompt across steps; vLLM then rewinds the request's seeded generator
+            # with set_offset, which CPU generators lack ("CPU Generator does not use offset"): any batch
+            # whose prompts exceed one step's token budget would crash. Whole prompts only, then.
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
+            llm_kwargs.setdefault("max_num_batched_tokens", max(4096, max_model_len))
         self.llm = LLM(
             str(checkpoint),
             dtype=dtype,
@@ -87,7 +94,6 @@ class VLLMEngine:
             **llm_kwargs,
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self.on_cpu = current_platform.is_cpu()
         self.last_load_seconds: float | None = None
 
     def load_weights(self, checkpoint: str | Path) -> None:

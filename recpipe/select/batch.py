@@ -37,7 +37,7 @@ class Batch:
     run, step: the training run and step it is for.
     query_name, query_hash: the query (name or file path) and the sha256 of its text.
     params: every parameter value the selection used (query, filters, advantages), as recorded.
-    rollouts: one row per response (BATCH_COLUMNS), ordered by source_run, group_id, sample_index.
+    rollouts: one row per response (BATCH_COLUMNS): groups in the query's order, responses by sample_index.
         advantage is A_i (0 for responses RED-Drop dropped, kept = False); weight is the selection
         weight s_i of docs/algorithms.md.
     resumed: True when the batch was read back from recorded lineage instead of selected anew.

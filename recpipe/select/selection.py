@@ -37,7 +37,6 @@ from recpipe.store import Store, StoreError, file_shards
 from recpipe.store.sql import check_read_only, lock_down, run_read_only
 
 CONTEXT = ("run", "step", "groups", "seed")  # parameters select() itself fills
-FROM_LOSS = ("std_normalize", "drop")  # parameters taken from loss_config when one is given
 DROPS = ("none", "balance")
 
 
@@ -72,6 +71,12 @@ def _bind(table: dict[str, Param], given: Mapping[str, Any], context: dict[str, 
             values[name] = context[name] if param.type == "ANY" else param.coerce(context[name], query)
         elif name in given:
             values[name] = param.coerce(given[name], query)
+            if param.type == "ANY":  # an untyped parameter of a user's file: it must still go into lineage JSON
+                try:
+                    json.dumps(values[name])
+                except (TypeError, ValueError):
+                    raise QueryError(f"{query}: parameter {name!r} = {given[name]!r} is not a plain value "
+                                     "(str, int, float, bool, None or a list of them)") from None
         elif param.required:
             raise QueryError(f"{query}: parameter {name!r} ({param.type}) has no default and was not given"
                              + (f" - {param.description}" if param.description else ""))
@@ -183,6 +188,7 @@ def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: b
         "policy_version": pa.array([info[k][0] for k in keys], pa.int32()),
         "n": pa.array([info[k][1] for k in keys], pa.int32()),
         "weight": pa.array([weight[k] for k in keys], pa.float64()),
+        "position": pa.array(range(len(keys)), pa.int32()),
     })
 
 
@@ -196,7 +202,7 @@ def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, 
                              "a rollouts file is missing - run `recpipe doctor`")
     sql = stage.body
     stage_values = {**values, "files": files}
-    con.register("chosen", chosen.select(["run", "group_id", "weight"]))
+    con.register("chosen", chosen.select(["run", "group_id", "weight", "position"]))
     try:
         return run_read_only(con, sql, _statement_values(con, sql, stage_values), timeout_s=timeout_s)
     except duckdb.ConversionException as exc:
@@ -277,7 +283,7 @@ def select(
             _one_select(con, q)
         sql = compose(q, eligible, truncated if values["exclude_truncated"] else None)
         result = run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
-        choice = check_result(result, q.name, groups)
+        choice = check_result(result, q.name, groups, f"run={run!r}, step={step}, params {dict(params or {})}")
         chosen = _chosen_groups(con, choice, trust=q.builtin, query=q.name, timeout_s=timeout_s)
         if chosen.num_rows < min_groups:
             raise EmptySelection(f"{q.name}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
@@ -357,10 +363,15 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
     values["step"] = params.get("step", step)
     if recompute:
         values.update(recompute)
-    keys = lineage.select(["source_run", "group_id", "policy_version"]).rename_columns(
-        ["run", "group_id", "policy_version"])
-    chosen = keys.group_by(["run", "group_id", "policy_version"], use_threads=False).aggregate([])
-    chosen = chosen.append_column("weight", pa.array([1.0] * chosen.num_rows))
+    keys = list(dict.fromkeys(zip(lineage.column("source_run").to_pylist(), lineage.column("group_id").to_pylist(),
+                                  lineage.column("policy_version").to_pylist(), strict=True)))
+    chosen = pa.table({
+        "run": pa.array([k[0] for k in keys], pa.string()),
+        "group_id": pa.array([k[1] for k in keys], pa.string()),
+        "policy_version": pa.array([k[2] for k in keys], pa.int32()),
+        "weight": pa.array([1.0] * len(keys), pa.float64()),
+        "position": pa.array(range(len(keys)), pa.int32()),  # the recorded batch order
+    })
     where = f"lineage of run {run!r} step {step}"
     con = duckdb.connect()
     lock_down(con, store.root)  # stage 2 reads files by path; no views needed

@@ -53,6 +53,7 @@ def synthetic_shard(
     task: str = "arithmetic",
     created_at: dt.datetime | None = None,
     reward_errors: Sequence[tuple[int, int]] = (),
+    truncated: Sequence[tuple[int, int]] = (),
 ) -> pa.Table:
     """One generation shard of ``groups`` x ``group_size`` rollouts, conformed to the rollouts schema.
 
@@ -60,6 +61,7 @@ def synthetic_shard(
     prompt_length / max_tokens: token payload sizes; responses are 1..max_tokens long and a
     ``truncated_fraction`` of them hit max_tokens with finish_reason "length".
     reward_errors: (group, sample) pairs whose reward function "failed" (reward 0, reward_error set).
+    truncated: (group, sample) pairs cut at max_tokens, on top of the random ``truncated_fraction``.
     Ids: group_id = f"{shard_id}/p{g}", rollout_id = f"{group_id}/{i}" (the generator's scheme).
     """
     if groups < 1 or group_size < 1:
@@ -85,8 +87,10 @@ def synthetic_shard(
         error[g * group_size + i] = True
     reward = np.where(error, 0.0, reward)
 
-    truncated = rng.random(n) < truncated_fraction
-    response_length = np.where(truncated, max_tokens, rng.integers(1, max_tokens + 1, n)).astype(np.int32)
+    cut = rng.random(n) < truncated_fraction
+    for g, i in truncated:
+        cut[g * group_size + i] = True
+    response_length = np.where(cut, max_tokens, rng.integers(1, max_tokens + 1, n)).astype(np.int32)
     prompt_lengths = np.full(n, prompt_length, dtype=np.int32)
     # One prompt per group: its K samples share the prompt tokens.
     group_prompts = rng.integers(1, VOCAB, (groups, prompt_length), dtype=np.int32)
@@ -98,30 +102,31 @@ def synthetic_shard(
     rollout_id = pc.binary_join_element_wise(group_id, pa.array(s_index.astype(str)), "/")
     when = created_at or dt.datetime.now(dt.UTC)
     columns = {
-        "run": pa.array([run] * n, pa.string()),
+        "run": pa.repeat(run, n),
         "rollout_id": rollout_id,
         "group_id": group_id,
         "sample_index": pa.array(s_index),
         "policy_version": pa.array(np.full(n, policy_version, dtype=np.int32)),
-        "task": pa.array([task] * n, pa.string()),
+        "task": pa.repeat(task, n),
         "prompt_id": prompt_id,
         "prompt_token_ids": _lists(prompt_lengths, prompt_values, pa.int32()),
         "response_token_ids": _lists(response_length, rng.integers(1, VOCAB, total, dtype=np.int32), pa.int32()),
         "behaviour_logprobs": _lists(response_length, synthetic_logprobs(rng, total), pa.float32()),
         "response_length": pa.array(response_length),
-        "finish_reason": pa.array(np.where(truncated, "length", "stop")),
+        "finish_reason": pa.array(np.where(cut, "length", "stop")),
         "reward": pa.array(reward),
         "reward_parts": pa.StructArray.from_arrays(
             [pa.array(np.where(error, 0.0, correctness)), pa.array(np.where(error, 0.0, fmt))],
             ["correctness", "format"],
         ),
         "reward_error": pa.array(np.where(error, "ValueError: synthetic failure", None), pa.string()),
-        "response_text": pa.array(["x"] * n, pa.string()),
-        "generator": pa.array(
-            [{"backend": "synthetic", "model": "none", "temperature": 1.0, "top_p": 1.0,
-              "max_tokens": max_tokens, "seed": seed}] * n
+        "response_text": pa.repeat("x", n),
+        "generator": pa.StructArray.from_arrays(
+            [pa.repeat("synthetic", n), pa.repeat("none", n), pa.repeat(1.0, n), pa.repeat(1.0, n),
+             pa.repeat(pa.scalar(max_tokens, pa.int32()), n), pa.repeat(pa.scalar(seed, pa.int64()), n)],
+            ["backend", "model", "temperature", "top_p", "max_tokens", "seed"],
         ),
-        "shard_id": pa.array([shard_id] * n, pa.string()),
+        "shard_id": pa.repeat(shard_id, n),
         "created_at": pa.array(np.full(n, np.datetime64(when.replace(tzinfo=None), "us")), pa.timestamp("us", "UTC")),
         "schema_version": pa.array(np.full(n, SCHEMA_VERSION, dtype=np.int32)),
     }

@@ -34,11 +34,11 @@ SHOWN = 5  # offending values quoted in an error message
 
 
 def _kind(t: pa.DataType) -> str:
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return "string"
     if pa.types.is_integer(t):
         return "integer"
-    if pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_integer(t):
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
         return "number"
     return str(t)
 
@@ -48,10 +48,11 @@ def _first(values: list) -> str:
     return shown + (f" ... ({len(values)} in all)" if len(values) > SHOWN else "")
 
 
-def check_result(table: pa.Table, query: str, groups: int) -> pa.Table:
+def check_result(table: pa.Table, query: str, groups: int, context: str = "") -> pa.Table:
     """Validate a query's result and return it with normalized types.
 
     groups: the most groups the batch may have ($groups); more means the query forgot ``LIMIT $groups``.
+    context: how the query was called (run, step, parameters), quoted when nothing was chosen.
     """
     names = table.column_names
     missing = [c for c in REQUIRED if c not in names]
@@ -73,8 +74,8 @@ def check_result(table: pa.Table, query: str, groups: int) -> pa.Table:
         if nulls:
             raise QueryResultError(f"{query}: column {column!r} has {nulls} NULL value(s); none allowed")
     if table.num_rows == 0:
-        raise EmptySelection(f"{query}: the query chose no group; nothing to train on "
-                             "(see the query's header for what it selects, and check the filters)")
+        raise EmptySelection(f"{query}: the query chose no group; nothing to train on ({context}; see the "
+                             "query's header for what it selects, and check the filters)")
     casts = {"policy_version": pa.int32(), "n": pa.int32(), "weight": pa.float64(), "advantage": pa.float64()}
     table = table.select(list(wanted))
     for column, kind in casts.items():

@@ -1,7 +1,7 @@
 """From a selected batch (an Arrow table) to length-bucketed micro-batches of padded tensors.
 
     samples = samples_from_table(batch)                 # validated rows, one per response
-    for mb in plan_micro_batches(samples, token_budget=4096):
+    for mb in plan_micro_batches(samples, token_budget=4096, overhead_tokens=64):
         tensors = collate(mb, pad_id=0, device="cpu")   # (B, W) inputs, (B, R) response tensors
 
 Why bucketing: a batch mixes short and long sequences; padding every micro-batch to the
@@ -128,26 +128,42 @@ def samples_from_table(table: pa.Table) -> list[Sample]:
     return samples
 
 
-def plan_micro_batches(samples: list[Sample], token_budget: int) -> list[MicroBatch]:
-    """Sort by length (longest first) and cut greedily so rows x width <= token_budget.
+def plan_micro_batches(samples: list[Sample], token_budget: int, overhead_tokens: int = 64) -> list[MicroBatch]:
+    """Sort by length (longest first) and cut into micro-batches of at most token_budget padded tokens.
+
+    The cut points minimise ``padded tokens + overhead_tokens x micro-batches`` (an exact dynamic
+    program over the sorted lengths): a micro-batch costs its padded tokens plus a fixed overhead
+    (kernel launches, Python), so fewer, fuller micro-batches win only while they do not add more
+    padding than that overhead. Filling each micro-batch greedily to the budget would pad the
+    shortest rows of a batch that fits in one micro-batch to its longest row.
 
     Responses without tokens carry no loss and are left out. A sequence longer than the budget gets
     a micro-batch of its own. Longest first: an out-of-memory error shows at the first micro-batch.
     """
     if token_budget < 1:
         raise ValueError(f"token_budget={token_budget}: must be >= 1")
+    if overhead_tokens < 0:
+        raise ValueError(f"overhead_tokens={overhead_tokens}: must be >= 0")
     ordered = sorted((s for s in samples if s.response), key=lambda s: (-s.length, s.index))
+    n = len(ordered)
+    # cost[j]: cheapest plan of ordered[:j]; start[j]: where its last micro-batch ordered[start[j]:j] begins.
+    cost = [0] + [math.inf] * n
+    start = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            rows, width = j - i, ordered[i].length  # descending: the first row is the widest
+            if rows > 1 and rows * width > token_budget:
+                break  # going further back only adds rows at a width at least as large
+            candidate = cost[i] + rows * width + overhead_tokens
+            if candidate < cost[j]:
+                cost[j], start[j] = candidate, i
     batches: list[MicroBatch] = []
-    current: list[Sample] = []
-    for sample in ordered:
-        width = current[0].length if current else sample.length  # descending: the first row is the widest
-        if current and (len(current) + 1) * width > token_budget:
-            batches.append(MicroBatch(current, current[0].length))
-            current = []
-        current.append(sample)
-    if current:
-        batches.append(MicroBatch(current, current[0].length))
-    return batches
+    j = n
+    while j > 0:
+        i = start[j]
+        batches.append(MicroBatch(ordered[i:j], ordered[i].length))
+        j = i
+    return batches[::-1]
 
 
 def collate(mb: MicroBatch, pad_id: int, device: torch.device | str) -> dict[str, torch.Tensor]:

@@ -273,7 +273,7 @@ class Trainer:
         start = time.perf_counter()
         table = batch.rollouts if hasattr(batch, "rollouts") else batch
         samples = samples_from_table(table)
-        plan = plan_micro_batches(samples, self.cfg.micro_batch_tokens)
+        plan = plan_micro_batches(samples, self.cfg.micro_batch_tokens, self.cfg.micro_batch_overhead_tokens)
         row = self._batch_stats(step, samples, plan)
 
         reason = _non_finite_inputs(samples)
@@ -302,7 +302,8 @@ class Trainer:
         if self.model is None:
             raise ValueError("call setup() before gradients()")
         samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch)
-        plan = plan_micro_batches(samples, micro_batch_tokens or self.cfg.micro_batch_tokens)
+        plan = plan_micro_batches(samples, micro_batch_tokens or self.cfg.micro_batch_tokens,
+                                  self.cfg.micro_batch_overhead_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             _, reason = self._accumulate_gradients(samples, plan)

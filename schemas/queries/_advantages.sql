@@ -1,7 +1,7 @@
 -- name: _advantages
 -- description: Second stage of every selection: the responses of the chosen groups with their
 --   advantage A_i and selection weight s_i (docs/algorithms.md), plus the payload the trainer needs.
---   select() registers the first stage's result as `chosen` (run, group_id, weight) and passes the
+--   select() registers the first stage's result as `chosen` (run, group_id, weight, position) and passes the
 --   Parquet files of the chosen (run, policy_version) partitions only, so no other partition is read,
 --   and of those files only the columns named here.
 --
@@ -28,14 +28,14 @@
 -- param staleness_decay: DOUBLE = 0.0  -- lambda of exp(-lambda * staleness); 0 = weight 1
 -- output: source_run, group_id, rollout_id, sample_index, policy_version, staleness, reward, kept,
 --   advantage, weight, temperature, top_p, finish_reason, response_length, prompt_token_ids,
---   response_token_ids, behaviour_logprobs; ordered by source_run, group_id, sample_index
+--   response_token_ids, behaviour_logprobs; groups in the query's order, responses by sample_index
 WITH responses AS (
     SELECT r.run AS source_run, r.group_id, r.rollout_id, r.sample_index, r.policy_version, r.reward,
            CAST(format('{:.28f}', r.reward) AS DECIMAL(38, 28)) AS reward_exact,
            CAST(format('{:.28f}', (nextafter(r.reward, 'inf'::DOUBLE) - r.reward) / 2) AS DECIMAL(38, 28))
                AS half_gap,
            greatest(0, coalesce($current_version, $step) - r.policy_version) AS staleness,
-           c.weight AS query_weight,
+           c.weight AS query_weight, c.position,
            r.generator.temperature AS temperature, r.generator.top_p AS top_p,
            r.finish_reason, r.response_length,
            r.prompt_token_ids, r.response_token_ids, r.behaviour_logprobs
@@ -87,4 +87,4 @@ SELECT source_run, group_id, rollout_id, sample_index, policy_version, staleness
        temperature, top_p, finish_reason, response_length,
        prompt_token_ids, response_token_ids, behaviour_logprobs
 FROM stats
-ORDER BY source_run, group_id, sample_index
+ORDER BY position, sample_index

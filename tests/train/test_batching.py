@@ -24,16 +24,28 @@ def test_every_micro_batch_fits_the_padded_token_budget():
         assert mb.padded_tokens <= 256 or len(mb.samples) == 1
 
 
-def test_bucketing_keeps_padding_small_on_mixed_lengths():
+def _padding(plan) -> float:
+    return 1 - sum(mb.real_tokens for mb in plan) / sum(mb.padded_tokens for mb in plan)
+
+
+@pytest.mark.parametrize("budget", [512, 4096, 100_000])
+def test_bucketing_keeps_padding_small_on_mixed_lengths(budget):
     samples = samples_from_table(_mixed_lengths())
-    plan = plan_micro_batches(samples, token_budget=512)
-    bucketed = 1 - sum(mb.real_tokens for mb in plan) / sum(mb.padded_tokens for mb in plan)
-    # The same rows in their given order, padded to their chunk's longest row: what bucketing avoids.
-    rows = len(plan[0].samples)
-    chunks = [samples[i:i + rows] for i in range(0, len(samples), rows)]
-    naive = 1 - sum(s.length for s in samples) / sum(len(c) * max(s.length for s in c) for c in chunks)
-    assert bucketed < 0.1
-    assert bucketed < naive / 3
+    plan = plan_micro_batches(samples, token_budget=budget)
+    # What bucketing avoids: the whole batch as one tensor padded to its longest row.
+    naive = 1 - sum(s.length for s in samples) / (len(samples) * max(s.length for s in samples))
+    assert naive > 0.3
+    assert _padding(plan) < 0.08
+
+
+def test_cut_points_trade_padding_against_micro_batch_overhead():
+    samples = samples_from_table(_mixed_lengths())
+    distinct = len({s.length for s in samples})
+    assert len(plan_micro_batches(samples, 10_000, overhead_tokens=0)) == distinct  # no padding at all
+    assert _padding(plan_micro_batches(samples, 10_000, overhead_tokens=0)) == 0
+    assert len(plan_micro_batches(samples, 10_000, overhead_tokens=10**9)) == 1  # as few as the budget allows
+    few, many = plan_micro_batches(samples, 10_000, 256), plan_micro_batches(samples, 10_000, 16)
+    assert len(few) < len(many) and _padding(few) > _padding(many)
 
 
 def test_a_sequence_longer_than_the_budget_gets_its_own_micro_batch():

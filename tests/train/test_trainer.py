@@ -60,6 +60,18 @@ def test_steps_row_carries_every_metric(store, tiny_model):
     assert result.metrics["loss/total"] == row["loss"] and "save_seconds" in result.metrics
 
 
+def test_padding_share_is_reported_and_small_on_mixed_lengths(store, tiny_model):
+    cfg = preset("reinforce")
+    batch = random_batch(0, cfg, groups=8, group_size=8, prompt_len=(5, 40), response_len=(1, 48))
+    with Trainer(store, "r", tiny_model, TrainConfig(micro_batch_tokens=4096), cfg, "reinforce") as trainer:
+        row = trainer.step(0, batch).row
+    lengths = [len(p) + len(r) - 1 for p, r in zip(batch.column("prompt_token_ids").to_pylist(),
+                                                    batch.column("response_token_ids").to_pylist(), strict=True)]
+    assert row["padded_tokens"] >= sum(lengths)
+    assert row["padding_fraction"] == pytest.approx(1 - sum(lengths) / row["padded_tokens"])
+    assert row["padding_fraction"] < 0.08 < 1 - sum(lengths) / (len(lengths) * max(lengths))
+
+
 def test_learns_to_emit_a_chosen_token(store, tiny_model):
     """On-policy loop, reward 1 for starting with a chosen token: its probability must rise a lot."""
     prompt = [40, 41, 42, 43]
