@@ -42,4 +42,5 @@ def build_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None 
 def serve_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None = None,
                       interval: float | None = None) -> None:
     """Register the deployments with the Prefect API and run their schedules until interrupted."""
-    serve(*build_deployments(cfg, names, cron=cron, interval=interval))
+    # limit=1: runs of one store queue up instead of racing for the run lock.
+    serve(*build_deployments(cfg, names, cron=cron, interval=interval), limit=1)

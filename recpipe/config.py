@@ -64,9 +64,10 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
     micro_batch_tokens: int = Field(4096, ge=16, description="Padded tokens per micro-batch (gradient accumulation beyond).")
-    micro_batch_overhead_tokens: int = Field(
-        64, ge=0, description="Length bucketing: the cost of one more micro-batch, in padded tokens; the planner "
-        "splits a micro-batch only where that saves more padding (raise it on GPUs, where small ones are slow).")
+    micro_batch_overhead_tokens: int | None = Field(
+        None, ge=0, description="Length bucketing: the cost of one more micro-batch, in padded tokens; the "
+        "planner splits only where that saves more padding. None = by device: 16 on CPU (a token costs "
+        "milliseconds), 1024 on CUDA (a small micro-batch wastes the GPU).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive NaN/Inf steps before the trainer stops.")
     keep_every: int = Field(10, ge=1, description="Retention: keep every N-th policy version besides the latest and those still needed.")
