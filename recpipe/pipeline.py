@@ -223,20 +223,29 @@ def prompts_needed(ctx: RunContext, version: int) -> int:
     return per_step * loop.sync_interval
 
 
-def select_params(ctx: RunContext, step: int) -> dict[str, Any]:
+def select_params(ctx: RunContext, query: str, step: int) -> dict[str, Any]:
+    """The loop's settings for the parameters ``query`` declares, then the user's select.params."""
+    from recpipe.select import load_query
+
     loop = ctx.cfg.loop
-    params: dict[str, Any] = {"sync_interval": loop.sync_interval, "sync_offset": loop.sync_offset,
-                              "current_version": ctx.trainer.current_version}
+    declared = load_query(query).params
+    offered = {"sync_interval": loop.sync_interval, "sync_offset": loop.sync_offset,
+               "current_version": ctx.trainer.current_version}
+    params = {k: v for k, v in offered.items() if k in declared}
     params.update(ctx.cfg.select.params)
     return params
 
 
-def select_batch(ctx: RunContext, step: int) -> Any:
+def select_batch(ctx: RunContext, step: int, query: str | None = None, params: dict[str, Any] | None = None,
+                 groups: int | None = None) -> Any:
+    """Select (and record) step ``step``'s batch; a recorded step returns its recorded batch."""
     from recpipe.select import select
 
+    query = query or ctx.cfg.select.query
     started = time.perf_counter()
-    batch = select(ctx.store, ctx.cfg.select.query, select_params(ctx, step), step=step, run=ctx.cfg.run,
-                   groups=ctx.cfg.select.groups_per_step, loss_config=ctx.cfg.loss.build(), seed=ctx.cfg.train.seed)
+    batch = select(ctx.store, query, params if params is not None else select_params(ctx, query, step), step=step,
+                   run=ctx.cfg.run, groups=groups or ctx.cfg.select.groups_per_step,
+                   loss_config=ctx.cfg.loss.build(), seed=ctx.cfg.train.seed)
     ctx.record_time("select", f"step-{step:06d}", time.perf_counter() - started, batch.rollouts.num_rows)
     return batch
 
@@ -249,7 +258,7 @@ def needed_versions(ctx: RunContext, from_step: int) -> set[int]:
 def train_step(ctx: RunContext, step: int, batch: Any) -> Any:
     started = time.perf_counter()
     result = ctx.trainer.step(step, batch)
-    ctx.record_time("train", f"step-{step:06d}", time.perf_counter() - started, getattr(result, "tokens", None),
+    ctx.record_time("train", f"step-{step:06d}", time.perf_counter() - started, result.row.get("tokens"),
                     ctx.trainer.current_version)
     return result
 
@@ -283,8 +292,10 @@ def loop_step(ctx: RunContext, step: int, stage: Stage = plain) -> Any:
     generate_version(ctx, version, prompts_needed(ctx, version), stage)
     batch = stage(select_batch)(ctx, step)
     result = stage(train_step)(ctx, step, batch)
-    ctx.progress("step", {"step": step, **{k: getattr(result, k) for k in ("loss", "policy_version", "applied")
-                                           if hasattr(result, k)}})
+    row = result.row
+    ctx.progress("step", {"step": step, "loss": row.get("loss"), "policy_version": result.policy_version,
+                          "applied": result.applied, "skip_reason": result.skip_reason,
+                          "reward": row.get("reward_mean"), "tokens_per_s": row.get("tokens_per_second")})
     return result
 
 
@@ -328,10 +339,10 @@ def run_training(ctx: RunContext, steps: int, stage: Stage = plain) -> list[Any]
     return results
 
 
-def replay_batch(ctx: RunContext, source_run: str, step: int) -> Any:
-    from recpipe.select import replay_lineage
-
-    return replay_lineage(ctx.store, source_run, step, run=ctx.cfg.run)
+def replay_batch(ctx: RunContext, source_run: str, step: int, groups: int) -> Any:
+    """``source_run``'s step-``step`` groups for this run (the `lineage` query; advantages recomputed
+    under this run's loss, lineage recorded for this run)."""
+    return select_batch(ctx, step, query="lineage", params={"source_run": source_run}, groups=groups)
 
 
 def run_retrain(ctx: RunContext, source_run: str | None = None, stage: Stage = plain) -> list[Any]:
@@ -341,14 +352,17 @@ def run_retrain(ctx: RunContext, source_run: str | None = None, stage: Stage = p
         return run_training(ctx, ctx.cfg.loop.steps - ctx.trainer.next_step, stage)
     if source_run == ctx.cfg.run:
         raise ValueError("retrain: source_run must differ from the new run's name")
-    recorded = ctx.store.read("batches", "run = $run", {"run": source_run}).column("step").to_pylist()
-    if not recorded:
+    recorded = ctx.store.read("batches", "run = $run", {"run": source_run})
+    if recorded.num_rows == 0:
         raise ValueError(f"retrain: run {source_run!r} has no recorded batches to replay")
+    groups_per_step: dict[int, set[str]] = {}
+    for step, group in zip(recorded.column("step").to_pylist(), recorded.column("group_id").to_pylist(), strict=True):
+        groups_per_step.setdefault(step, set()).add(group)
     results = []
-    for step in sorted(set(recorded)):
+    for step in sorted(groups_per_step):
         if step < ctx.trainer.next_step or step >= ctx.cfg.loop.steps:
             continue
-        batch = stage(replay_batch)(ctx, source_run, step)
+        batch = stage(replay_batch)(ctx, source_run, step, len(groups_per_step[step]))
         results.append(stage(train_step)(ctx, step, batch))
     stage(evaluate)(ctx, ctx.trainer.current_version)
     return results

@@ -31,9 +31,11 @@ class LoopProgress:
                       f"reward {info['reward']:.3f}, {info['tokens_per_s']:.0f} tok/s")
         elif event == "step":
             self.bar.advance(self.task)
-            loss = info.get("loss")
-            status = (f"step {info['step']}: loss {loss:.4f}" if isinstance(loss, float) else
-                      f"step {info['step']}: skipped") + f", policy v{info.get('policy_version', '?')}"
+            if info.get("applied"):
+                status = (f"step {info['step']}: loss {info['loss']:.4f}, batch reward {info['reward']:.3f}, "
+                          f"{info['tokens_per_s'] or 0:.0f} tok/s -> policy v{info['policy_version']}")
+            else:
+                status = f"step {info['step']}: skipped ({info.get('skip_reason')})"
         elif event == "eval":
             status = f"eval v{info['version']}: accuracy {info['accuracy']:.3f} (n={info['n']})"
         else:

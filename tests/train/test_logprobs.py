@@ -35,7 +35,7 @@ def test_matches_a_full_forward_pass_per_sequence(model, temperature):
 
 def test_matches_recpipe_models_recompute_logprobs(model):
     samples = samples_from_table(random_batch(5, preset("reinforce"), groups=2, group_size=3, temperature=0.8))
-    (mb,) = plan_micro_batches(samples, token_budget=10_000)
+    (mb,) = plan_micro_batches(samples, token_budget=10_000, overhead_tokens=10**9)  # one micro-batch
     with torch.no_grad():
         ours, _ = response_logprobs(model, collate(mb, pad_id=0, device="cpu"))
         theirs, mask = recompute_logprobs(model, [s.prompt for s in mb.samples], [s.response for s in mb.samples],
@@ -58,7 +58,7 @@ def test_reproduces_the_samplers_behaviour_logprobs(model):
 
 def test_gradient_flows_only_to_response_tokens(model):
     samples = samples_from_table(random_batch(1, preset("reinforce"), groups=1, group_size=2))
-    (mb,) = plan_micro_batches(samples, token_budget=10_000)
+    (mb,) = plan_micro_batches(samples, token_budget=10_000, overhead_tokens=10**9)  # one micro-batch
     logp, _ = response_logprobs(model, collate(mb, pad_id=0, device="cpu"))
     assert logp.requires_grad
     logp.sum().backward()
