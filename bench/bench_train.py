@@ -3,8 +3,10 @@
     .venv/bin/python bench/bench_train.py                       # 8 groups x 8 responses, <= 48 tokens
     .venv/bin/python bench/bench_train.py --model tiny --steps 5
     .venv/bin/python bench/bench_train.py --budgets 4096 1024 --device cuda
+    .venv/bin/python bench/bench_train.py --overheads 16 1000000   # bucketing vs. fill-to-budget
 
-Each budget (TrainConfig.micro_batch_tokens) runs one warm-up step and then --steps measured steps
+Each budget (TrainConfig.micro_batch_tokens) and micro-batch overhead (micro_batch_overhead_tokens;
+a huge one means "fill each micro-batch to the budget") runs one warm-up step and then --steps measured steps
 of the real Trainer (recompute log-probs, loss, backward, AdamW, checkpoint write) in a throw-away
 store. Prompts are the arithmetic task's chat-templated prompts; response lengths are uniform in
 [--min-response, --max-response] with random tokens (the cost does not depend on which tokens).
@@ -60,11 +62,12 @@ def naive_padding(batch: pa.Table) -> float:
     return 1 - sum(s.length for s in samples) / (len(samples) * max(s.length for s in samples))
 
 
-def bench(model_dir: Path, batch: pa.Table, budget: int, steps: int, device: str) -> dict[str, float]:
+def bench(model_dir: Path, batch: pa.Table, budget: int, overhead: int, steps: int, device: str
+          ) -> dict[str, float]:
     cfg = preset("rec-oneside-nois")
     with tempfile.TemporaryDirectory() as tmp, Trainer(
         Store.create(Path(tmp) / "store"), "bench", model_dir,
-        TrainConfig(micro_batch_tokens=budget, device=device), cfg, "rec-oneside-nois",
+        TrainConfig(micro_batch_tokens=budget, micro_batch_overhead_tokens=overhead, device=device), cfg, "rec-oneside-nois",
     ) as trainer:
         trainer.step(0, batch)  # warm-up: allocator, kernels, first checkpoint dir
         results = [trainer.step(step, batch) for step in range(1, steps + 1)]
@@ -74,7 +77,8 @@ def bench(model_dir: Path, batch: pa.Table, budget: int, steps: int, device: str
     return {
         "device": dev,
         "budget": budget,
-        "micro_batches": len(plan_micro_batches(samples_from_table(batch), budget)),
+        "overhead": overhead,
+        "micro_batches": len(plan_micro_batches(samples_from_table(batch), budget, overhead)),
         "step_s": seconds,
         "save_s": statistics.fmean(r.metrics["save_seconds"] for r in results),
         "response_tok_s": rows[0]["tokens"] / seconds,
@@ -92,6 +96,7 @@ def main() -> None:
     parser.add_argument("--min-response", type=int, default=8)
     parser.add_argument("--max-response", type=int, default=48)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4096, 1024])
+    parser.add_argument("--overheads", type=int, nargs="+", default=[16])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -102,13 +107,15 @@ def main() -> None:
     print(f"model {model_dir.name}, {len(samples)} responses, {sum(len(s.response) for s in samples)} response "
           f"tokens, prompts {len(samples[0].prompt)} tokens, torch threads {torch.get_num_threads()}; "
           f"padding without bucketing (one padded tensor): {naive_padding(batch):.1%}\n")
-    print("| device | micro_batch_tokens | micro-batches | step s | checkpoint s | response tok/s | input tok/s "
-          "| padded tokens | padding |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| device | micro_batch_tokens | overhead tokens | micro-batches | step s | checkpoint s | response tok/s "
+          "| input tok/s | padded tokens | padding |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
-        r = bench(model_dir, batch, budget, args.steps, args.device)
-        print(f"| {r['device']} | {r['budget']} | {r['micro_batches']} | {r['step_s']:.2f} | {r['save_s']:.2f} "
-              f"| {r['response_tok_s']:.0f} | {r['input_tok_s']:.0f} | {r['padded_tokens']} | {r['padding']:.1%} |")
+        for overhead in args.overheads:
+            r = bench(model_dir, batch, budget, overhead, args.steps, args.device)
+            print(f"| {r['device']} | {r['budget']} | {r['overhead']} | {r['micro_batches']} | {r['step_s']:.2f} "
+                  f"| {r['save_s']:.2f} | {r['response_tok_s']:.1f} | {r['input_tok_s']:.1f} | {r['padded_tokens']} "
+                  f"| {r['padding']:.1%} |", flush=True)
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")
 
 

@@ -169,7 +169,7 @@ class Trainer:
             self._lock = None
 
     def __enter__(self) -> Trainer:
-        return self if self.model is not None else self.setup()
+        return self if self._lock is not None else self.setup()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
@@ -271,7 +271,7 @@ class Trainer:
             ValueError: step skips ahead of ``next_step``; the batch lacks columns or has bad shapes.
             TrainingDiverged: this was the ``max_bad_steps``-th skipped step in a row.
         """
-        if self.model is None:
+        if self._lock is None:  # without the lock another trainer could write the same versions
             raise ValueError("call setup() (or use the Trainer as a context manager) before step()")
         if step < self._next_step:
             return self._replay(step)
@@ -306,7 +306,7 @@ class Trainer:
 
     def gradients(self, batch: Any, micro_batch_tokens: int | None = None) -> dict[str, torch.Tensor]:
         """The batch's loss gradient per parameter name; nothing is stepped or recorded (for checks)."""
-        if self.model is None:
+        if self._lock is None:
             raise ValueError("call setup() before gradients()")
         samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch)
         plan = plan_micro_batches(samples, micro_batch_tokens or self.cfg.micro_batch_tokens,

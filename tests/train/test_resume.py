@@ -113,6 +113,8 @@ def test_one_trainer_per_run(store, tiny_model):
         Trainer(store, "other-run", tiny_model, CONFIG).setup().close()
     finally:
         first.close()
+    with pytest.raises(ValueError, match="setup"):  # a closed trainer holds no lock: it must not write
+        first.step(0, random_batch(0, preset("rec-oneside-nois")))
     Trainer(store, "r", tiny_model, CONFIG).setup().close()
 
 
