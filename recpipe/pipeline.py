@@ -13,6 +13,7 @@ step whose batch was already recorded trains on that same batch.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import logging
@@ -55,8 +56,6 @@ class RunContext:
     model_path: Path
     lock: RunLock | None = None
     progress: Progress = _quiet
-    _engine: Any = None
-    _engine_version: int | None = None
     _trainer: Any = None
     timings: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "select": 0.0, "train": 0.0,
                                                                "evaluate": 0.0})
@@ -81,18 +80,8 @@ class RunContext:
         return self._trainer
 
     def engine_for(self, version: int) -> Any:
-        """The sampling engine holding ``version``'s weights (one engine, weights swapped in place)."""
-        checkpoint = self.checkpoint(version)
-        if self._engine is None:
-            from recpipe.generate import make_engine
-
-            g = self.cfg.generate
-            self._engine = make_engine(checkpoint, backend=g.backend, seed=g.seed, max_model_len=g.max_model_len,
-                                       model_name=self.cfg.model.name, enforce_eager=g.enforce_eager)
-        elif self._engine_version != version:
-            self._engine.load_weights(checkpoint)
-        self._engine_version = version
-        return self._engine
+        """The process's sampling engine, holding ``version``'s weights (swapped in place, no restart)."""
+        return _engine_with(self.cfg, self.model_path, self.checkpoint(version))
 
     def checkpoint(self, version: int) -> Path:
         return self.model_path if version == 0 else self.trainer.checkpoint_path(version)
@@ -101,9 +90,6 @@ class RunContext:
         if self._trainer is not None:
             self._trainer.close()
             self._trainer = None
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
         if self.lock is not None:
             self.lock.release()
 
@@ -113,6 +99,39 @@ def preflight(cfg: RecpipeConfig) -> tuple[Task, Path]:
     from recpipe.models import resolve_model
 
     return get_task(cfg.task.name, **cfg.task.options), resolve_model(cfg.model.name, cfg.model.cache_dir)
+
+
+@dataclass
+class _LoadedEngine:
+    engine: Any
+    weights: Path
+
+
+# One engine per process and engine settings, reused across policy versions and runs (an experiment's
+# runs share it): starting vLLM costs seconds, loading new weights into it a fraction of one.
+_ENGINES: dict[tuple[Any, ...], _LoadedEngine] = {}
+
+
+def _engine_with(cfg: RecpipeConfig, base_model: Path, weights: Path) -> Any:
+    from recpipe.generate import make_engine
+
+    g = cfg.generate
+    key = (str(base_model), g.backend, g.seed, g.max_model_len, g.enforce_eager)
+    loaded = _ENGINES.get(key)
+    if loaded is None:
+        engine = make_engine(weights, backend=g.backend, seed=g.seed, max_model_len=g.max_model_len,
+                             model_name=cfg.model.name, enforce_eager=g.enforce_eager)
+        loaded = _ENGINES[key] = _LoadedEngine(engine, weights)
+    elif loaded.weights != weights:
+        loaded.engine.load_weights(weights)
+        loaded.weights = weights
+    return loaded.engine
+
+
+@atexit.register
+def close_engines() -> None:
+    while _ENGINES:
+        _ENGINES.popitem()[1].engine.close()
 
 
 @contextlib.contextmanager

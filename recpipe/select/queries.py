@@ -12,6 +12,7 @@ Header format (comment lines before the SQL; descriptions after a second ``--``)
     -- param max_staleness: INTEGER = 4      -- default 4
     -- param runs: VARCHAR[] = NULL          -- NULL default: None allowed
     -- output: run VARCHAR, group_id VARCHAR, ...
+    -- scope: run                            -- optional: reads only $run's partitions (default: archive)
 
 Values reach DuckDB as ``$name`` prepared-statement parameters, never by string formatting. Types:
 VARCHAR, INTEGER, BIGINT, DOUBLE, BOOLEAN, and lists VARCHAR[] / INTEGER[]. Files whose name starts
@@ -37,6 +38,7 @@ from recpipe.schema import schemas_dir
 
 NAME = re.compile(r"^_?[a-z][a-z0-9_]*$")
 _PARAM = re.compile(r"^param\s+(?P<name>[A-Za-z_]\w*)\s*:\s*(?P<type>[A-Z]+(?:\[\])?)\s*(?:=\s*(?P<default>.*?))?\s*$")
+SCOPES = ("archive", "run")
 TYPES = ("VARCHAR", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "VARCHAR[]", "INTEGER[]", "ANY")
 _REQUIRED = object()  # a Param default meaning "no default: the caller must give a value"
 
@@ -119,6 +121,7 @@ class Query:
     params: dict[str, Param] = field(default_factory=dict)
     description: str = ""
     output: str = ""
+    scope: str = "archive"  # "run": the query only reads $run's partitions, so only those are scanned
     builtin: bool = True
 
     @property
@@ -202,7 +205,7 @@ def parse_header(text: str, where: str) -> tuple[dict[str, Param], dict[str, str
             last = None
             continue
         key, sep, value = content.partition(":")
-        if sep and key.strip() in ("name", "description", "output", "input"):
+        if sep and key.strip() in ("name", "description", "output", "input", "scope"):
             last = key.strip()
             fields[last] = value.strip()
         elif last and content:
@@ -223,9 +226,14 @@ def _from_file(path: Path, builtin: bool) -> Query:
         used = set().union(*(s.named_parameters for s in statements)) if statements else set()
         for p in sorted(used - set(params)):
             params[p] = Param(p, "ANY")
+    scope = fields.get("scope", "archive")
+    if scope not in SCOPES:
+        raise QueryError(f"{path}: scope {scope!r} is not one of {', '.join(SCOPES)}")
+    if scope == "run" and "run" not in params:
+        raise QueryError(f"{path}: scope 'run' needs a $run parameter")
     return Query(
         name=name, path=path, text=text, params=params, description=fields.get("description", ""),
-        output=fields.get("output", ""), builtin=builtin,
+        output=fields.get("output", ""), scope=scope, builtin=builtin,
     )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from recpipe.select.validate import EmptySelection, SelectionError, check_comple
 from recpipe.store import Store, StoreError, file_shards
 from recpipe.store.sql import check_read_only, lock_down, run_read_only
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as RecpipeConfig.run; also safe inside a glob
 CONTEXT = ("run", "step", "groups", "seed")  # parameters select() itself fills
 DROPS = ("none", "balance")
 
@@ -259,8 +261,9 @@ def select(
     when the result has the wrong shape (missing columns, duplicates, incomplete groups), QueryError
     for bad parameters, QueryRefused for SQL that would write or reach outside the store.
     """
-    if not isinstance(run, str) or not run:
-        raise ValueError(f"run must be a non-empty string; got {run!r}")
+    if not isinstance(run, str) or not RUN_NAME.match(run):
+        raise ValueError(f"run must be 1-64 letters, digits, '_', '.' or '-' (not starting with one of the last "
+                         f"three); got {run!r}")
     step = _check_int("step", step, 0)
     groups = _check_int("groups", groups, 1)
     min_groups = _check_int("min_groups", min_groups, 1)
@@ -277,7 +280,8 @@ def select(
     values = _bind(_param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name)
 
     # The rollouts view costs a footer read per file: only for user SQL and the truncation filter.
-    con = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"])
+    con = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],
+                               run=run if q.scope == "run" else None)
     try:
         if not q.builtin:
             _one_select(con, q)

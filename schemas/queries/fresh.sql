@@ -7,6 +7,7 @@
 -- param current_version: INTEGER = NULL -- version being trained; NULL = step (version n = after n steps)
 -- param max_staleness: INTEGER = 4     -- oldest allowed version is current_version - max_staleness
 -- output: run VARCHAR, group_id VARCHAR, policy_version INTEGER, n INTEGER (one row per chosen group)
+-- scope: run                          -- reads only this run's partitions of groups and batches
 SELECT e.run, e.group_id, e.policy_version, e.n
 FROM eligible AS e
 WHERE e.run = $run

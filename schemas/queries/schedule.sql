@@ -8,6 +8,7 @@
 -- param sync_interval: INTEGER = 1     -- k: the generator syncs weights every k steps
 -- param sync_offset: INTEGER = 0       -- o: lag between generation and training
 -- output: run VARCHAR, group_id VARCHAR, policy_version INTEGER, n INTEGER (one row per chosen group)
+-- scope: run                          -- reads only this run's partitions of groups and batches
 SELECT e.run, e.group_id, e.policy_version, e.n
 FROM eligible AS e
 WHERE e.run = $run
