@@ -8,7 +8,8 @@
 Each budget (TrainConfig.micro_batch_tokens) and micro-batch overhead (micro_batch_overhead_tokens;
 a huge one means "fill each micro-batch to the budget") runs one warm-up step and then --steps measured steps
 of the real Trainer (recompute log-probs, loss, backward, AdamW, checkpoint write) in a throw-away
-store. Prompts are the arithmetic task's chat-templated prompts; response lengths are uniform in
+store. "step s" is wall time of the compute (steps.seconds), "CPU s" the process CPU time per step
+including the checkpoint write: on a shared machine the second is the steadier measure of work. Prompts are the arithmetic task's chat-templated prompts; response lengths are uniform in
 [--min-response, --max-response] with random tokens (the cost does not depend on which tokens).
 """
 
@@ -19,6 +20,7 @@ import random
 import resource
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,7 +72,9 @@ def bench(model_dir: Path, batch: pa.Table, budget: int, overhead: int, steps: i
         TrainConfig(micro_batch_tokens=budget, micro_batch_overhead_tokens=overhead, device=device), cfg, "rec-oneside-nois",
     ) as trainer:
         trainer.step(0, batch)  # warm-up: allocator, kernels, first checkpoint dir
+        cpu_start = time.process_time()
         results = [trainer.step(step, batch) for step in range(1, steps + 1)]
+        cpu_seconds = (time.process_time() - cpu_start) / steps
         dev = trainer.device.type
     rows = [r.row for r in results]
     seconds = statistics.fmean(r["seconds"] for r in rows)
@@ -80,6 +84,7 @@ def bench(model_dir: Path, batch: pa.Table, budget: int, overhead: int, steps: i
         "overhead": overhead,
         "micro_batches": len(plan_micro_batches(samples_from_table(batch), budget, overhead)),
         "step_s": seconds,
+        "cpu_s": cpu_seconds,
         "save_s": statistics.fmean(r.metrics["save_seconds"] for r in results),
         "response_tok_s": rows[0]["tokens"] / seconds,
         "input_tok_s": rows[0]["padded_tokens"] * (1 - rows[0]["padding_fraction"]) / seconds,
@@ -99,7 +104,10 @@ def main() -> None:
     parser.add_argument("--overheads", type=int, nargs="+", default=[16])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model_dir = resolve_model(args.model)
     batch = make_batch(model_dir, args.groups, args.group_size, (args.min_response, args.max_response), seed=0)
@@ -107,13 +115,14 @@ def main() -> None:
     print(f"model {model_dir.name}, {len(samples)} responses, {sum(len(s.response) for s in samples)} response "
           f"tokens, prompts {len(samples[0].prompt)} tokens, torch threads {torch.get_num_threads()}; "
           f"padding without bucketing (one padded tensor): {naive_padding(batch):.1%}\n")
-    print("| device | micro_batch_tokens | overhead tokens | micro-batches | step s | checkpoint s | response tok/s "
-          "| input tok/s | padded tokens | padding |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| device | micro_batch_tokens | overhead tokens | micro-batches | step s | CPU s | checkpoint s "
+          "| response tok/s | input tok/s | padded tokens | padding |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets:
         for overhead in args.overheads:
             r = bench(model_dir, batch, budget, overhead, args.steps, args.device)
             print(f"| {r['device']} | {r['budget']} | {r['overhead']} | {r['micro_batches']} | {r['step_s']:.2f} "
+                  f"| {r['cpu_s']:.1f} "
                   f"| {r['save_s']:.2f} | {r['response_tok_s']:.1f} | {r['input_tok_s']:.1f} | {r['padded_tokens']} "
                   f"| {r['padding']:.1%} |", flush=True)
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB")

@@ -9,6 +9,7 @@ queries    load_query, query_names, Query, Param: named queries in schemas/queri
 selection  select, replay_lineage, recorded_steps: the two SQL stages and lineage
 batch      Batch, lineage_rows, BATCH_COLUMNS
 validate   EmptySelection, QueryResultError, SelectionError: checks on a query's result
+connection selection_connection: the lean, locked-down DuckDB connection selection runs on
 synthetic  synthetic_shard: fast fake rollouts for tests and bench/bench_select.py
 """
 

@@ -35,7 +35,7 @@ from recpipe.select.connection import selection_connection
 from recpipe.select.queries import Param, Query, QueryError, load_query
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
 from recpipe.store import Store, StoreError, file_shards
-from recpipe.store.sql import check_read_only, lock_down, run_read_only
+from recpipe.store.sql import check_read_only, run_read_only
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as RecpipeConfig.run; also safe inside a glob
 CONTEXT = ("run", "step", "groups", "seed")  # parameters select() itself fills
@@ -97,6 +97,12 @@ def _statement_values(con: duckdb.DuckDBPyConnection, sql: str, values: dict[str
     return {name: values[name] for name in used}
 
 
+def _check_run(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not RUN_NAME.match(value):
+        raise ValueError(f"{name} must be 1-64 letters, digits, '_', '.' or '-' (not starting with one of the "
+                         f"last three); got {value!r}")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> int:
     try:
         if isinstance(value, bool):
@@ -131,14 +137,24 @@ def _one_select(con: duckdb.DuckDBPyConnection, query: Query) -> None:
                          f"found {len(statements)} statement(s)")
 
 
-def _partition_files(store: Store, groups: pa.Table) -> list[str]:
-    """Rollouts files of the chosen (run, policy_version) partitions: partition pruning done up front."""
+def _rollout_files(store: Store, groups: pa.Table) -> list[str]:
+    """Rollouts files holding the chosen groups: partition pruning (run, policy_version) done up front,
+    and within a partition only the groups' shard files when their shard ids are known (a compacted
+    partition's merged files hold every shard)."""
+    shards: dict[tuple[str, int], set[str | None]] = {}
+    shard_ids = groups.column("shard_id").to_pylist() if "shard_id" in groups.column_names else [None] * groups.num_rows
+    for run, version, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
+                                   shard_ids, strict=True):
+        shards.setdefault((run, version), set()).add(shard)
     files: list[str] = []
-    pairs = sorted(set(zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
-                           strict=True)))
-    for run, version in pairs:
+    for (run, version), wanted in sorted(shards.items()):
         folder = store.partition_dir("rollouts", {"run": run, "policy_version": version})
-        files.extend(sorted(str(p) for p in folder.glob("*.parquet") if not p.name.startswith(".")))
+        present = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+        if None not in wanted:
+            exact = [p for p in present if p.stem in wanted]
+            if len(exact) == len(wanted):
+                present = exact
+        files.extend(str(p) for p in present)
     return files
 
 
@@ -164,7 +180,7 @@ def _lookup_groups(con: duckdb.DuckDBPyConnection, keys: pa.Table, query: str, t
 
 def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: bool, query: str,
                    timeout_s: float | None) -> pa.Table:
-    """One row per chosen group, in the query's order: run, group_id, policy_version, n, weight.
+    """One row per chosen group, in the query's order: run, group_id, policy_version, n, shard_id, weight.
 
     policy_version and n come from the groups summary unless a named query (trusted) returned them.
     """
@@ -175,20 +191,20 @@ def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: b
     if per_group and "weight" in choice.column_names:
         weight = dict(zip(zip(runs, group_ids, strict=True), choice.column("weight").to_pylist(), strict=True))
     if trust and per_group and {"policy_version", "n"} <= set(choice.column_names):
-        info = dict(zip(zip(runs, group_ids, strict=True), zip(choice.column("policy_version").to_pylist(),
-                                                               choice.column("n").to_pylist(), strict=True),
-                        strict=True))
+        found = choice
     else:
         found = _lookup_groups(con, pa.table({"run": [k[0] for k in keys], "group_id": [k[1] for k in keys]}),
                                query, timeout_s)
-        info = dict(zip(zip(found.column("run").to_pylist(), found.column("group_id").to_pylist(), strict=True),
-                        zip(found.column("policy_version").to_pylist(), found.column("n").to_pylist(), strict=True),
-                        strict=True))
+    shard = found.column("shard_id").to_pylist() if "shard_id" in found.column_names else [None] * found.num_rows
+    info = dict(zip(zip(found.column("run").to_pylist(), found.column("group_id").to_pylist(), strict=True),
+                    zip(found.column("policy_version").to_pylist(), found.column("n").to_pylist(), shard, strict=True),
+                    strict=True))
     return pa.table({
         "run": pa.array([k[0] for k in keys], pa.string()),
         "group_id": pa.array([k[1] for k in keys], pa.string()),
         "policy_version": pa.array([info[k][0] for k in keys], pa.int32()),
         "n": pa.array([info[k][1] for k in keys], pa.int32()),
+        "shard_id": pa.array([info[k][2] for k in keys], pa.string()),
         "weight": pa.array([weight[k] for k in keys], pa.float64()),
         "position": pa.array(range(len(keys)), pa.int32()),
     })
@@ -198,7 +214,7 @@ def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, 
                 query: str, timeout_s: float | None) -> pa.Table:
     """Stage 2 over ``chosen`` (run, group_id, policy_version, weight)."""
     stage = load_query("_advantages")
-    files = _partition_files(store, chosen)
+    files = _rollout_files(store, chosen)
     if not files:
         raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
                              "a rollouts file is missing - run `recpipe doctor`")
@@ -210,6 +226,9 @@ def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, 
     except duckdb.ConversionException as exc:
         raise SelectionError(f"{query}: a chosen group has a reward that is not a finite number with "
                              f"|reward| * group size < 1e10 ({str(exc).splitlines()[0]})") from None
+    except (duckdb.IOException, duckdb.InvalidInputException) as exc:
+        raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({str(exc).splitlines()[0]}); "
+                             "run `recpipe doctor` to find and quarantine damaged files") from None
     finally:
         con.unregister("chosen")
 
@@ -261,9 +280,7 @@ def select(
     when the result has the wrong shape (missing columns, duplicates, incomplete groups), QueryError
     for bad parameters, QueryRefused for SQL that would write or reach outside the store.
     """
-    if not isinstance(run, str) or not RUN_NAME.match(run):
-        raise ValueError(f"run must be 1-64 letters, digits, '_', '.' or '-' (not starting with one of the last "
-                         f"three); got {run!r}")
+    _check_run("run", run)
     step = _check_int("step", step, 0)
     groups = _check_int("groups", groups, 1)
     min_groups = _check_int("min_groups", min_groups, 1)
@@ -321,6 +338,7 @@ def replay_lineage(
     recomputed under its std_normalize/drop (RED-Drop seeded by ``seed``, default the recorded seed)
     for retraining another algorithm on the same data. Nothing is recorded.
     """
+    _check_run("source_run", source_run)
     step = _check_int("step", step, 0)
     recorded = _recorded(store, source_run, step)
     if recorded is None:
@@ -377,8 +395,7 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
         "position": pa.array(range(len(keys)), pa.int32()),  # the recorded batch order
     })
     where = f"lineage of run {run!r} step {step}"
-    con = duckdb.connect()
-    lock_down(con, store.root)  # stage 2 reads files by path; no views needed
+    con = selection_connection(store, rollouts=False, run=run)  # stage 2 reads files by path
     try:
         found = _advantages(con, store, chosen, values, where, timeout_s)
     finally:

@@ -6,7 +6,7 @@
 Rewards follow the default task's shape (correctness 0/1 plus a +/-0.1 format term, so values in
 {-0.1, 0.1, 0.9, 1.1}); each group draws its own success rate, so some groups are all right or all wrong
 (zero variance) and most are mixed. Token ids are uniform over a 49,152-token vocabulary (SmolLM2's);
-behaviour log-probs mimic a sampled LM: most tokens near-certain, a tail of uncertain ones. Rows are
+behaviour log-probs mimic a small LM sampled at temperature 1 (see synthetic_logprobs). Rows are
 built with numpy and Arrow list offsets, so millions of rows take seconds, not minutes.
 """
 
@@ -32,10 +32,11 @@ def _lists(lengths: np.ndarray, values: np.ndarray, value_type: pa.DataType) -> 
 
 
 def synthetic_logprobs(rng: np.random.Generator, n: int) -> np.ndarray:
-    """float32 log-probs of sampled tokens: 60% near-certain (> -0.01), the rest exponential tail."""
-    confident = rng.random(n) < 0.6
-    values = np.where(confident, -rng.exponential(0.002, n), -rng.exponential(1.2, n))
-    return values.astype(np.float32)
+    """float32 log-probs of sampled tokens, shaped like SmolLM2-135M's at temperature 1 (median about
+    -1.1, 10% above -0.015, 10% below -5): a fifth near-certain tokens, the rest log-normal."""
+    certain = rng.random(n) < 0.2
+    magnitude = np.where(certain, np.exp(rng.normal(np.log(0.01), 1.5, n)), np.exp(rng.normal(np.log(1.6), 0.9, n)))
+    return (-magnitude).astype(np.float32)
 
 
 def synthetic_shard(

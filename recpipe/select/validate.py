@@ -2,7 +2,8 @@
 
 A query (named or a user's file) returns either
 - one row per chosen group: ``run``, ``group_id`` (VARCHAR, required), optionally ``policy_version``
-  (INTEGER), ``n`` (responses in the group) and ``weight`` (a selection weight for the whole group); or
+  (INTEGER), ``n`` (responses in the group), ``shard_id`` (the file holding it) and ``weight`` (a
+  selection weight for the whole group); or
 - one row per chosen response (it has a ``rollout_id`` column): ``run``, ``group_id``, ``rollout_id``,
   optionally ``policy_version``, ``weight`` and ``advantage`` per response, which then replace the
   computed ones. Groups must be complete: advantages are relative to the whole group.
@@ -28,8 +29,8 @@ class QueryResultError(SelectionError):
 
 
 REQUIRED = {"run": "string", "group_id": "string"}
-OPTIONAL = {"policy_version": "integer", "n": "integer", "weight": "number", "rollout_id": "string",
-            "advantage": "number"}
+OPTIONAL = {"policy_version": "integer", "n": "integer", "shard_id": "string", "weight": "number",
+            "rollout_id": "string", "advantage": "number"}
 SHOWN = 5  # offending values quoted in an error message
 
 

@@ -6,9 +6,10 @@
 -- param groups: INTEGER                -- groups per batch (select() fills it)
 -- param current_version: INTEGER = NULL -- version being trained; NULL = step (version n = after n steps)
 -- param max_staleness: INTEGER = 4     -- oldest allowed version is current_version - max_staleness
--- output: run VARCHAR, group_id VARCHAR, policy_version INTEGER, n INTEGER (one row per chosen group)
+-- output: run VARCHAR, group_id VARCHAR, policy_version INTEGER, n INTEGER, shard_id VARCHAR
+--   (one row per chosen group)
 -- scope: run                          -- reads only this run's partitions of groups and batches
-SELECT e.run, e.group_id, e.policy_version, e.n
+SELECT e.run, e.group_id, e.policy_version, e.n, e.shard_id
 FROM eligible AS e
 WHERE e.run = $run
   AND e.policy_version BETWEEN coalesce($current_version, $step) - $max_staleness

@@ -23,7 +23,10 @@ def _ids(engine):
 def test_tokenize_prompts_applies_the_chat_template(hf_engine):
     ids = _ids(hf_engine)
     text = hf_engine.tokenizer.decode(ids[2])
-    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_samples_are_well_formed(engine):
@@ -100,3 +103,18 @@ def test_make_engine_rejects_bad_backend_and_checkpoint(tiny_model, tmp_path):
 def test_engines_record_backend_and_model(hf_engine, vllm_engine):
     assert (hf_engine.backend, hf_engine.model_name) == ("hf", "tiny")
     assert (vllm_engine.backend, vllm_engine.model_name) == ("vllm", "tiny")
+
+
+def test_batch_larger_than_one_step_token_budget(engine):
+    # 32 prompts x 8 seeded samples x ~20 prompt tokens > vLLM's 4096-token step budget. With chunked
+    # prefill, vLLM on CPU crashed here ("CPU Generator does not use offset"); the engine turns it off.
+    prompts = [
+        Prompt(
+            f"p{i}", [{"role": "user", "content": f"What is {i} + {i}? Answer with just the number."}], "0"
+        )
+        for i in range(32)
+    ]
+    ids = tokenize_prompts(engine.tokenizer, prompts)
+    assert sum(len(x) for x in ids) * 8 > 4096
+    groups = engine.sample(ids, n=8, temperature=1.0, top_p=1.0, max_tokens=2, seed=0)
+    assert [len(g) for g in groups] == [8] * 32

@@ -23,7 +23,14 @@ PARAMS = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 12}
 
 
 def _shard(engine, task, prompts, **overrides):
-    args = {"run": "r", "policy_version": 3, "shard_id": "v3-abc", **PARAMS, "stop": [], "seed": 7} | overrides
+    args = {
+        "run": "r",
+        "policy_version": 3,
+        "shard_id": "v3-abc",
+        **PARAMS,
+        "stop": [],
+        "seed": 7,
+    } | overrides
     return generate_rollouts(engine, task, prompts, **args)
 
 
@@ -46,8 +53,14 @@ def test_rollouts_conform_and_form_groups(engine):
         assert r["reward"] == pytest.approx(r["reward_parts"]["correctness"] + r["reward_parts"]["format"])
         assert r["reward_error"] is None
         assert (r["run"], r["policy_version"], r["task"], r["shard_id"]) == ("r", 3, "arithmetic", "v3-abc")
-        assert r["generator"] == {"backend": engine.backend, "model": "tiny", "temperature": 1.0, "top_p": 1.0,
-                                  "max_tokens": 12, "seed": 7}
+        assert r["generator"] == {
+            "backend": engine.backend,
+            "model": "tiny",
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "max_tokens": 12,
+            "seed": 7,
+        }
         assert r["schema_version"] == SCHEMA_VERSION
     for p in prompts:
         group = [r for r in rows if r["prompt_id"] == p.prompt_id]
@@ -65,7 +78,9 @@ class FlakyTask:
         self.lock = threading.Lock()
 
     def prompts(self, split, limit=None, seed=0):
-        return [Prompt(f"q{i}", [{"role": "user", "content": f"Say {i}."}], str(i)) for i in range(limit or 2)]
+        return [
+            Prompt(f"q{i}", [{"role": "user", "content": f"Say {i}."}], str(i)) for i in range(limit or 2)
+        ]
 
     def score(self, prompt, response):
         with self.lock:
@@ -85,7 +100,11 @@ def test_scorer_failure_is_recorded_and_the_group_kept(hf_engine):
     assert [r["rollout_id"] for r in failed] == ["v3-abc/q0/1"]
     assert "RuntimeError: scorer exploded" in failed[0]["reward_error"]
     assert failed[0]["reward"] == 0.0
-    assert all(r["reward"] == pytest.approx(-0.1) or r["reward"] == pytest.approx(0.9) for r in rows if r not in failed)
+    assert all(
+        r["reward"] == pytest.approx(-0.1) or r["reward"] == pytest.approx(0.9)
+        for r in rows
+        if r not in failed
+    )
 
 
 def test_rollouts_are_reproducible_for_a_shard(engine):

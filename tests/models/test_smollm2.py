@@ -33,7 +33,9 @@ def test_smollm2_is_a_plain_float32_checkpoint(smollm2_dir):
 def test_smollm2_answers_arithmetic_greedily(smollm2_dir):
     model, tokenizer = load_policy(smollm2_dir, "cpu", torch.float32)
     messages = [{"role": "user", "content": "What is 3 + 4? Answer with just the number."}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         out = model.eval().generate(**ids, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

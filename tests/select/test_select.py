@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 
+import duckdb
 import pytest
 
 from recpipe.algorithms import behaviour_version, preset
@@ -243,3 +244,42 @@ def test_lineage_query_retrains_on_another_runs_batches(archive):
     assert retrain.query_name == "lineage" and recorded_steps(archive, "a-retrain") == [0]
     with pytest.raises(ValueError, match="chose 3 groups but groups=2; add LIMIT"):
         select(archive, "lineage", {"source_run": "a", "source_step": 0}, run="a-retrain", step=1, groups=2)
+
+
+def test_run_scoped_queries_list_only_their_runs_files(archive):
+    # schedule and fresh declare `-- scope: run`: another run's (here unreadable) files are never opened
+    (archive.root / "groups" / "run=b" / "policy_version=0" / "zz-damaged.parquet").write_bytes(b"not parquet")
+    assert ids(select(archive, "schedule", run="a", step=0, groups=1)) == version_groups(0)[:1]
+    assert ids(select(archive, "fresh", run="a", step=1, groups=1)) == [version_groups(1)[2]]
+    with pytest.raises(duckdb.Error):  # replay reads the whole archive
+        select(archive, "replay", run="a", step=2, groups=1)
+
+
+def test_run_names_are_checked(archive):
+    with pytest.raises(ValueError, match="run must be 1-64 letters"):
+        select(archive, "schedule", run="a*", step=0, groups=1)
+
+
+def test_the_trainer_accepts_the_batch(archive):
+    from recpipe.train.batching import samples_from_table
+
+    batch = select(archive, "schedule", run="a", step=0, groups=2, loss_config=preset("red-drop"))
+    samples = samples_from_table(batch.rollouts)
+    assert [s.rollout_id for s in samples] == batch.rollout_ids
+    assert [s.advantage for s in samples] == batch.advantages
+    assert [s.kept for s in samples] == batch.rollouts.column("kept").to_pylist()
+    assert all(len(s.response) == len(s.old_logprobs) > 0 for s in samples)
+
+
+def test_only_the_chosen_groups_shard_files_are_read(archive):
+    # a/v0 holds shards s0 and s1; a batch of s0's groups must not open s1's file
+    (archive.root / "rollouts" / "run=a" / "policy_version=0" / "a-v0-s1.parquet").write_bytes(b"damaged")
+    assert ids(select(archive, "schedule", run="a", step=0, groups=2)) == version_groups(0)[:2]
+    with pytest.raises(SelectionError, match=r"cannot read the chosen groups' rollouts .*recpipe doctor"):
+        select(archive, "schedule", run="a", step=1, groups=3, params={"sync_interval": 2})
+
+
+def test_a_non_finite_reward_is_reported(empty_store, shard):
+    shard(empty_store, "n", 0, "s", [[1.0, float("nan"), 0.0, 1.0]])
+    with pytest.raises(SelectionError, match="reward that is not a finite number"):
+        select(empty_store, "schedule", run="n", step=0, groups=1)

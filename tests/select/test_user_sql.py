@@ -99,3 +99,16 @@ def test_sql_that_tries_to_break_out_of_the_nesting_does_not_parse(archive, sql_
         select(archive, sql_file("SELECT 1) AS selection; DROP TABLE groups; SELECT * FROM (SELECT 1"),
                run="u", step=0, groups=4)
     assert recorded_steps(archive, "u") == []
+
+
+def test_user_sql_sees_the_versions_relation(archive, sql_file):
+    # versions: (run, policy_version) pairs with rollouts, from folder names
+    path = sql_file("""
+        SELECT g.run, g.group_id FROM groups AS g
+        JOIN (SELECT run, max(policy_version) AS v FROM versions GROUP BY run) AS newest
+          ON newest.run = g.run AND newest.v = g.policy_version
+        ORDER BY g.run, g.group_id LIMIT $groups
+    """)
+    batch = select(archive, path, run="u", step=0, groups=10)
+    assert [g for _, g in batch.groups] == [f"a-v3-s{s}/p{p}" for s in (0, 1) for p in (0, 1)] + \
+        ["b-v1-s0/p0", "b-v1-s0/p1"]
