@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 QUERIES = ("schedule", "fresh", "replay")
-STEP = {"schedule": 7, "fresh": 8, "replay": 1000}  # bench steps: past the built history (0..6)
+# Bench steps lie past the built history (steps 0..6), so their lineage files can be told apart and
+# removed; schedule's sync_offset and fresh's current_version point them back at version 6, whose
+# first 96 groups the history has used, so the "not yet used" test has real work to do.
+STEP = {"schedule": 1006, "fresh": 1007, "replay": 1008}
+PARAMS = {"schedule": {"sync_offset": 1000}, "fresh": {"current_version": 6, "max_staleness": 4},
+          "replay": {"use_penalty": 1.0}}
+VERSION = 6  # v(1006) with sync_interval 1, sync_offset 1000; fresh's current version
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 
 
@@ -120,16 +126,12 @@ def bench_runs(query: str, args: argparse.Namespace) -> list[str]:
     return [run_name((offset + i) % args.runs) for i in range(args.repeat)]
 
 
-def params_for(query: str) -> dict[str, Any]:
-    return {"schedule": {}, "fresh": {"max_staleness": 4}, "replay": {"use_penalty": 1.0}}[query]
-
-
 def duckdb_select(root: str, query: str, run: str, groups: int) -> dict[str, Any]:
     from recpipe.algorithms import preset
     from recpipe.select import select
     from recpipe.store import Store
 
-    batch = select(Store(root), query, params_for(query), run=run, step=STEP[query], groups=groups,
+    batch = select(Store(root), query, PARAMS[query], run=run, step=STEP[query], groups=groups,
                    loss_config=preset("grpo"))
     return _summary(batch.rollouts.select(["source_run", "group_id", "policy_version", "rollout_id", "advantage"]))
 
@@ -153,13 +155,12 @@ def polars_select(root: str, query: str, run: str, groups: int) -> dict[str, Any
                .filter(pl.col("run") == run)
                .select(pl.col("source_run").alias("run"), "group_id", "step"))
     eligible = groups_lf.filter(pl.col("n_errors") == 0)
-    step = STEP[query]
     if query == "schedule":
-        chosen = (eligible.filter((pl.col("run") == run) & (pl.col("policy_version") == step))
+        chosen = (eligible.filter((pl.col("run") == run) & (pl.col("policy_version") == VERSION))
                   .join(used_lf, on=["run", "group_id"], how="anti")
                   .sort(["created_at", "group_id"]).head(groups))
     elif query == "fresh":
-        chosen = (eligible.filter((pl.col("run") == run) & pl.col("policy_version").is_between(step - 4, step))
+        chosen = (eligible.filter((pl.col("run") == run) & pl.col("policy_version").is_between(VERSION - 4, VERSION))
                   .join(used_lf, on=["run", "group_id"], how="anti")
                   .sort(["policy_version", "created_at", "group_id"], descending=[True, True, False]).head(groups))
     else:
@@ -190,18 +191,18 @@ def pandas_select(root: str, query: str, run: str, groups: int) -> dict[str, Any
 
     # hive folders typed like the columns the files also hold, so pyarrow can prune partitions
     hive = ds.partitioning(pa.schema([("run", pa.string()), ("policy_version", pa.int32())]), flavor="hive")
-    step = STEP[query]
     columns = ["run", "group_id", "policy_version", "n_errors", "created_at"]
     batches = pd.read_parquet(f"{root}/batches", columns=["source_run", "group_id", "step"],
                               filters=[("run", "=", run)],
                               partitioning=ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive"))
     batches = batches.rename(columns={"source_run": "run"})
+    batches["run"] = batches["run"].astype(str)
     if query == "replay":
         g = pd.read_parquet(f"{root}/groups", columns=columns, partitioning=hive)
     else:
-        low = step - 4 if query == "fresh" else step
+        low = VERSION - 4 if query == "fresh" else VERSION
         g = pd.read_parquet(f"{root}/groups", columns=columns, partitioning=hive,
-                            filters=[("run", "=", run), ("policy_version", ">=", low), ("policy_version", "<=", step)])
+                            filters=[("run", "=", run), ("policy_version", ">=", low), ("policy_version", "<=", VERSION)])
     g = g[g["n_errors"] == 0]
     if query in ("schedule", "fresh"):
         used = g.merge(batches[["run", "group_id"]].drop_duplicates(), on=["run", "group_id"], how="left",

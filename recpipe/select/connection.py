@@ -15,10 +15,10 @@ chosen partitions' files by path and needs no view. A query whose header says ``
 (schedule, fresh) gets views over its run's folders only: every table is partitioned by run first,
 so the other runs' files are not even listed. Same lock-down as Store.connect(read_only=True).
 
-Opening a DuckDB database costs 30-40 ms, as much as a whole run-scoped selection, so the locked
-database with its views is kept per (store, run scope, rollouts) and every call gets a fresh cursor
-(its own connection: registered relations stay private to it). Views glob at query time, so new
-files are seen; the database is rebuilt when a table gains its first file or loses its last.
+Opening a DuckDB database costs 30-40 ms, as much as a whole run-scoped selection, so one locked-down
+in-memory database is kept per store and every call gets a fresh cursor (its own connection) holding
+TEMP views (2 ms to create): registered relations and views stay private to the cursor, and each
+call sees the store's files as they are now.
 
 One more relation, ``versions`` (run, policy_version): the policy versions that have rollouts in the
 archive, read from the groups table's folder names (1 ms for 800 partitions) instead of its files
@@ -39,9 +39,9 @@ from recpipe.schema import migrations, table_names, table_spec
 from recpipe.store import Store
 from recpipe.store.sql import lock_down
 
-CACHED_DATABASES = 8  # one per (store, run scope, rollouts view); a loop uses one or two
-_cache: OrderedDict[tuple[str, str | None, bool], tuple[tuple[bool, ...], duckdb.DuckDBPyConnection]] = OrderedDict()
-_cache_lock = threading.Lock()
+CACHED_DATABASES = 4  # one per store a process selects from
+_databases: OrderedDict[str, duckdb.DuckDBPyConnection] = OrderedDict()
+_databases_lock = threading.Lock()
 
 
 def _duck_type(arrow_type: pa.DataType) -> str:
@@ -86,49 +86,45 @@ def archive_versions(store: Store, run: str | None = None) -> pa.Table:
     return pa.table({"run": pa.array(runs, pa.string()), "policy_version": pa.array(versions, pa.int32())})
 
 
-def _database(store: Store, tables: list[str], present: tuple[bool, ...], run: str | None) -> duckdb.DuckDBPyConnection:
-    """A locked-down in-memory database: a view per table with files, an empty table otherwise."""
+def _database(store: Store) -> duckdb.DuckDBPyConnection:
+    """The store's locked-down in-memory database (reads only inside the store, settings frozen)."""
+    key = str(store.root)
+    with _databases_lock:
+        if key not in _databases:
+            con = duckdb.connect()
+            lock_down(con, store.root)
+            _databases[key] = con
+        _databases.move_to_end(key)
+        while len(_databases) > CACHED_DATABASES:
+            _databases.popitem(last=False)  # dropped, not closed: closing would close cursors in use
+        return _databases[key].cursor()
+
+
+def selection_connection(store: Store, *, rollouts: bool, run: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A locked-down connection with one view per table (rollouts only if ``rollouts``) and the
+    ``versions`` relation. Close it after use.
+
+    run: only that run's partitions (the caller checked the name: letters, digits, ``_ . -``).
+    """
     migrated = {table for changes in migrations().values() for table in changes}
-    con = duckdb.connect()
-    for table, has_files in zip(tables, present, strict=True):
+    con = _database(store)
+    for table in table_names():
+        if table == "rollouts" and not rollouts:
+            continue
         spec = table_spec(table)
-        if has_files:
+        pattern = _files_pattern(table, run)
+        if next(store.table_dir(table).glob(pattern), None) is not None:  # stops at the first file
             hive_types = ", ".join(
                 f"{_quote(c)}: {_quote(_duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
             )
             union = "true" if table in migrated else "false"
-            glob = str(store.table_dir(table) / _files_pattern(table, run))
             # DDL takes no prepared parameters; the glob is a path inside the store, quoted.
             con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_quote(glob)}, "
-                f"hive_partitioning = true, hive_types = {{{hive_types}}}, union_by_name = {union})"
+                f"CREATE TEMP VIEW {table} AS SELECT * FROM read_parquet("
+                f"{_quote(str(store.table_dir(table) / pattern))}, hive_partitioning = true, "
+                f"hive_types = {{{hive_types}}}, union_by_name = {union})"
             )
         else:
-            empty = spec.schema.empty_table()  # noqa: F841 - referenced by name in the SQL below
-            con.execute(f"CREATE TABLE {table} AS SELECT * FROM empty")
-    lock_down(con, store.root)
-    return con
-
-
-def selection_connection(store: Store, *, rollouts: bool, run: str | None = None) -> duckdb.DuckDBPyConnection:
-    """A cursor on a locked-down database with one view per table (rollouts only if ``rollouts``) and
-    the ``versions`` relation. Close it after use.
-
-    run: only that run's partitions (the caller checked the name: letters, digits, ``_ . -``).
-    """
-    tables = [t for t in table_names() if rollouts or t != "rollouts"]
-    # stops at each table's first file: cheap, and tells whether a cached database is still right
-    present = tuple(next(store.table_dir(t).glob(_files_pattern(t, run)), None) is not None for t in tables)
-    key = (str(store.root), run, rollouts)
-    with _cache_lock:
-        cached = _cache.get(key)
-        if cached is None or cached[0] != present:
-            # The old database is dropped, not closed: closing would also close cursors still in use.
-            cached = (present, _database(store, tables, present, run))
-            _cache[key] = cached
-        _cache.move_to_end(key)
-        while len(_cache) > CACHED_DATABASES:
-            _cache.popitem(last=False)
-        con = cached[1].cursor()
+            con.register(table, spec.schema.empty_table())  # no files yet: an empty table of the schema
     con.register("versions", archive_versions(store, run))
     return con

@@ -22,6 +22,7 @@ A user's .sql file needs no header; its ``$name`` parameters are then untyped an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import operator
@@ -214,6 +215,13 @@ def parse_header(text: str, where: str) -> tuple[dict[str, Param], dict[str, str
 
 
 def _from_file(path: Path, builtin: bool) -> Query:
+    stat = path.stat()
+    return _parse_file(path, builtin, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_file(path: Path, builtin: bool, mtime_ns: int, size: int) -> Query:
+    """Parsed once per file version (mtime and size are part of the cache key, so edits are seen)."""
     text = path.read_text()
     params, fields = parse_header(text, str(path))
     name = path.stem if builtin else str(path)

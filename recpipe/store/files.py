@@ -93,8 +93,20 @@ def commit_parquet(final: Path, table: pa.Table, *, metadata: dict[str, str] | N
         merged.update({k.encode(): v.encode() for k, v in metadata.items()})
         table = table.replace_schema_metadata(merged)
 
+    # Float log-probs compress far better split into byte planes than dictionary-encoded
+    # (4.4 -> 3.4 bytes per token with zstd); nested columns go by their leaf path.
+    def leaf(field: pa.Field) -> str:
+        return f"{field.name}.list.element" if pa.types.is_list(field.type) else field.name
+
+    def float_list(field: pa.Field) -> bool:
+        return pa.types.is_list(field.type) and pa.types.is_floating(field.type.value_type)
+
+    split = [leaf(f) for f in table.schema if float_list(f)]
+    dictionary = [leaf(f) for f in table.schema if not float_list(f)]
+
     def write(tmp: Path) -> None:
-        pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=64 * 1024)
+        pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=64 * 1024,
+                       use_byte_stream_split=split or False, use_dictionary=dictionary)
 
     return commit_file(final, write, overwrite=overwrite)
 
