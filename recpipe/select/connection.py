@@ -36,24 +36,12 @@ import duckdb
 import pyarrow as pa
 
 from recpipe.schema import migrations, table_names, table_spec
-from recpipe.store import Store
+from recpipe.store import Store, duck_type, sql_str
 from recpipe.store.sql import lock_down
 
 CACHED_DATABASES = 4  # one per store a process selects from
 _databases: OrderedDict[str, duckdb.DuckDBPyConnection] = OrderedDict()
 _databases_lock = threading.Lock()
-
-
-def _duck_type(arrow_type: pa.DataType) -> str:
-    if pa.types.is_int32(arrow_type):
-        return "INTEGER"
-    if pa.types.is_int64(arrow_type):
-        return "BIGINT"
-    return "VARCHAR"
-
-
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _files_pattern(table: str, run: str | None) -> str:
@@ -115,13 +103,13 @@ def selection_connection(store: Store, *, rollouts: bool, run: str | None = None
         pattern = _files_pattern(table, run)
         if next(store.table_dir(table).glob(pattern), None) is not None:  # stops at the first file
             hive_types = ", ".join(
-                f"{_quote(c)}: {_quote(_duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
+                f"{sql_str(c)}: {sql_str(duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
             )
             union = "true" if table in migrated else "false"
             # DDL takes no prepared parameters; the glob is a path inside the store, quoted.
             con.execute(
                 f"CREATE TEMP VIEW {table} AS SELECT * FROM read_parquet("
-                f"{_quote(str(store.table_dir(table) / pattern))}, hive_partitioning = true, "
+                f"{sql_str(str(store.table_dir(table) / pattern))}, hive_partitioning = true, "
                 f"hive_types = {{{hive_types}}}, union_by_name = {union})"
             )
         else:

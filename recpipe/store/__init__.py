@@ -37,7 +37,7 @@ class StoreError(ValueError):
     """The store is missing, not a recpipe store, or asked for something it cannot do."""
 
 
-def _duck_type(arrow_type: pa.DataType) -> str:
+def duck_type(arrow_type: pa.DataType) -> str:
     if pa.types.is_int32(arrow_type):
         return "INTEGER"
     if pa.types.is_int64(arrow_type):
@@ -45,7 +45,7 @@ def _duck_type(arrow_type: pa.DataType) -> str:
     return "VARCHAR"
 
 
-def _sql_str(text: str) -> str:
+def sql_str(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
@@ -170,11 +170,11 @@ class Store:
             spec = table_spec(table)
             if any(self.table_dir(table).glob("**/*.parquet")):
                 hive_types = ", ".join(
-                    f"{_sql_str(c)}: {_sql_str(_duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
+                    f"{sql_str(c)}: {sql_str(duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
                 )
                 try:
                     con.execute(
-                        f"CREATE VIEW {table} AS SELECT * FROM read_parquet({_sql_str(self.glob(table))}, "
+                        f"CREATE VIEW {table} AS SELECT * FROM read_parquet({sql_str(self.glob(table))}, "
                         f"hive_partitioning = true, hive_types = {{{hive_types}}}, union_by_name = true)"
                     )
                 except duckdb.Error as exc:

@@ -239,6 +239,7 @@ class Trainer:
         config = model.config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
         self._pad_id = int(pad[0] if isinstance(pad, list) else pad or 0)  # padding is never attended to
+        self._vocab_size = model.get_input_embeddings().num_embeddings
         return model
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -279,23 +280,25 @@ class Trainer:
             raise ValueError(f"step={step}: the next step of run {self.run!r} is {self._next_step}; steps are consecutive")
         start = time.perf_counter()
         table = batch.rollouts if hasattr(batch, "rollouts") else batch
-        samples = samples_from_table(table)
+        samples = samples_from_table(table, self._vocab_size)
         plan = plan_micro_batches(samples, self.cfg.micro_batch_tokens, self._overhead_tokens)
         row = self._batch_stats(step, samples, plan)
 
         reason = _non_finite_inputs(samples)
         metrics: dict[str, float] = {}
         if reason is None:
-            with _seeded(self.device, _step_seed(self.cfg.seed, step)):
-                metrics, reason = self._accumulate_gradients(samples, plan)
-                if reason is None:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
-                    metrics["grad_norm"] = grad_norm
-                    if not math.isfinite(grad_norm):
-                        reason = f"non-finite gradient norm {grad_norm}"
-                    else:
-                        self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                with _seeded(self.device, _step_seed(self.cfg.seed, step)):
+                    metrics, reason = self._accumulate_gradients(samples, plan)
+                    if reason is None:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
+                        metrics["grad_norm"] = grad_norm
+                        if not math.isfinite(grad_norm):
+                            reason = f"non-finite gradient norm {grad_norm}"
+                        else:
+                            self.optimizer.step()
+            finally:  # a skipped or failed step must not leak its gradient into the next one
+                self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         row.update({k: metrics.get(k) for k in _LOSS_COLUMNS})
         row.update(seconds=seconds, lr=self.optimizer.param_groups[0]["lr"],
@@ -304,13 +307,17 @@ class Trainer:
             return self._skip(step, row, metrics, reason)
         return self._commit(step, row, metrics)
 
-    def gradients(self, batch: Any, micro_batch_tokens: int | None = None) -> dict[str, torch.Tensor]:
-        """The batch's loss gradient per parameter name; nothing is stepped or recorded (for checks)."""
+    def gradients(self, batch: Any, micro_batch_tokens: int | None = None,
+                  overhead_tokens: int | None = None) -> dict[str, torch.Tensor]:
+        """The batch's loss gradient per parameter name; nothing is stepped or recorded (for checks).
+
+        micro_batch_tokens / overhead_tokens override the config's bucketing (e.g. to compare plans).
+        """
         if self._lock is None:
             raise ValueError("call setup() before gradients()")
-        samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch)
+        samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch, self._vocab_size)
         plan = plan_micro_batches(samples, micro_batch_tokens or self.cfg.micro_batch_tokens,
-                                  self._overhead_tokens)
+                                  self._overhead_tokens if overhead_tokens is None else overhead_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             _, reason = self._accumulate_gradients(samples, plan)

@@ -31,3 +31,14 @@ def recpipe_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "recpipe.cli", *args]
 
 
+
+
+def sql_rows(store: Path, sql: str) -> list[tuple]:
+    """Rows of a query over the store (a fresh read-only connection each call)."""
+    from recpipe.store import Store
+
+    con = Store(store).connect(read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()

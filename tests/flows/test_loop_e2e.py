@@ -5,38 +5,29 @@ import signal
 import subprocess
 import time
 
-from flowtools import SMALL, recpipe_cmd
+from flowtools import SMALL, recpipe_cmd, sql_rows
 
 from recpipe.algorithms import behaviour_version
-from recpipe.store import Store
-
-
-def query(store, sql):
-    con = Store(store).connect(read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def check_run(store, run, steps, k, o):
     # Every trained batch comes from the version the schedule dictates.
-    rows = query(store, f"SELECT step, min(policy_version), max(policy_version), count(*) FROM batches "
+    rows = sql_rows(store, f"SELECT step, min(policy_version), max(policy_version), count(*) FROM batches "
                         f"WHERE run = '{run}' GROUP BY step ORDER BY step")
     assert [r[0] for r in rows] == list(range(steps))
     for step, vmin, vmax, n in rows:
         assert vmin == vmax == behaviour_version(step, k, o), (step, vmin, vmax)
         assert n == 2 * 4  # groups_per_step x group_size
     # Lineage references existing rollouts, none twice within a run.
-    assert query(store, f"SELECT count(*) FROM batches b ANTI JOIN rollouts r USING (rollout_id) WHERE b.run = '{run}'") == [(0,)]
-    assert query(store, f"SELECT count(*) - count(DISTINCT rollout_id) FROM batches WHERE run = '{run}'") == [(0,)]
-    assert query(store, "SELECT count(*) - count(DISTINCT rollout_id) FROM rollouts") == [(0,)]
+    assert sql_rows(store, f"SELECT count(*) FROM batches b ANTI JOIN rollouts r USING (rollout_id) WHERE b.run = '{run}'") == [(0,)]
+    assert sql_rows(store, f"SELECT count(*) - count(DISTINCT rollout_id) FROM batches WHERE run = '{run}'") == [(0,)]
+    assert sql_rows(store, "SELECT count(*) - count(DISTINCT rollout_id) FROM rollouts") == [(0,)]
     # Versions advance one per step; steps are neither lost nor repeated.
-    assert query(store, f"SELECT list(version ORDER BY version) FROM policies WHERE run = '{run}'") == [(list(range(steps + 1)),)]
-    assert query(store, f"SELECT list(step ORDER BY step), bool_and(applied) FROM steps WHERE run = '{run}'") == [(list(range(steps)), True)]
-    assert query(store, f"SELECT list(policy_version ORDER BY step) FROM steps WHERE run = '{run}'") == [(list(range(1, steps + 1)),)]
+    assert sql_rows(store, f"SELECT list(version ORDER BY version) FROM policies WHERE run = '{run}'") == [(list(range(steps + 1)),)]
+    assert sql_rows(store, f"SELECT list(step ORDER BY step), bool_and(applied) FROM steps WHERE run = '{run}'") == [(list(range(steps)), True)]
+    assert sql_rows(store, f"SELECT list(policy_version ORDER BY step) FROM steps WHERE run = '{run}'") == [(list(range(1, steps + 1)),)]
     # Every metric of algorithms.md is there and finite.
-    metrics = query(store, f"SELECT count(*) FROM steps WHERE run = '{run}' AND isfinite(loss) AND clip_fraction IS NOT NULL "
+    metrics = sql_rows(store, f"SELECT count(*) FROM steps WHERE run = '{run}' AND isfinite(loss) AND clip_fraction IS NOT NULL "
                            "AND ratio_mean IS NOT NULL AND mismatch IS NOT NULL AND entropy IS NOT NULL")
     assert metrics == [(steps,)]
 
@@ -48,9 +39,9 @@ def test_loop_follows_the_schedule(tmp_path, tiny_model, run_recpipe):
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(store, "default", steps=5, k=2, o=1)
     # The data for one version was generated once, by that version's weights, with vLLM.
-    assert query(store, "SELECT DISTINCT generator.backend FROM rollouts") == [("vllm",)]
-    assert query(store, "SELECT list(DISTINCT policy_version ORDER BY policy_version) FROM rollouts") == [([0, 2],)]  # v(s) for s = 0..4 with k=2, o=1: 0 0 0 2 2
-    assert query(store, "SELECT count(*) FROM evals WHERE run = 'default'")[0][0] >= 2
+    assert sql_rows(store, "SELECT DISTINCT generator.backend FROM rollouts") == [("vllm",)]
+    assert sql_rows(store, "SELECT list(DISTINCT policy_version ORDER BY policy_version) FROM rollouts") == [([0, 2],)]  # v(s) for s = 0..4 with k=2, o=1: 0 0 0 2 2
+    assert sql_rows(store, "SELECT count(*) FROM evals WHERE run = 'default'")[0][0] >= 2
     assert "rewards per policy version" in result.stdout + result.stderr
 
 
@@ -64,7 +55,7 @@ def test_killed_loop_resumes_without_duplicates(tmp_path, tiny_model, run_recpip
     done = 0
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            done = query(store, "SELECT count(*) FROM steps")[0][0]
+            done = sql_rows(store, "SELECT count(*) FROM steps")[0][0]
         except Exception:  # store not created yet, or a file mid-commit in another table
             done = 0
         if done >= 2:
@@ -73,7 +64,7 @@ def test_killed_loop_resumes_without_duplicates(tmp_path, tiny_model, run_recpip
     assert proc.poll() is None, "the loop ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 2 <= query(store, "SELECT count(*) FROM steps")[0][0] < 6
+    assert 2 <= sql_rows(store, "SELECT count(*) FROM steps")[0][0] < 6
     result = run_recpipe(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(store, "default", steps=6, k=1, o=0)

@@ -2,17 +2,7 @@
 
 import json
 
-from flowtools import SMALL
-
-from recpipe.store import Store
-
-
-def rows(store, sql):
-    con = Store(store).connect(read_only=True)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
+from flowtools import SMALL, sql_rows
 
 
 def test_retrain_replays_lineage_and_report_renders(tmp_path, tiny_model, run_recpipe):
@@ -20,22 +10,22 @@ def test_retrain_replays_lineage_and_report_renders(tmp_path, tiny_model, run_re
     base = run_recpipe("loop", "--store", str(store), "--model", str(tiny_model), "--steps", "3", "--run", "base",
                        "--preset", "reinforce", *SMALL)
     assert base.returncode == 0, base.stderr[-3000:]
-    rollouts_before = rows(store, "SELECT count(*) FROM rollouts")
+    rollouts_before = sql_rows(store, "SELECT count(*) FROM rollouts")
     again = run_recpipe("retrain", "--store", str(store), "--from-run", "base", "--run", "re", "--preset", "red-drop",
                         "--set", f"model.name={tiny_model}", "--set", "train.lr=5e-4")
     assert again.returncode == 0, again.stderr[-3000:]
     # Same rollout ids step by step, no generation, a new run with its own versions and loss.
     per_step = "SELECT step, list(rollout_id ORDER BY rollout_id) FROM batches WHERE run = '{}' GROUP BY step ORDER BY step"
-    replayed, original = rows(store, per_step.format("re")), rows(store, per_step.format("base"))
+    replayed, original = sql_rows(store, per_step.format("re")), sql_rows(store, per_step.format("base"))
     assert [s for s, _ in original] == [0, 1, 2]
     assert replayed == original
-    assert rows(store, "SELECT count(*) FROM batches WHERE run = 're'") == rows(store, "SELECT count(*) FROM batches WHERE run = 'base'")
-    assert rows(store, "SELECT count(*) FROM rollouts") == rollouts_before
-    assert rows(store, "SELECT count(*) FROM rollouts WHERE run = 're'") == [(0,)]
-    assert rows(store, "SELECT list(DISTINCT preset), bool_and(applied) FROM steps WHERE run = 're'") == [(["red-drop"], True)]
-    assert rows(store, "SELECT max(version) FROM policies WHERE run = 're'") == [(3,)]
-    assert rows(store, "SELECT DISTINCT query_name FROM batches WHERE run = 're'") == [("lineage",)]
-    params = rows(store, "SELECT any_value(params) FROM batches WHERE run = 're'")[0][0]
+    assert sql_rows(store, "SELECT count(*) FROM batches WHERE run = 're'") == sql_rows(store, "SELECT count(*) FROM batches WHERE run = 'base'")
+    assert sql_rows(store, "SELECT count(*) FROM rollouts") == rollouts_before
+    assert sql_rows(store, "SELECT count(*) FROM rollouts WHERE run = 're'") == [(0,)]
+    assert sql_rows(store, "SELECT list(DISTINCT preset), bool_and(applied) FROM steps WHERE run = 're'") == [(["red-drop"], True)]
+    assert sql_rows(store, "SELECT max(version) FROM policies WHERE run = 're'") == [(3,)]
+    assert sql_rows(store, "SELECT DISTINCT query_name FROM batches WHERE run = 're'") == [("lineage",)]
+    params = sql_rows(store, "SELECT any_value(params) FROM batches WHERE run = 're'")[0][0]
     assert json.loads(params)["source_run"] == "base"
 
     report = run_recpipe("report", "--store", str(store), "--run", "base", "--out", str(tmp_path / "report"))
@@ -58,6 +48,6 @@ def test_experiment_grid_writes_the_comparison(tmp_path, tiny_model, run_recpipe
         "rec-oneside-nois.offline", "rec-oneside-nois.onpolicy", "reinforce.offline", "reinforce.onpolicy"]
     assert (store / "reports" / "experiment" / "accuracy.png").stat().st_size > 1000
     # offline trains every step on version-0 rollouts; on-policy on the newest version.
-    assert rows(store, "SELECT list(DISTINCT policy_version) FROM batches WHERE run = 'reinforce.offline'") == [([0],)]
-    assert rows(store, "SELECT list(policy_version ORDER BY step) FROM (SELECT DISTINCT step, policy_version FROM batches "
+    assert sql_rows(store, "SELECT list(DISTINCT policy_version) FROM batches WHERE run = 'reinforce.offline'") == [([0],)]
+    assert sql_rows(store, "SELECT list(policy_version ORDER BY step) FROM (SELECT DISTINCT step, policy_version FROM batches "
                        "WHERE run = 'reinforce.onpolicy')") == [([0, 1],)]
