@@ -10,7 +10,7 @@ from recpipe.store import Store
 
 FLOWS_DIR = os.path.join(os.path.dirname(__file__), "..", "flows")
 sys.path.insert(0, FLOWS_DIR)
-from flowtools import SMALL, recpipe_cmd, recpipe_env  # noqa: E402
+from flowtools import SMALL_HF, recpipe_cmd, recpipe_env  # noqa: E402
 
 
 def count(store, sql):
@@ -35,7 +35,7 @@ def test_generation_killed_mid_run_then_rerun_commits_each_rollout_once(tmp_path
     env = recpipe_env(tmp_path)
     store = tmp_path / "store"
     # 12 shards of 2 prompts: the kill lands while later shards are being sampled or written.
-    args = ["generate", "--store", str(store), "--model", str(tiny_model), "--prompts", "24", *SMALL,
+    args = ["generate", "--store", str(store), "--model", str(tiny_model), "--prompts", "24", *SMALL_HF,
             "--set", "generate.max_tokens=24"]
     proc = subprocess.Popen(recpipe_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -64,19 +64,30 @@ def test_generation_killed_mid_run_then_rerun_commits_each_rollout_once(tmp_path
 def test_second_loop_on_the_same_run_is_refused(tmp_path, tiny_model):
     env = recpipe_env(tmp_path)
     store = tmp_path / "store"
-    args = ["loop", "--store", str(store), "--model", str(tiny_model), "--steps", "3", *SMALL]
-    first = subprocess.Popen(recpipe_cmd(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, start_new_session=True)
-    lock = store / "locks" / "default.lock"
-    assert wait_until(lambda: lock.exists() and lock.read_text().strip(), first, timeout=300)
-    second = subprocess.run(recpipe_cmd(*args), env=env, capture_output=True, text=True, timeout=600)
+    args = ["loop", "--store", str(store), "--model", str(tiny_model), *SMALL_HF]
+    # The first loop has far more steps than the test needs: it is surely still running when the second starts.
+    first = subprocess.Popen(recpipe_cmd(*args, "--steps", "500"), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    assert wait_until(lambda: count(store, "SELECT count(*) FROM steps") >= 1, first, timeout=300)
+    second = subprocess.run(recpipe_cmd(*args, "--steps", "500"), env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert first.poll() is None, "the first loop should still be running"
     assert second.returncode == 2
     assert f"run 'default' is being written by another process (pid {first.pid}" in second.stderr
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
-    assert count(store, "SELECT count(*) FROM steps") == 3
-    assert count(store, "SELECT count(*) - count(DISTINCT rollout_id) FROM rollouts") == 0
     # Another run in the same store is independent of the first run's lock.
     other = subprocess.run(recpipe_cmd(*args, "--run", "other", "--steps", "1"), env=env, capture_output=True,
                            text=True, timeout=600)
     assert other.returncode == 0, other.stderr[-3000:]
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    # Nothing is corrupted: the archive checks clean, and the run continues where the first loop stopped.
+    done = count(store, "SELECT count(*) FROM steps WHERE run = 'default'")
+    doctor = subprocess.run(recpipe_cmd("doctor", "--store", str(store), "--repair"), env=env, capture_output=True,
+                            text=True)
+    assert doctor.returncode == 0, doctor.stdout + doctor.stderr
+    again = subprocess.run(recpipe_cmd(*args, "--steps", str(done + 1)), env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert count(store, "SELECT count(DISTINCT step) FROM steps WHERE run = 'default'") == done + 1
+    assert count(store, "SELECT count(*) FROM steps WHERE run = 'default'") == done + 1
+    assert count(store, "SELECT count(*) - count(DISTINCT rollout_id) FROM rollouts") == 0

@@ -2,13 +2,13 @@
 
 import json
 
-from flowtools import SMALL, sql_rows
+from flowtools import SMALL_HF, sql_rows
 
 
 def test_retrain_replays_lineage_and_report_renders(tmp_path, tiny_model, run_recpipe):
     store = tmp_path / "store"
     base = run_recpipe("loop", "--store", str(store), "--model", str(tiny_model), "--steps", "3", "--run", "base",
-                       "--preset", "reinforce", *SMALL)
+                       "--preset", "reinforce", *SMALL_HF)
     assert base.returncode == 0, base.stderr[-3000:]
     rollouts_before = sql_rows(store, "SELECT count(*) FROM rollouts")
     again = run_recpipe("retrain", "--store", str(store), "--from-run", "base", "--run", "re", "--preset", "red-drop",
@@ -40,14 +40,13 @@ def test_retrain_replays_lineage_and_report_renders(tmp_path, tiny_model, run_re
 def test_experiment_grid_writes_the_comparison(tmp_path, tiny_model, run_recpipe):
     store = tmp_path / "exp"
     result = run_recpipe("experiment", "--store", str(store), "--model", str(tiny_model), "--steps", "2",
-                         "--presets", "reinforce,rec-oneside-nois", "--settings", "onpolicy,offline", *SMALL)
+                         "--presets", "rec-oneside-nois", "--settings", "onpolicy,offline", *SMALL_HF)
     assert result.returncode == 0, result.stderr[-3000:]
     csv = (store / "reports" / "experiment" / "comparison.csv").read_text().splitlines()
     assert csv[0].startswith("run,final_accuracy,best_accuracy,steps_to_threshold,wall_seconds")
-    assert sorted(line.split(",")[0] for line in csv[1:]) == [
-        "rec-oneside-nois.offline", "rec-oneside-nois.onpolicy", "reinforce.offline", "reinforce.onpolicy"]
+    assert sorted(line.split(",")[0] for line in csv[1:]) == ["rec-oneside-nois.offline", "rec-oneside-nois.onpolicy"]
     assert (store / "reports" / "experiment" / "accuracy.png").stat().st_size > 1000
     # offline trains every step on version-0 rollouts; on-policy on the newest version.
-    assert sql_rows(store, "SELECT list(DISTINCT policy_version) FROM batches WHERE run = 'reinforce.offline'") == [([0],)]
+    assert sql_rows(store, "SELECT list(DISTINCT policy_version) FROM batches WHERE run = 'rec-oneside-nois.offline'") == [([0],)]
     assert sql_rows(store, "SELECT list(policy_version ORDER BY step) FROM (SELECT DISTINCT step, policy_version FROM batches "
-                       "WHERE run = 'reinforce.onpolicy')") == [([0, 1],)]
+                       "WHERE run = 'rec-oneside-nois.onpolicy')") == [([0, 1],)]
