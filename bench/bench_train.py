@@ -3,7 +3,7 @@
     .venv/bin/python bench/bench_train.py                       # 8 groups x 8 responses, <= 48 tokens
     .venv/bin/python bench/bench_train.py --model tiny --steps 5
     .venv/bin/python bench/bench_train.py --budgets 4096 1024 --device cuda
-    .venv/bin/python bench/bench_train.py --overheads 16 1000000   # bucketing vs. fill-to-budget
+    .venv/bin/python bench/bench_train.py --overheads 64 1000000   # bucketing vs. fill-to-budget
 
 Each budget (TrainConfig.micro_batch_tokens) and micro-batch overhead (micro_batch_overhead_tokens;
 a huge one means "fill each micro-batch to the budget") runs one warm-up step and then --steps measured steps
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--min-response", type=int, default=8)
     parser.add_argument("--max-response", type=int, default=48)
     parser.add_argument("--budgets", type=int, nargs="+", default=[4096, 1024])
-    parser.add_argument("--overheads", type=int, nargs="+", default=[16])
+    parser.add_argument("--overheads", type=int, nargs="+", default=[64])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

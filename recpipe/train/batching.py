@@ -1,7 +1,7 @@
 """From a selected batch (an Arrow table) to length-bucketed micro-batches of padded tensors.
 
     samples = samples_from_table(batch)                 # validated rows, one per response
-    for mb in plan_micro_batches(samples, token_budget=4096, overhead_tokens=16):
+    for mb in plan_micro_batches(samples, token_budget=4096, overhead_tokens=64):
         tensors = collate(mb, pad_id=0, device="cpu")   # (B, W) inputs, (B, R) response tensors
 
 Why bucketing: a batch mixes short and long sequences; padding every micro-batch to the
@@ -136,7 +136,7 @@ def samples_from_table(table: pa.Table, vocab_size: int | None = None) -> list[S
     return samples
 
 
-def plan_micro_batches(samples: list[Sample], token_budget: int, overhead_tokens: int = 16) -> list[MicroBatch]:
+def plan_micro_batches(samples: list[Sample], token_budget: int, overhead_tokens: int = 64) -> list[MicroBatch]:
     """Sort by length (longest first) and cut into micro-batches of at most token_budget padded tokens.
 
     The cut points minimise ``padded tokens + overhead_tokens x micro-batches`` (an exact dynamic

@@ -40,14 +40,16 @@ from recpipe.algorithms import LossConfig, policy_loss
 from recpipe.config import LossSection, TrainConfig
 from recpipe.schema import SCHEMA_VERSION
 from recpipe.store import Store
+from recpipe.store.files import remove_stale_temps
 from recpipe.train import checkpoint as ckpt
 from recpipe.train.batching import MicroBatch, Sample, collate, plan_micro_batches, samples_from_table
 from recpipe.train.logprobs import response_logprobs
 
 # Length bucketing: what one more micro-batch costs, in padded tokens (TrainConfig.micro_batch_overhead_tokens).
-# CPU: a SmolLM2 token costs ~15 ms of forward+backward on 2 cores, a micro-batch's fixed cost is a few tokens.
-# CUDA: thousands of tokens run in the time of the per-micro-batch kernel launches.
-DEFAULT_OVERHEAD_TOKENS = {"cpu": 16, "cuda": 1024}
+# CPU, measured with SmolLM2-135M on one thread: forward+backward costs ~5 ms per token plus ~0.25 s per
+# micro-batch (dense grads of the 49k x 576 tied embedding, kernel setup), i.e. ~50 tokens.
+# CUDA: thousands of tokens run in the time of one micro-batch's kernel launches (not measured here).
+DEFAULT_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 1024}
 
 
 class TrainingDiverged(RuntimeError):
@@ -191,6 +193,8 @@ class Trainer:
         return self.model_path if version == 0 else self.store.checkpoint_dir(self.run, version)
 
     def _resume(self) -> None:
+        # A checkpoint dir whose writer was killed never became visible; under the trainer lock it is garbage.
+        remove_stale_temps(self.store.root / "checkpoints" / self.run)
         ckpt.recover_rows(self.store, self.run)
         params = {"run": self.run}
         policies = self.store.read("policies", "run = $run", params).to_pylist()
@@ -367,7 +371,8 @@ class Trainer:
     def _batch_stats(self, step: int, samples: list[Sample], plan: list[MicroBatch]) -> dict[str, Any]:
         """The steps-row columns that describe the batch itself (known before any compute)."""
         versions = [s.policy_version for s in samples]
-        rewards = [s.reward for s in samples]
+        rewards, n = [s.reward for s in samples], len(samples)
+        reward_mean = math.fsum(rewards) / n  # not statistics.fmean/pstdev: a NaN reward must not crash the step
         padded = sum(mb.padded_tokens for mb in plan)
         real = sum(mb.real_tokens for mb in plan)
         if any(not s.kept for s in samples) or self.loss_cfg.drop == "none":
@@ -379,7 +384,7 @@ class Trainer:
             "batch_policy_version_min": min(versions), "batch_policy_version_max": max(versions),
             "staleness_mean": statistics.fmean(self._version - v for v in versions),
             "drop_fraction": drop_fraction,
-            "reward_mean": statistics.fmean(rewards), "reward_std": statistics.pstdev(rewards),
+            "reward_mean": reward_mean, "reward_std": math.sqrt(math.fsum((r - reward_mean) ** 2 for r in rewards) / n),
             "tokens": sum(len(s.response) for s in samples), "padded_tokens": padded,
             "padding_fraction": 1 - real / padded if padded else 0.0,
             "applied": False, "skip_reason": None,

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 from train_batches import random_batch, sampled_batch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recpipe.algorithms import PRESETS, preset
 from recpipe.config import TrainConfig
 from recpipe.schema import table_schema
-from recpipe.train import Trainer, TrainingDiverged, train_step
+from recpipe.train import Trainer, TrainingDiverged, plan_micro_batches, samples_from_table, train_step
 
 EOS = 2
 
@@ -102,8 +103,10 @@ def test_micro_batching_gives_the_gradient_of_one_big_batch(store, tiny_model, n
         prompts = [[3 + i] * n for i, n in enumerate([2, 9, 4, 15])]  # mixed lengths: several buckets
         batch = sampled_batch(trainer.model, prompts, cfg, group_size=3, max_new_tokens=5, temperature=1.0, seed=0,
                               eos_id=EOS, reward=_reward)
-        whole = trainer.gradients(batch, micro_batch_tokens=10_000)
+        whole = trainer.gradients(batch, micro_batch_tokens=10_000, overhead_tokens=10**9)  # one micro-batch
         split = trainer.gradients(batch, micro_batch_tokens=20)
+    assert len(plan_micro_batches(samples_from_table(batch), 10_000, overhead_tokens=10**9)) == 1
+    assert len(plan_micro_batches(samples_from_table(batch), 20)) > 3
     assert whole.keys() == split.keys()
     assert any(g.abs().sum() > 0 for g in whole.values())
     for n in whole:
@@ -131,6 +134,15 @@ def test_a_nan_input_skips_the_step_and_says_why(store, tiny_model, column):
     assert rows[1]["policy_version"] == 1 and column in rows[1]["skip_reason"]
 
 
+def test_a_nan_reward_is_reported_not_fatal(store, tiny_model):
+    cfg = preset("reinforce")
+    batch = random_batch(0, cfg)
+    batch = batch.set_column(batch.column_names.index("reward"), "reward", [[float("nan")] * batch.num_rows])
+    with Trainer(store, "r", tiny_model, TrainConfig(), cfg, "reinforce") as trainer:
+        result = trainer.step(0, batch)  # the loss uses advantages, not rewards
+    assert result.applied and math.isnan(result.row["reward_mean"]) and math.isnan(result.row["reward_std"])
+
+
 def test_a_non_finite_loss_skips_the_step(store, tiny_model):
     cfg = preset("grpo")
     with Trainer(store, "r", tiny_model, TrainConfig(), cfg, "grpo") as trainer:
@@ -140,6 +152,20 @@ def test_a_non_finite_loss_skips_the_step(store, tiny_model):
     assert not result.applied and "non-finite loss" in result.skip_reason
     assert math.isnan(result.row["loss"]) and trainer.current_version == 0
     assert not store.checkpoint_dir("r", 1).exists()
+
+
+def test_a_non_finite_gradient_skips_the_step(store, tiny_model):
+    cfg = preset("reinforce")
+    with Trainer(store, "r", tiny_model, TrainConfig(), cfg, "reinforce") as trainer:
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        hook = trainer.model.get_decoder().norm.weight.register_hook(lambda g: g * float("inf"))  # finite loss
+        result = trainer.step(0, random_batch(0, cfg))
+        hook.remove()
+        assert not result.applied and "non-finite gradient norm" in result.skip_reason
+        assert math.isfinite(result.row["loss"]) and not math.isfinite(result.row["grad_norm"])
+        assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+        assert all(p.grad is None for p in trainer.model.parameters())  # nothing leaks into the next step
+        assert trainer.step(1, random_batch(1, cfg)).applied
 
 
 def test_stops_after_max_bad_steps_in_a_row(store, tiny_model):
@@ -166,4 +192,9 @@ def test_train_step_continues_the_run(store, tiny_model):
     first = train_step(store, "r", tiny_model, random_batch(0, cfg), TrainConfig(), cfg, "rec-oneside-nois")
     second = train_step(store, "r", tiny_model, random_batch(1, cfg), TrainConfig(), cfg, "rec-oneside-nois")
     assert (first.step, first.policy_version, second.step, second.policy_version) == (0, 1, 1, 2)
-    assert (second.checkpoint / "model.safetensors").is_file() and (second.checkpoint / "tokenizer.json").is_file()
+    # A version dir is a complete checkpoint: the generator loads model and tokenizer (chat template included).
+    model = AutoModelForCausalLM.from_pretrained(second.checkpoint, dtype=torch.float32)
+    assert model.config.vocab_size == 512
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert (AutoTokenizer.from_pretrained(second.checkpoint).apply_chat_template(messages, tokenize=False)
+            == AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(messages, tokenize=False))
