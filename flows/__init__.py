@@ -18,7 +18,7 @@ def _configure_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep progress readable; engine info is in `timings`
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # keep progress readable; export WARNING to see more
     home.mkdir(parents=True, exist_ok=True)
 
 
