@@ -17,7 +17,7 @@ from typing import Any
 from prefect import serve
 
 from flows.pipeline_flows import FLOWS
-from recpipe.config import RecpipeConfig
+from recpipe.config import RecpipeConfig, to_params
 
 SCHEDULABLE = ("loop", "generate", "train", "evaluate", "retrain")
 
@@ -34,7 +34,7 @@ def build_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None 
             raise ValueError(f"--flow {name!r}: expected one of {', '.join(SCHEDULABLE)}")
         schedule = {"cron": cron} if cron else {"interval": dt.timedelta(seconds=interval)}
         deployments.append(FLOWS[name].to_deployment(
-            name=f"{cfg.run}-{name}", parameters={"config": cfg.model_dump(mode="json")},
+            name=f"{cfg.run}-{name}", parameters={"config": to_params(cfg)},
             tags=["recpipe", cfg.run], **schedule))
     return deployments
 

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from recpipe.config import ConfigError, RecpipeConfig, load_config
+from recpipe.config import ConfigError, RecpipeConfig, load_config, to_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline off-policy RL pipeline: generate -> select -> train over a Parquet archive.")
@@ -271,7 +271,7 @@ def loop(
     from recpipe.progress import LoopProgress
 
     with LoopProgress(cfg.loop.steps, console) as progress:
-        loop_flow(cfg.model_dump(mode="json"), progress=progress)
+        loop_flow(to_params(cfg), progress=progress)
     if summary:
         _summarise(cfg)
 
@@ -295,7 +295,7 @@ def generate(
     from recpipe.progress import LoopProgress
 
     with LoopProgress(0, console) as progress:
-        rows = generate_flow(cfg.model_dump(mode="json"), version=version, prompts=prompts, progress=progress)
+        rows = generate_flow(to_params(cfg), version=version, prompts=prompts, progress=progress)
     console.print(f"{rows} rollouts written")
 
 
@@ -343,7 +343,7 @@ def train(
     from recpipe.progress import LoopProgress
 
     with LoopProgress(steps, console) as progress:
-        train_flow(cfg.model_dump(mode="json"), steps=steps, progress=progress)
+        train_flow(to_params(cfg), steps=steps, progress=progress)
 
 
 @app.command()
@@ -372,7 +372,7 @@ def retrain(
     from recpipe.progress import LoopProgress
 
     with LoopProgress(cfg.loop.steps, console) as progress:
-        retrain_flow(cfg.model_dump(mode="json"), source_run=source_run, progress=progress)
+        retrain_flow(to_params(cfg), source_run=source_run, progress=progress)
     _summarise(cfg)
 
 
@@ -392,7 +392,7 @@ def evaluate(
     _preflight(cfg)
     from flows.pipeline_flows import evaluate as evaluate_flow
 
-    row = evaluate_flow(cfg.model_dump(mode="json"), version=version)
+    row = evaluate_flow(to_params(cfg), version=version)
     out.print(f"run {row['run']} v{row['policy_version']} {row['task']}: accuracy {row['accuracy']:.3f} (n={row['n']})")
 
 
@@ -443,7 +443,7 @@ def experiment(
 
     with LoopProgress(cfg.loop.steps * len(preset_names) * len(grid), console) as progress:
         table, path = run_experiment(cfg, preset_names, grid,
-                                     lambda c: loop_flow(c.model_dump(mode="json"), progress=progress),
+                                     lambda c: loop_flow(to_params(c), progress=progress),
                                      threshold=threshold, out_dir=out_dir)
     print_table(table, title="experiment")
     out.print(f"comparison written to {path}")

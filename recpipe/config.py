@@ -170,5 +170,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return build_config(data, overrides)
 
 
+def to_params(cfg: RecpipeConfig) -> dict[str, Any]:
+    """The config as JSON flow parameters, keeping only fields that were given: defaults are filled in
+    again on the other side, and code that asks whether a field was set (model_fields_set) still can."""
+    return cfg.model_dump(mode="json", exclude_unset=True)
+
+
 def dump_config(cfg: RecpipeConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

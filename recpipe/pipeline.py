@@ -94,11 +94,28 @@ class RunContext:
             self.lock.release()
 
 
+def recorded_base_model(cfg: RecpipeConfig) -> Path | None:
+    """The base model an existing run was started from (its version-0 `policies` row), if any."""
+    root = Path(cfg.store)
+    if not (root / ".recpipe-store").is_file():
+        return None
+    rows = Store(root).read("policies", "run = $run AND version = 0", {"run": cfg.run}).to_pylist()
+    return Path(rows[0]["base_model"]) if rows else None
+
+
 def preflight(cfg: RecpipeConfig) -> tuple[Task, Path]:
-    """Resolve the task and the model before anything starts: bad names fail here, store untouched."""
+    """Resolve the task and the model before anything starts: bad names fail here, store untouched.
+
+    A run that exists keeps its base model unless ``model.name`` is given explicitly, so commands on
+    an existing run (select, train, evaluate, generate) need no --model."""
     from recpipe.models import resolve_model
 
-    return get_task(cfg.task.name, **cfg.task.options), resolve_model(cfg.model.name, cfg.model.cache_dir)
+    task = get_task(cfg.task.name, **cfg.task.options)
+    if "name" not in cfg.model.model_fields_set:
+        recorded = recorded_base_model(cfg)
+        if recorded is not None and (recorded / "config.json").is_file():
+            return task, recorded
+    return task, resolve_model(cfg.model.name, cfg.model.cache_dir)
 
 
 @dataclass

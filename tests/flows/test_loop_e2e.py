@@ -44,6 +44,17 @@ def test_loop_follows_the_schedule(tmp_path, tiny_model, run_recpipe):
     assert sql_rows(store, "SELECT count(*) FROM evals WHERE run = 'default'")[0][0] >= 2
     assert "rewards per policy version" in result.stdout + result.stderr
 
+    # One more batch by hand, without --model (the run keeps its base model): the replay query may reuse
+    # groups; its lineage lands in `batches` and is queryable with `recpipe sql`.
+    chosen = run_recpipe("select", "--store", str(store), "--query", "replay", "--step", "5", "--param", "runs=[default]",
+                          "--set", "select.groups_per_step=2")
+    assert chosen.returncode == 0, chosen.stderr[-3000:]
+    assert "groups: 2" in chosen.stdout and "query: replay" in chosen.stdout
+    lineage = run_recpipe("sql", "--store", str(store), "--format", "csv",
+                          "SELECT query_name, count(*) AS n FROM batches WHERE step = 5 GROUP BY 1")
+    assert lineage.returncode == 0, lineage.stderr[-3000:]
+    assert lineage.stdout.splitlines() == ["query_name,n", "replay,8"]
+
 
 def test_killed_loop_resumes_without_duplicates(tmp_path, tiny_model, run_recpipe):
     store = tmp_path / "store"
