@@ -93,3 +93,16 @@ def test_unknown_option_is_a_usage_error(tmp_path):
     result = recpipe("loop", "--stepz", "3", "--store", str(tmp_path / "s"))
     assert result.exit_code == 2 and "No such option" in result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_endless_user_selection_query_is_stopped(store, tmp_path):
+    from recpipe.select import select
+    from recpipe.store.sql import QueryTimeout
+
+    endless = tmp_path / "endless.sql"
+    endless.write_text("SELECT g.run, g.group_id, g.policy_version FROM groups g, range(100000000000) a, "
+                       "range(1000000) b WHERE a.range + b.range < 0\n")
+    before = snapshot(store.root)
+    with pytest.raises(QueryTimeout, match="time limit"):
+        select(store, endless, run="r", step=0, groups=1, timeout_s=1.0)
+    assert snapshot(store.root) == before

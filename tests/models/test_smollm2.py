@@ -41,3 +41,28 @@ def test_smollm2_answers_arithmetic_greedily(smollm2_dir):
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "7" in answer, answer
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_smollm2_answers_arithmetic_with_vllm_through_the_cli(smollm2_dir, tmp_path):
+    """The default model in the default engine (vLLM on CPU), as `recpipe generate` runs it, in its own
+    process (one vLLM engine per process)."""
+    import subprocess
+    import sys
+
+    from recpipe.store import Store
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "RECPIPE_CACHE": str(tmp_path / "cache")}
+    env.pop("PREFECT_API_URL", None)
+    store = tmp_path / "store"
+    result = subprocess.run(
+        [sys.executable, "-m", "recpipe.cli", "generate", "--store", str(store), "--model", str(smollm2_dir),
+         "--prompts", "8", "--set", "generate.group_size=4", "--set", "generate.max_tokens=24"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    con = Store(store).connect()
+    backend, rows, correct, with_digits = con.execute(
+        "SELECT any_value(generator.backend), count(*), sum(reward_parts.correctness), "
+        "count(*) FILTER (WHERE regexp_matches(response_text, '[0-9]')) FROM rollouts").fetchone()
+    assert backend == "vllm" and rows == 32
+    assert correct >= 1  # design.md: ~22% of samples right at temperature 1.0
+    assert with_digits >= 16  # real answers, not noise
