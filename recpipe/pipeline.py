@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
+
 from recpipe.algorithms import behaviour_version
 from recpipe.config import RecpipeConfig
 from recpipe.schema import SCHEMA_VERSION
@@ -282,7 +284,8 @@ def select_batch(ctx: RunContext, step: int, query: str | None = None, params: d
     batch = select(ctx.store, query, params if params is not None else select_params(ctx, query, step), step=step,
                    run=ctx.cfg.run, groups=groups or ctx.cfg.select.groups_per_step,
                    loss_config=ctx.cfg.loss.build(), seed=ctx.cfg.train.seed)
-    ctx.record_time("select", f"step-{step:06d}", time.perf_counter() - started, batch.rollouts.num_rows)
+    tokens = pc.sum(pc.list_value_length(batch.rollouts.column("response_token_ids"))).as_py() or 0
+    ctx.record_time("select", f"step-{step:06d}", time.perf_counter() - started, tokens)
     return batch
 
 

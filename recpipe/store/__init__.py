@@ -63,6 +63,8 @@ class Store:
         root = Path(root)
         marker = root / MARKER
         if not marker.is_file():
+            if root.exists() and not root.is_dir():
+                raise StoreError(f"{root} is a file, not a directory; choose another --store")
             if root.exists() and any(root.iterdir()):
                 raise StoreError(f"{root} exists and is not empty; refusing to turn it into a store")
             try:
