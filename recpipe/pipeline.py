@@ -350,7 +350,17 @@ def run_loop(ctx: RunContext, stage: Stage = plain) -> list[Any]:
         if loop.eval_every and (step + 1) % loop.eval_every == 0:
             stage(evaluate)(ctx, ctx.trainer.current_version)
     stage(evaluate)(ctx, ctx.trainer.current_version)  # idempotent per version
+    compact_run(ctx)
     return results
+
+
+SMALL_TABLES = ("steps", "batches", "policies", "timings", "evals")
+
+
+def compact_run(ctx: RunContext, min_files: int = 8) -> None:
+    """Merge the run's one-file-per-step tables (atomic; we hold the run lock), so long runs stay fast to scan."""
+    for table in SMALL_TABLES:
+        ctx.store.compact(table, run=ctx.cfg.run, min_files=min_files)
 
 
 # ---- single stages, training without generation, retraining --------------------------------------
