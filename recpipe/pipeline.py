@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,10 @@ class RunContext:
     lock: RunLock | None = None
     progress: Progress = _quiet
     _trainer: Any = None
-    timings: dict[str, float] = field(default_factory=lambda: {"generate": 0.0, "select": 0.0, "train": 0.0,
-                                                               "evaluate": 0.0})
 
     def record_time(self, stage: str, item: str, seconds: float, tokens: int | None = None,
                     version: int | None = None) -> None:
-        """Add to the in-memory totals and commit a `timings` row (the report plots tokens/s per stage)."""
-        self.timings[stage] += seconds
+        """Commit a `timings` row (the report plots tokens/s per stage)."""
         row = {"run": self.cfg.run, "stage": stage, "item": item, "policy_version": version, "seconds": seconds,
                "tokens": tokens, "created_at": dt.datetime.now(dt.UTC), "schema_version": SCHEMA_VERSION}
         self.store.append("timings", [row], shard_id=f"{stage}-{item}-{time.time_ns()}")
@@ -154,11 +151,11 @@ def close_engines() -> None:
 
 
 @contextlib.contextmanager
-def open_run(cfg: RecpipeConfig, *, progress: Progress | None = None, write: bool = True) -> Iterator[RunContext]:
+def open_run(cfg: RecpipeConfig, *, progress: Progress | None = None) -> Iterator[RunContext]:
     """Open (creating if needed) the store, take the run's writer lock, resolve task and model."""
     task, model_path = preflight(cfg)
-    store = Store.create(cfg.store) if write else Store(cfg.store)
-    lock = store.lock(cfg.run, "loop").acquire() if write else None
+    store = Store.create(cfg.store)
+    lock = store.lock(cfg.run, "loop").acquire()
     ctx = RunContext(cfg=cfg, store=store, task=task, model_path=model_path, lock=lock,
                      progress=progress or _quiet)
     try:
