@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -147,10 +148,25 @@ PAYLOAD = ["run", "group_id", "rollout_id", "sample_index", "policy_version", "r
            "prompt_token_ids", "response_token_ids", "behaviour_logprobs"]
 
 
-def polars_select(root: str, query: str, run: str, groups: int) -> dict[str, Any]:
+def _polars_groups(root: str, query: str, run: str, summary: bool):
+    """Per-group rows (run, group_id, policy_version, n_errors, created_at): recpipe's groups table, or
+    (summary=False) computed from the rollouts themselves, as one would without that table."""
     import polars as pl
 
-    groups_lf = pl.scan_parquet(f"{root}/groups/**/*.parquet", hive_partitioning=True)
+    if summary:
+        return pl.scan_parquet(f"{root}/groups/**/*.parquet", hive_partitioning=True)
+    rollouts = pl.scan_parquet(f"{root}/rollouts/**/*.parquet", hive_partitioning=True)
+    if query != "replay":
+        low = VERSION - 4 if query == "fresh" else VERSION
+        rollouts = rollouts.filter((pl.col("run") == run) & pl.col("policy_version").is_between(low, VERSION))
+    return rollouts.group_by(["run", "policy_version", "group_id"]).agg(
+        pl.col("reward_error").is_not_null().sum().alias("n_errors"), pl.col("created_at").max())
+
+
+def polars_select(root: str, query: str, run: str, groups: int, summary: bool = True) -> dict[str, Any]:
+    import polars as pl
+
+    groups_lf = _polars_groups(root, query, run, summary)
     used_lf = (pl.scan_parquet(f"{root}/batches/**/*.parquet", hive_partitioning=True)
                .filter(pl.col("run") == run)
                .select(pl.col("source_run").alias("run"), "group_id", "step"))
@@ -184,25 +200,41 @@ def polars_select(root: str, query: str, run: str, groups: int) -> dict[str, Any
     return _summary(rows.select("source_run", "group_id", "policy_version", "rollout_id", "advantage").to_arrow())
 
 
-def pandas_select(root: str, query: str, run: str, groups: int) -> dict[str, Any]:
+def _pandas_groups(root: str, query: str, run: str, summary: bool):
+    """As _polars_groups, with pandas (pyarrow reader, partition filters pushed down)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.dataset as ds
 
     # hive folders typed like the columns the files also hold, so pyarrow can prune partitions
     hive = ds.partitioning(pa.schema([("run", pa.string()), ("policy_version", pa.int32())]), flavor="hive")
-    columns = ["run", "group_id", "policy_version", "n_errors", "created_at"]
+    filters = None
+    if query != "replay":
+        low = VERSION - 4 if query == "fresh" else VERSION
+        filters = [("run", "=", run), ("policy_version", ">=", low), ("policy_version", "<=", VERSION)]
+    if summary:
+        return pd.read_parquet(f"{root}/groups", columns=["run", "group_id", "policy_version", "n_errors", "created_at"],
+                               partitioning=hive, filters=filters)
+    rows = pd.read_parquet(f"{root}/rollouts", columns=["run", "group_id", "policy_version", "reward_error", "created_at"],
+                           partitioning=hive, filters=filters)
+    rows["error"] = rows["reward_error"].notna()
+    g = rows.groupby(["run", "policy_version", "group_id"], observed=True, as_index=False).agg(
+        n_errors=("error", "sum"), created_at=("created_at", "max"))
+    g["run"] = g["run"].astype(str)
+    return g
+
+
+def pandas_select(root: str, query: str, run: str, groups: int, summary: bool = True) -> dict[str, Any]:
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
     batches = pd.read_parquet(f"{root}/batches", columns=["source_run", "group_id", "step"],
                               filters=[("run", "=", run)],
                               partitioning=ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive"))
     batches = batches.rename(columns={"source_run": "run"})
     batches["run"] = batches["run"].astype(str)
-    if query == "replay":
-        g = pd.read_parquet(f"{root}/groups", columns=columns, partitioning=hive)
-    else:
-        low = VERSION - 4 if query == "fresh" else VERSION
-        g = pd.read_parquet(f"{root}/groups", columns=columns, partitioning=hive,
-                            filters=[("run", "=", run), ("policy_version", ">=", low), ("policy_version", "<=", VERSION)])
+    g = _pandas_groups(root, query, run, summary)
     g = g[g["n_errors"] == 0]
     if query in ("schedule", "fresh"):
         used = g.merge(batches[["run", "group_id"]].drop_duplicates(), on=["run", "group_id"], how="left",
@@ -233,7 +265,11 @@ def pandas_select(root: str, query: str, run: str, groups: int) -> dict[str, Any
     return _summary(pa.Table.from_pandas(rows[["source_run", "group_id", "policy_version", "rollout_id", "advantage"]]))
 
 
-ENGINES = {"duckdb": duckdb_select, "polars": polars_select, "pandas": pandas_select}
+ENGINES = {"duckdb": duckdb_select, "polars": polars_select, "pandas": pandas_select,
+           # the same selections without recpipe's groups summary: per-group facts from the rollouts
+           "polars-rollouts": functools.partial(polars_select, summary=False),
+           "pandas-rollouts": functools.partial(pandas_select, summary=False)}
+ALTERNATIVES = ("polars", "pandas", "polars-rollouts", "pandas-rollouts")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -334,7 +370,7 @@ def main() -> None:
     print(f"archive: {info['rollouts']:,} rollouts, {info['groups']:,} groups, {info['partitions']} partitions, "
           f"{info['bytes'] / 1e6:.0f} MB, built in {info['build_s']} s")
     results = {}
-    for engine in ("polars", "pandas", "duckdb"):  # duckdb last: select() records lineage
+    for engine in (*ALTERNATIVES, "duckdb"):  # duckdb last: select() records lineage
         forget_bench_lineage(root)
         cmd = [sys.executable, __file__, "--child", engine, "--store", str(root), "--rows", str(args.rows),
                "--runs", str(args.runs), "--repeat", str(args.repeat), "--groups", str(args.groups)]
@@ -342,19 +378,19 @@ def main() -> None:
         results[engine] = json.loads(done.stdout.strip().splitlines()[-1])
     forget_bench_lineage(root)
 
-    print(f"\nselect a {args.groups}-group batch ({args.repeat} runs each; first call | median of the rest; seconds)")
-    print(f"{'query':10s} {'duckdb':>16s} {'polars':>16s} {'pandas':>16s}  speed-up vs polars / pandas  agree")
+    print(f"\nselect a {args.groups}-group batch ({args.repeat} runs each; first call | median of the rest; "
+          "seconds; x = alternative's median / DuckDB's)")
+    print(f"{'query':10s} " + " ".join(f"{e:>17s}" for e in ("duckdb", *ALTERNATIVES)) + "  agree")
     for query in QUERIES:
         cells, medians = [], {}
-        for engine in ("duckdb", "polars", "pandas"):
+        for engine in ("duckdb", *ALTERNATIVES):
             t = results[engine]["queries"][query]["times"]
             medians[engine] = statistics.median(t[1:] if len(t) > 1 else t)
-            cells.append(f"{t[0]:6.3f} | {medians[engine]:6.3f}")
+            ratio = "" if engine == "duckdb" else f" {medians[engine] / medians['duckdb']:4.1f}x"
+            cells.append(f"{t[0]:.3f}|{medians[engine]:.3f}{ratio}")
         agree = all(_agree(query, results["duckdb"]["queries"][query]["answers"],
-                           results[e]["queries"][query]["answers"]) for e in ("polars", "pandas"))
-        print(f"{query:10s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s}  "
-              f"{medians['polars'] / medians['duckdb']:5.1f}x / {medians['pandas'] / medians['duckdb']:5.1f}x"
-              f"           {'yes' if agree else 'NO'}")
+                           results[e]["queries"][query]["answers"]) for e in ALTERNATIVES)
+        print(f"{query:10s} " + " ".join(f"{c:>17s}" for c in cells) + f"  {'yes' if agree else 'NO'}")
     print("\npeak RSS per engine process (MB): " + ", ".join(
         f"{e} {results[e]['peak_rss_mb']} (after imports {results[e]['rss_after_imports_mb']})" for e in results))
     size = bytes_per_token()
