@@ -48,7 +48,7 @@ class GenerateConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
     shard_size: int = Field(8, ge=1, description="Prompts per generation shard (one Parquet file, one Prefect task).")
     max_model_len: int = Field(512, ge=16, description="vLLM context length.")
-    enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (starts in ~10 s on CPU instead of ~2 min).")
+    enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (CPU: starts in ~5 s; compiled: ~50 s the first time, ~17 s with its cache, ~14% more tokens/s).")
     seed: int = Field(0, description="Base seed; each shard derives its own.")
 
 

@@ -25,8 +25,11 @@ def perturbed(tiny_model, tmp_path_factory):
 
 
 def _greedy(engine):
-    prompts = get_task("arithmetic").prompts("train", limit=3, seed=0)
-    ids = tokenize_prompts(engine.tokenizer, prompts)
+    # GSM8K prompts are longer than a KV block (32 tokens on CPU): the second call after a reload would
+    # reuse the old weights' cached prompt blocks if the engine did not drop them.
+    prompts = get_task("gsm8k").prompts("train", limit=3, seed=0)
+    ids = [i[:96] for i in tokenize_prompts(engine.tokenizer, prompts)]  # fits the tiny engine's 256
+    assert min(len(i) for i in ids) > 64
     return ids, engine.sample(ids, n=1, temperature=0.0, top_p=1.0, max_tokens=16, seed=0)
 
 
