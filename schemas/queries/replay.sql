@@ -31,17 +31,8 @@ ranked AS (
     JOIN newest ON newest.run = e.run
     LEFT JOIN uses AS u ON u.run = e.run AND u.group_id = e.group_id
 )
-candidates AS (
-    SELECT run, group_id, policy_version, n, shard_id, recency - $use_penalty * uses AS priority, uses
-    FROM ranked
-    WHERE $max_uses IS NULL OR uses < $max_uses
-),
-cutoff AS (  -- the $groups-th best priority: the tie-break hash is computed only at or above it
-    SELECT min(priority) AS priority
-    FROM (SELECT priority FROM candidates ORDER BY priority DESC LIMIT $groups)
-)
-SELECT c.*
-FROM candidates AS c, cutoff
-WHERE c.priority >= cutoff.priority
-ORDER BY c.priority DESC, hash($seed, c.run, c.group_id), c.run, c.group_id
+SELECT run, group_id, policy_version, n, shard_id, recency - $use_penalty * uses AS priority, uses
+FROM ranked
+WHERE $max_uses IS NULL OR uses < $max_uses
+ORDER BY priority DESC, hash($seed, run, group_id), run, group_id
 LIMIT $groups
