@@ -11,7 +11,8 @@ fast) written through Store.append_rollouts, and a lineage history: every run ha
 
 For each named query (schedule, fresh, replay) a 96-group batch is selected for --repeat different
 runs: DuckDB through select() end to end (connection, both SQL stages, validation, lineage write);
-polars and pandas do the same selection over the same groups summary and fetch the same payload
+polars and pandas do the same selection over the same groups summary ("-rollouts": over per-group
+facts computed from the rollout rows, as one would without that table) and fetch the same payload
 columns for the chosen groups, with GRPO advantages. Each engine runs in its own process, so its peak
 RSS (getrusage) is its own. The chosen groups are checked to agree across engines. Separately, bytes
 per response token are measured on a realistic sample (200-token responses, float32 log-probs,
@@ -148,6 +149,13 @@ PAYLOAD = ["run", "group_id", "rollout_id", "sample_index", "policy_version", "r
            "prompt_token_ids", "response_token_ids", "behaviour_logprobs"]
 
 
+def _version_range(query: str) -> tuple[int, int] | None:
+    """Policy versions a run-scoped query can choose from (replay: every version of every run)."""
+    if query == "replay":
+        return None
+    return (VERSION - PARAMS["fresh"]["max_staleness"] if query == "fresh" else VERSION), VERSION
+
+
 def _polars_groups(root: str, query: str, run: str, summary: bool):
     """Per-group rows (run, group_id, policy_version, n_errors, created_at): recpipe's groups table, or
     (summary=False) computed from the rollouts themselves, as one would without that table."""
@@ -156,9 +164,9 @@ def _polars_groups(root: str, query: str, run: str, summary: bool):
     if summary:
         return pl.scan_parquet(f"{root}/groups/**/*.parquet", hive_partitioning=True)
     rollouts = pl.scan_parquet(f"{root}/rollouts/**/*.parquet", hive_partitioning=True)
-    if query != "replay":
-        low = VERSION - 4 if query == "fresh" else VERSION
-        rollouts = rollouts.filter((pl.col("run") == run) & pl.col("policy_version").is_between(low, VERSION))
+    versions = _version_range(query)
+    if versions is not None:
+        rollouts = rollouts.filter((pl.col("run") == run) & pl.col("policy_version").is_between(*versions))
     return rollouts.group_by(["run", "policy_version", "group_id"]).agg(
         pl.col("reward_error").is_not_null().sum().alias("n_errors"), pl.col("created_at").max())
 
@@ -176,7 +184,7 @@ def polars_select(root: str, query: str, run: str, groups: int, summary: bool = 
                   .join(used_lf, on=["run", "group_id"], how="anti")
                   .sort(["created_at", "group_id"]).head(groups))
     elif query == "fresh":
-        chosen = (eligible.filter((pl.col("run") == run) & pl.col("policy_version").is_between(VERSION - 4, VERSION))
+        chosen = (eligible.filter((pl.col("run") == run) & pl.col("policy_version").is_between(*_version_range(query)))
                   .join(used_lf, on=["run", "group_id"], how="anti")
                   .sort(["policy_version", "created_at", "group_id"], descending=[True, True, False]).head(groups))
     else:
@@ -208,10 +216,9 @@ def _pandas_groups(root: str, query: str, run: str, summary: bool):
 
     # hive folders typed like the columns the files also hold, so pyarrow can prune partitions
     hive = ds.partitioning(pa.schema([("run", pa.string()), ("policy_version", pa.int32())]), flavor="hive")
-    filters = None
-    if query != "replay":
-        low = VERSION - 4 if query == "fresh" else VERSION
-        filters = [("run", "=", run), ("policy_version", ">=", low), ("policy_version", "<=", VERSION)]
+    filters, versions = None, _version_range(query)
+    if versions is not None:
+        filters = [("run", "=", run), ("policy_version", ">=", versions[0]), ("policy_version", "<=", versions[1])]
     if summary:
         return pd.read_parquet(f"{root}/groups", columns=["run", "group_id", "policy_version", "n_errors", "created_at"],
                                partitioning=hive, filters=filters)
