@@ -359,20 +359,35 @@ def retrain(
     model: ModelOpt = None,
 ) -> None:
     """Train a new run from archived rollouts only. Example: recpipe retrain --from-run base --run re1 --preset grpo"""
-    cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model, "loop.steps": steps})
-    if source_run is not None and steps is None:
+    extra = {"loss.preset": preset_, "model.name": model, "loop.steps": steps}
+    cfg = make_config(config, set_, store, run, extra)
+    recorded: list[int] = []
+    if source_run is not None:
+        from recpipe.pipeline import recorded_base_model
         from recpipe.store import Store
 
-        recorded = Store(cfg.store).read("batches", "run = $run", {"run": source_run}).column("step").to_pylist()
+        recorded = sorted(set(Store(cfg.store).read("batches", "run = $run", {"run": source_run})
+                              .column("step").to_pylist())) if Path(cfg.store, ".recpipe-store").is_file() else []
         if not recorded:
             raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
-        cfg.loop.steps = max(recorded) + 1
+        if steps is None:  # every recorded step (given as an override: set on the config it would not travel)
+            extra["loop.steps"] = recorded[-1] + 1
+        # A new run replays the source run's rollouts, token ids of its tokenizer: start from its base model.
+        source_base = recorded_base_model(cfg.store, source_run)
+        if "name" not in cfg.model.model_fields_set and source_base and not recorded_base_model(cfg.store, cfg.run):
+            extra["model.name"] = str(source_base)
+        cfg = make_config(config, set_, store, run, extra)
     _preflight(cfg)
     from flows.pipeline_flows import retrain as retrain_flow
     from recpipe.progress import LoopProgress
 
     with LoopProgress(cfg.loop.steps, console) as progress:
-        retrain_flow(to_params(cfg), source_run=source_run, progress=progress)
+        trained = retrain_flow(to_params(cfg), source_run=source_run, progress=progress)
+    if source_run is not None:
+        wanted = [s for s in recorded if s < cfg.loop.steps]
+        span = f" (steps {wanted[0]}..{wanted[-1]})" if wanted else ""
+        out.print(f"retrain: run {cfg.run} trained {trained} step(s) now; it replays {len(wanted)} of the "
+                  f"{len(recorded)} recorded steps of run {source_run}{span}")
     _summarise(cfg)
 
 

@@ -69,6 +69,11 @@ class TrainConfig(_Section):
         "planner splits only where that saves more padding. None = by device: 64 on CPU (SmolLM2: ~5 ms per "
         "token, ~0.25 s per micro-batch), 1024 on CUDA (a small micro-batch wastes the GPU).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of a training step. None = torch's count when the trainer starts "
+        "(one per core, or OMP_NUM_THREADS). Pinned for every step: float sums depend on how the work is split, "
+        "so the same count gives the same weights in `loop`, `train` and `retrain`, with or without a sampling "
+        "engine in the process.")
     max_bad_steps: int = Field(3, ge=1, description="Consecutive NaN/Inf steps before the trainer stops.")
     keep_every: int = Field(10, ge=1, description="Retention: keep every N-th policy version besides the latest and those still needed.")
     seed: int = Field(0, description="Trainer seed (RED-Drop choices, dropout).")

@@ -93,12 +93,12 @@ class RunContext:
             self.lock.release()
 
 
-def recorded_base_model(cfg: RecpipeConfig) -> Path | None:
+def recorded_base_model(store: str | Path, run: str) -> Path | None:
     """The base model an existing run was started from (its version-0 `policies` row), if any."""
-    root = Path(cfg.store)
+    root = Path(store)
     if not (root / ".recpipe-store").is_file():
         return None
-    rows = Store(root).read("policies", "run = $run AND version = 0", {"run": cfg.run}).to_pylist()
+    rows = Store(root).read("policies", "run = $run AND version = 0", {"run": run}).to_pylist()
     return Path(rows[0]["base_model"]) if rows else None
 
 
@@ -111,7 +111,7 @@ def preflight(cfg: RecpipeConfig) -> tuple[Task, Path]:
 
     task = get_task(cfg.task.name, **cfg.task.options)
     if "name" not in cfg.model.model_fields_set:
-        recorded = recorded_base_model(cfg)
+        recorded = recorded_base_model(cfg.store, cfg.run)
         if recorded is not None and (recorded / "config.json").is_file():
             return task, recorded
     return task, resolve_model(cfg.model.name, cfg.model.cache_dir)

@@ -16,13 +16,21 @@ graphs with torch's inductor cache: vLLM's own AOT cache fails to load on CPU
 ("'function' object has no attribute 'finalize_loading'") and would recompile at
 every start. Scripts that start the engine need an `if __name__ == "__main__":`
 guard (vLLM may spawn).
+
+Process-wide state: vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op when it starts
+("doesn't allow to use torch.set_num_threads after the thread binding"), even in-process, where it binds
+no thread at all, and it sets oneDNN's float32 matmul precision. Left like that, every later training
+step in the process would run with whatever thread count was current, so the loop (engine and trainer
+in one process) and ``recpipe train`` (trainer alone) would compute different weights. The engine puts
+both back once vLLM has started (``_torch_state_kept``); the trainer then pins its own thread count.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +55,23 @@ def set_vllm_env() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")  # broken on CPU: see the module docstring
+
+
+@contextmanager
+def _torch_state_kept() -> Iterator[None]:
+    """Restore the torch settings vLLM's start-up changes for the whole process (module docstring)."""
+    import torch
+
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    mkldnn_matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    fp32_precision = getattr(mkldnn_matmul, "fp32_precision", None)
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+        if fp32_precision is not None:
+            mkldnn_matmul.fp32_precision = fp32_precision
 
 
 def _repack_tied_lm_head(worker: Any) -> bool:
@@ -97,15 +122,16 @@ class VLLMEngine:
             llm_kwargs.setdefault("max_num_batched_tokens", max(4096, max_model_len))
             llm_kwargs.setdefault("block_size", 32)  # the CPU attention kernel's smallest block
             llm_kwargs.setdefault("enable_prefix_caching", True)
-        self.llm = LLM(
-            str(checkpoint),
-            dtype=dtype,
-            seed=seed,
-            max_model_len=max_model_len,
-            enforce_eager=enforce_eager,
-            logprobs_mode="processed_logprobs",  # log-probs after temperature / top-p: the behaviour policy
-            **llm_kwargs,
-        )
+        with _torch_state_kept():
+            self.llm = LLM(
+                str(checkpoint),
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                logprobs_mode="processed_logprobs",  # log-probs after temperature / top-p: the behaviour policy
+                **llm_kwargs,
+            )
         self.tokenizer = self.llm.get_tokenizer()
         self.last_load_seconds: float | None = None
 

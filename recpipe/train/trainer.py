@@ -99,6 +99,21 @@ def _seeded(device: torch.device, seed: int) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Compute with exactly ``count`` intra-op threads, then put the process's count back (a sampling
+    engine in the same process keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    if torch.get_num_threads() != count:  # e.g. vLLM's CPU worker turns set_num_threads into a no-op
+        raise RuntimeError(f"torch.set_num_threads({count}) had no effect (threads stay {torch.get_num_threads()}): "
+                           "something in this process replaced it, and training would not be reproducible")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _non_finite_inputs(samples: list[Sample]) -> str | None:
     for s in samples:
         for name, value in (("advantage", s.advantage), ("weight", s.weight)):
@@ -147,6 +162,7 @@ class Trainer:
         self.device = resolve_device(self.cfg.device)
         overhead = self.cfg.micro_batch_overhead_tokens
         self._overhead_tokens = overhead if overhead is not None else DEFAULT_OVERHEAD_TOKENS[self.device.type]
+        self._threads = self.cfg.threads or torch.get_num_threads()
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._version = 0
@@ -292,7 +308,7 @@ class Trainer:
         metrics: dict[str, float] = {}
         if reason is None:
             try:
-                with _seeded(self.device, _step_seed(self.cfg.seed, step)):
+                with _threads(self._threads), _seeded(self.device, _step_seed(self.cfg.seed, step)):
                     metrics, reason = self._accumulate_gradients(samples, plan)
                     if reason is None:
                         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
@@ -324,7 +340,8 @@ class Trainer:
                                   self._overhead_tokens if overhead_tokens is None else overhead_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            _, reason = self._accumulate_gradients(samples, plan)
+            with _threads(self._threads):
+                _, reason = self._accumulate_gradients(samples, plan)
             if reason is not None:
                 raise ValueError(f"batch gives no gradient: {reason}")
             return {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}

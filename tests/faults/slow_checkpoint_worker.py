@@ -25,7 +25,6 @@ def slow_save(obj, f, *args, **kwargs):  # noqa: ANN001 - torch.save's own signa
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     torch.save = slow_save
     root, model, run, steps = sys.argv[1:5]
     run_steps(Store(root), Path(model), run, int(steps))

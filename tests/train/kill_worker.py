@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from train_batches import random_batch
 
 from recpipe.algorithms import preset
@@ -17,7 +16,7 @@ from recpipe.config import TrainConfig
 from recpipe.store import Store
 from recpipe.train import Trainer
 
-CONFIG = TrainConfig(lr=1e-3, micro_batch_tokens=48, seed=7, keep_every=4)
+CONFIG = TrainConfig(lr=1e-3, micro_batch_tokens=48, seed=7, keep_every=4, threads=1)
 PRESET = "rec-oneside-is"
 
 
@@ -31,6 +30,5 @@ def run_steps(store: Store, model: Path, run: str, steps: int) -> int:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)  # as the in-process runs of the test (conftest.one_thread)
     root, model, run, steps = sys.argv[1:5]
     run_steps(Store(root), Path(model), run, int(steps))
