@@ -1,24 +1,22 @@
-"""The read-only DuckDB connection selection runs on: Store.connect()'s views, bound more cheaply.
+"""The read-only DuckDB connection selection runs on: Store.connect(read_only=True)'s tables, cheaper.
 
     con = selection_connection(store, rollouts=False)            # groups, batches, policies, steps, evals
     con = selection_connection(store, rollouts=False, run="a")   # the same, holding only run a's rows
     ...
     con.close()
 
-Why not ``store.connect(read_only=True)``: DuckDB binds a view when it is created, and a view with
-``union_by_name = true`` reads the footer of every file it globs. With 800 partitions that costs
-0.2-0.6 s per connection and again ~0.1 s per query on the view - more than the whole selection.
-Here ``union_by_name`` is used only for tables that have schema migrations (schemas/tables.yaml:
-files of several schema versions), and the big ``rollouts`` view is only created when the
-statement needs it (a user's SQL file, or the exclude_truncated filter); the second stage reads the
-chosen partitions' files by path and needs no view. A query whose header says ``-- scope: run``
-(schedule, fresh) gets views over its run's folders only: every table is partitioned by run first,
-so the other runs' files are not even listed. Same lock-down as Store.connect(read_only=True).
+Every table is a recpipe.store.datasets.TableDataset: nothing is listed or read until a statement
+scans the table, then only the partition folders the statement's filters keep are listed and only
+the columns it names are read, page checksums verified. A query whose header says ``-- scope: run``
+(schedule, fresh) gets tables over its run's folders only: every table is partitioned by run first,
+so the other runs' files are not even listed. The big ``rollouts`` table is registered only when the
+statement may need it (a user's SQL file, or the exclude_truncated filter); the second stage reads
+the chosen partitions' files itself (selection._responses) and needs no table.
 
 Opening a DuckDB database costs 30-40 ms, as much as a whole run-scoped selection, so one locked-down
-in-memory database is kept per store and every call gets a fresh cursor (its own connection) holding
-TEMP views (2 ms to create): registered relations and views stay private to the cursor, and each
-call sees the store's files as they are now.
+in-memory database (recpipe.store.sql.lock_down: no file system access at all) is kept per process
+and every call gets a fresh cursor (its own connection): registered relations stay private to the
+cursor, and each scan sees the store's files as they are now.
 
 One more relation, ``versions`` (run, policy_version): the policy versions that have rollouts in the
 archive, read from the groups table's folder names (1 ms for 800 partitions) instead of its files
@@ -29,29 +27,18 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
-from recpipe.schema import migrations, table_names, table_spec
-from recpipe.store import Store, duck_type, sql_str
-from recpipe.store.sql import lock_down
+from recpipe.schema import table_names
+from recpipe.store import Store
+from recpipe.store.datasets import TableDataset
+from recpipe.store.sql import locked_connection
 
-CACHED_DATABASES = 4  # one per store a process selects from
-_databases: OrderedDict[str, duckdb.DuckDBPyConnection] = OrderedDict()
-_databases_lock = threading.Lock()
-
-
-def _files_pattern(table: str, run: str | None) -> str:
-    """Glob of a table's files below its folder, e.g. ``run=*/policy_version=*/*.parquet``."""
-    levels = [f"{c}=*" for c in table_spec(table).partition_by]
-    if run is not None:
-        if levels[:1] != ["run=*"]:
-            raise ValueError(f"table {table!r} is not partitioned by run first; a run-scoped view cannot be built")
-        levels[0] = f"run={run}"
-    return "/".join([*levels, "*.parquet"])
+_database_con: duckdb.DuckDBPyConnection | None = None  # shared by every store: it holds no paths
+_database_lock = threading.Lock()
 
 
 def archive_versions(store: Store, run: str | None = None) -> pa.Table:
@@ -74,45 +61,25 @@ def archive_versions(store: Store, run: str | None = None) -> pa.Table:
     return pa.table({"run": pa.array(runs, pa.string()), "policy_version": pa.array(versions, pa.int32())})
 
 
-def _database(store: Store) -> duckdb.DuckDBPyConnection:
-    """The store's locked-down in-memory database (reads only inside the store, settings frozen)."""
-    key = str(store.root)
-    with _databases_lock:
-        if key not in _databases:
-            con = duckdb.connect()
-            lock_down(con, store.root)
-            _databases[key] = con
-        _databases.move_to_end(key)
-        while len(_databases) > CACHED_DATABASES:
-            _databases.popitem(last=False)  # dropped, not closed: closing would close cursors in use
-        return _databases[key].cursor()
+def _database() -> duckdb.DuckDBPyConnection:
+    """A cursor on the process's locked-down in-memory database (no file access, settings frozen)."""
+    global _database_con
+    with _database_lock:
+        if _database_con is None:
+            _database_con = locked_connection()
+        return _database_con.cursor()
 
 
 def selection_connection(store: Store, *, rollouts: bool, run: str | None = None) -> duckdb.DuckDBPyConnection:
-    """A locked-down connection with one view per table (rollouts only if ``rollouts``) and the
-    ``versions`` relation. Close it after use.
+    """A locked-down connection with one table per archive table (rollouts only if ``rollouts``) and
+    the ``versions`` relation. Close it after use.
 
     run: only that run's partitions (the caller checked the name: letters, digits, ``_ . -``).
     """
-    migrated = {table for changes in migrations().values() for table in changes}
-    con = _database(store)
+    con = _database()
     for table in table_names():
         if table == "rollouts" and not rollouts:
             continue
-        spec = table_spec(table)
-        pattern = _files_pattern(table, run)
-        if next(store.table_dir(table).glob(pattern), None) is not None:  # stops at the first file
-            hive_types = ", ".join(
-                f"{sql_str(c)}: {sql_str(duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
-            )
-            union = "true" if table in migrated else "false"
-            # DDL takes no prepared parameters; the glob is a path inside the store, quoted.
-            con.execute(
-                f"CREATE TEMP VIEW {table} AS SELECT * FROM read_parquet("
-                f"{sql_str(str(store.table_dir(table) / pattern))}, hive_partitioning = true, "
-                f"hive_types = {{{hive_types}}}, union_by_name = {union})"
-            )
-        else:
-            con.register(table, spec.schema.empty_table())  # no files yet: an empty table of the schema
+        con.register(table, TableDataset(store.root, table, run=run))
     con.register("versions", archive_versions(store, run))
     return con

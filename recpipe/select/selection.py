@@ -9,7 +9,8 @@ Two stages, both SQL (schemas/queries):
    composed as ``WITH eligible AS (_eligible.sql) SELECT * FROM (<query>)`` so it can use the shared
    filters; a user's .sql file runs through the read-only guard of recpipe.store.sql, and its result
    is checked (recpipe.select.validate);
-2. ``_advantages.sql`` reads the chosen groups' responses - only their partitions' files, only the
+2. ``_advantages.sql`` reads the chosen groups' responses - read by pyarrow from their partitions' files
+   only (``_responses``; the SQL connection itself has no file access), only the
    columns it needs - and computes advantage and weight with window functions over each group.
 The batch is then recorded in ``batches`` (one row per response, shard ``step-<step>``). If that shard
 already exists, select() returns the recorded batch instead of choosing again: a loop that crashed
@@ -35,6 +36,7 @@ from recpipe.select.connection import selection_connection
 from recpipe.select.queries import Param, Query, QueryError, load_query
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
 from recpipe.store import Store, StoreError, file_shards
+from recpipe.store.datasets import LISTING_ATTEMPTS, parquet_files, read_files
 from recpipe.store.sql import check_read_only, run_read_only
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as RecpipeConfig.run; also safe inside a glob
@@ -48,8 +50,6 @@ def _param_table(*queries: Query) -> dict[str, Param]:
     merged: dict[str, Param] = {}
     for q in queries:
         for name, param in q.params.items():
-            if name == "files":
-                continue  # _advantages' file list is computed, never given
             other = merged.get(name)
             if other is not None and other.type != param.type and "ANY" not in (other.type, param.type):
                 raise QueryError(f"parameter {name!r} is {other.type} in one query and {param.type} in {q.name}")
@@ -137,7 +137,7 @@ def _one_select(con: duckdb.DuckDBPyConnection, query: Query) -> None:
                          f"found {len(statements)} statement(s)")
 
 
-def _rollout_files(store: Store, groups: pa.Table) -> list[str]:
+def _rollout_files(store: Store, groups: pa.Table) -> list[Path]:
     """Rollouts files holding the chosen groups: partition pruning (run, policy_version) done up front,
     and within a partition only the groups' shard files when their shard ids are known (a compacted
     partition's merged files hold every shard)."""
@@ -146,16 +146,43 @@ def _rollout_files(store: Store, groups: pa.Table) -> list[str]:
     for run, version, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
                                    shard_ids, strict=True):
         shards.setdefault((run, version), set()).add(shard)
-    files: list[str] = []
+    files: list[Path] = []
     for (run, version), wanted in sorted(shards.items()):
-        folder = store.partition_dir("rollouts", {"run": run, "policy_version": version})
-        present = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+        present = parquet_files(store.partition_dir("rollouts", {"run": run, "policy_version": version}))
         if None not in wanted:
             exact = [p for p in present if p.stem in wanted]
             if len(exact) == len(wanted):
                 present = exact
-        files.extend(str(p) for p in present)
+        files.extend(present)
     return files
+
+
+# The rollouts columns _advantages.sql reads; nothing else of the token payload files is decoded.
+RESPONSE_COLUMNS = ("run", "group_id", "rollout_id", "sample_index", "policy_version", "reward", "generator",
+                    "finish_reason", "response_length", "prompt_token_ids", "response_token_ids",
+                    "behaviour_logprobs")
+
+
+def _responses(store: Store, chosen: pa.Table, query: str) -> pa.Table:
+    """The chosen groups' rows of the rollouts table, read by pyarrow from their partitions' files.
+
+    The file list is taken again if a file vanished between listing and reading (compaction swapped
+    its partition folder meanwhile: the merged file holds the same rows).
+    """
+    wanted = pc.field("group_id").isin(pa.array(sorted(set(chosen.column("group_id").to_pylist())), pa.string()))
+    for attempt in range(LISTING_ATTEMPTS):
+        files = _rollout_files(store, chosen)
+        if not files:
+            raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
+                                 "a rollouts file is missing - run `recpipe doctor`")
+        try:
+            return read_files(files, "rollouts", columns=RESPONSE_COLUMNS, filter=wanted, root=store.root)
+        except FileNotFoundError:
+            if attempt == LISTING_ATTEMPTS - 1:
+                raise
+        except OSError as exc:
+            raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({exc})") from None
+    raise AssertionError("unreachable")
 
 
 def _lookup_groups(con: duckdb.DuckDBPyConnection, keys: pa.Table, query: str, timeout_s: float | None) -> pa.Table:
@@ -214,23 +241,17 @@ def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, 
                 query: str, timeout_s: float | None) -> pa.Table:
     """Stage 2 over ``chosen`` (run, group_id, policy_version, weight)."""
     stage = load_query("_advantages")
-    files = _rollout_files(store, chosen)
-    if not files:
-        raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
-                             "a rollouts file is missing - run `recpipe doctor`")
     sql = stage.body
-    stage_values = {**values, "files": files}
+    con.register("chosen_rollouts", _responses(store, chosen, query))
     con.register("chosen", chosen.select(["run", "group_id", "weight", "position"]))
     try:
-        return run_read_only(con, sql, _statement_values(con, sql, stage_values), timeout_s=timeout_s)
+        return run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
     except duckdb.ConversionException as exc:
         raise SelectionError(f"{query}: a chosen group has a reward that is not a finite number with "
                              f"|reward| * group size < 1e10 ({str(exc).splitlines()[0]})") from None
-    except (duckdb.IOException, duckdb.InvalidInputException) as exc:
-        raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({str(exc).splitlines()[0]}); "
-                             "run `recpipe doctor` to find and quarantine damaged files") from None
     finally:
         con.unregister("chosen")
+        con.unregister("chosen_rollouts")
 
 
 def _assemble(table: pa.Table) -> pa.Table:
@@ -381,7 +402,7 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
     first = lineage.slice(0, 1).to_pylist()[0]
     params = json.loads(first["params"])
     stage2 = load_query("_advantages")
-    values = {name: params.get(name, p.default) for name, p in stage2.params.items() if name != "files"}
+    values = {name: params.get(name, p.default) for name, p in stage2.params.items()}
     values["step"] = params.get("step", step)
     if recompute:
         values.update(recompute)
@@ -395,7 +416,7 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
         "position": pa.array(range(len(keys)), pa.int32()),  # the recorded batch order
     })
     where = f"lineage of run {run!r} step {step}"
-    con = selection_connection(store, rollouts=False, run=run)  # stage 2 reads files by path
+    con = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
     try:
         found = _advantages(con, store, chosen, values, where, timeout_s)
     finally:

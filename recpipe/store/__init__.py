@@ -2,7 +2,7 @@
 
     store = Store.create("store")
     store.append("rollouts", rows, shard_id="abc123")   # atomic, idempotent per shard
-    con = store.connect()                                # DuckDB views over every table
+    con = store.connect()                                # DuckDB with every table registered
     con.sql("SELECT policy_version, avg(reward) FROM rollouts GROUP BY 1").show()
 
 Layout: ``<root>/<table>/<col>=<value>/.../<shard_id>.parquet`` (zstd), one
@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recpipe.schema import SCHEMA_VERSION, conform, table_names, table_spec
+from recpipe.store.datasets import TableDataset, damaged
 from recpipe.store.files import StoreWriteError, commit_parquet, fsync_dir
 from recpipe.store.lock import RunLock, RunLocked
 
@@ -35,18 +36,6 @@ MARKER = ".recpipe-store"
 
 class StoreError(ValueError):
     """The store is missing, not a recpipe store, or asked for something it cannot do."""
-
-
-def duck_type(arrow_type: pa.DataType) -> str:
-    if pa.types.is_int32(arrow_type):
-        return "INTEGER"
-    if pa.types.is_int64(arrow_type):
-        return "BIGINT"
-    return "VARCHAR"
-
-
-def sql_str(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 class Store:
@@ -156,49 +145,55 @@ class Store:
         part = self.partition_dir(table, values)
         single = part / f"{shard_id}.parquet"
         if single.exists():
-            return pq.read_table(single)
+            return self._read_file(single)
         for f in part.glob("compact-*.parquet"):
             if shard_id in file_shards(f):
-                return pq.read_table(f).filter(pc.field("shard_id") == shard_id)
+                return self._read_file(f).filter(pc.field("shard_id") == shard_id)
         raise StoreError(f"{table}: shard {shard_id!r} not found in {part}")
 
-    # ---- reads -------------------------------------------------------------------------------
-    def connect(self, *, read_only: bool = False, timeout_s: float | None = None) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with one view per table (empty tables included)."""
-        from recpipe.store.sql import lock_down
+    def _read_file(self, path: Path) -> pa.Table:
+        try:
+            return pq.read_table(path, page_checksum_verification=True)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(damaged(path, exc, self.root)) from None
 
-        con = duckdb.connect()
-        for table in table_names():
-            spec = table_spec(table)
-            if any(self.table_dir(table).glob("**/*.parquet")):
-                hive_types = ", ".join(
-                    f"{sql_str(c)}: {sql_str(duck_type(spec.schema.field(c).type))}" for c in spec.partition_by
-                )
-                try:
-                    con.execute(
-                        f"CREATE VIEW {table} AS SELECT * FROM read_parquet({sql_str(self.glob(table))}, "
-                        f"hive_partitioning = true, hive_types = {{{hive_types}}}, union_by_name = true)"
-                    )
-                except duckdb.Error as exc:
-                    con.close()
-                    first = str(exc).splitlines()[0]
-                    raise StoreError(
-                        f"table {table!r} cannot be read: {first}; run `recpipe doctor --store {self.root}` "
-                        "to list damaged files and `--repair` to quarantine them"
-                    ) from None
-            else:
-                empty = spec.schema.empty_table()  # noqa: F841 - referenced by name in the SQL below
-                con.execute(f"CREATE TABLE {table} AS SELECT * FROM empty")
-        if read_only:
-            lock_down(con, self.root)
+    # ---- reads -------------------------------------------------------------------------------
+    def connect(self, *, read_only: bool = False, tables: list[str] | None = None,
+                check_files: bool | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with every table (or only ``tables``) registered by name.
+
+        Tables are pyarrow datasets over the table's files (recpipe.store.datasets.TableDataset), listed
+        afresh by each query that reads them, with page checksums verified. read_only: the connection is
+        locked down (recpipe.store.sql: no file access, no settings changes) - for user SQL.
+        check_files (default: not read_only): read every file's footer now and raise StoreError naming
+        a damaged one. Off for read-only SQL, so one damaged file fails only the queries on its table.
+        """
+        from recpipe.store.sql import locked_connection
+
+        names = table_names() if tables is None else tables
+        if check_files if check_files is not None else not read_only:
+            for table in names:
+                for path in self.files(table):
+                    try:
+                        pq.read_metadata(path)
+                    except (OSError, pa.ArrowException) as exc:
+                        raise StoreError(f"table {table!r}: " + damaged(path, exc, self.root)) from None
+        con = locked_connection() if read_only else duckdb.connect()
+        for table in names:
+            con.register(table, TableDataset(self.root, table))
         return con
 
     def read(self, table: str, where: str | None = None, params: dict[str, Any] | None = None) -> pa.Table:
         """Rows of ``table`` (optionally filtered by a SQL ``where`` with $params) as Arrow."""
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "")
-        con = self.connect()
+        con = self.connect(tables=[table], check_files=False)
         try:
             return con.sql(sql, params=params or None).to_arrow_table()
+        except duckdb.Error as exc:
+            text = str(exc).split(". Detail: Python exception")[0]
+            if "recpipe doctor" in text:
+                raise StoreError(text) from None
+            raise
         finally:
             con.close()
 

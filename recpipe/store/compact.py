@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recpipe.schema import conform, table_spec
+from recpipe.store.datasets import damaged
 from recpipe.store.files import TMP_SUFFIX, StoreWriteError, commit_parquet, fsync_dir
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def _partitions(store: Store, table: str, run: str | None) -> list[Path]:
 
 def compact_partition(store: Store, table: str, partition: Path, min_files: int = 2) -> int:
     """Merge the Parquet files of one partition folder; returns the number of files merged."""
-    from recpipe.store import SHARDS_KEY, file_shards
+    from recpipe.store import SHARDS_KEY, StoreError, file_shards
 
     files = sorted(p for p in partition.glob("*.parquet") if not p.name.startswith("."))
     if len(files) < min_files:
@@ -55,8 +56,11 @@ def compact_partition(store: Store, table: str, partition: Path, min_files: int 
     shards: list[str] = []
     parts = []
     for f in files:
-        shards.extend(file_shards(f))
-        parts.append(conform(table, pq.read_table(f)))
+        try:
+            shards.extend(file_shards(f))
+            parts.append(conform(table, pq.read_table(f, page_checksum_verification=True)))
+        except (OSError, pa.ArrowException) as exc:  # never merge a damaged file into a good one
+            raise StoreError(damaged(f, exc, store.root)) from None
     merged = pa.concat_tables(parts)
     key = [c for c in table_spec(table).key if c in merged.column_names]
     if key:

@@ -104,9 +104,12 @@ def commit_parquet(final: Path, table: pa.Table, *, metadata: dict[str, str] | N
     split = [leaf(f) for f in table.schema if float_list(f)]
     dictionary = [leaf(f) for f in table.schema if not float_list(f)]
 
+    # Page checksums (CRC32 per page, checked by every reader: recpipe.store.datasets): a flipped
+    # bit in a data page becomes an error naming the file instead of different numbers.
     def write(tmp: Path) -> None:
         pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=64 * 1024,
-                       use_byte_stream_split=split or False, use_dictionary=dictionary)
+                       use_byte_stream_split=split or False, use_dictionary=dictionary,
+                       write_page_checksum=True)
 
     return commit_file(final, write, overwrite=overwrite)
 

@@ -1,41 +1,68 @@
-"""Read-only SQL over the archive, for ``recpipe sql`` and user selection queries.
+"""Read-only SQL over the archive, for ``recpipe sql``, ``recpipe.connect()`` and user selection queries.
 
 Defence in depth, each layer tested in tests/store/test_sql.py:
-1. only SELECT-like statements (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN)
-   run; DuckDB's own parser classifies them, so no regex guesses;
-2. the connection is in memory and may read files only inside the store
-   (``allowed_directories`` + ``enable_external_access = false``), may not load
-   or install extensions, and its configuration is then locked;
-3. a query running longer than the timeout is interrupted.
+1. only SELECT-like statements (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) run; DuckDB's own
+   parser classifies them, so no regex guesses;
+2. the connection has no file system access at all: ``enable_external_access = false`` with no
+   allowed directories, no temp directory (it does not spill; DuckDB would otherwise allow its temp
+   directory for reads and writes), no extension loading, and its configuration is then locked. So
+   whatever a statement manages to run - ``EXPLAIN ANALYZE`` executes its inner statement, COPY
+   included - cannot open a file, inside the store or outside. The tables are the interface: they
+   reach DuckDB as Python objects (recpipe.store.datasets.TableDataset), which read the files
+   themselves; ``read_parquet``/``read_text``/``COPY``/``ATTACH`` on a path are refused;
+3. memory is bounded (``memory_limit``, default min(25% of RAM, 4 GB)) and a query running longer
+   than the timeout is interrupted.
 """
 
 from __future__ import annotations
 
+import os
 import threading
-from pathlib import Path
 from typing import Any
 
 import duckdb
 import pyarrow as pa
 
+from recpipe.schema import table_names
+
 READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+MEMORY_LIMIT_CAP = 4 * 1024**3
 
 
 class QueryRefused(ValueError):
-    """The statement would write, reach outside the store or change settings."""
+    """The statement would write, touch a file or change settings."""
 
 
 class QueryTimeout(TimeoutError):
     """The query ran past its time limit and was interrupted."""
 
 
-def lock_down(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    """Allow reads only under ``root``; no extensions; freeze every setting."""
+def default_memory_limit() -> str:
+    """min(25% of physical memory, 4 GB), in MiB as DuckDB takes it."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 4 * MEMORY_LIMIT_CAP
+    return f"{min(ram // 4, MEMORY_LIMIT_CAP) // 2**20}MiB"
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, memory_limit: str | None = None) -> None:
+    """No file system access, no extensions, bounded memory; then freeze every setting."""
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
-    con.execute("SET allowed_directories = $dirs", {"dirs": [str(root) + "/"]})
+    con.execute("SET memory_limit = $m", {"m": memory_limit or default_memory_limit()})
+    # No temp directory: DuckDB adds it to the allowed directories once external access is off
+    # (COPY could write there), and the in-memory default would be `.tmp` in the current directory.
+    con.execute("SET temp_directory = ''")
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
+
+
+def locked_connection(memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A fresh in-memory DuckDB connection, locked down (see ``lock_down``)."""
+    con = duckdb.connect()
+    lock_down(con, memory_limit)
+    return con
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
@@ -74,10 +101,25 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, An
             con.execute(statement.query)
         return con.sql(statements[-1].query, params=params or None).to_arrow_table()
     except duckdb.PermissionException as exc:
-        raise QueryRefused(f"refused: {exc}".split("\n")[0]) from None
+        first = str(exc).split("\n")[0]
+        if "disabled by configuration" in first and "file" in first:
+            raise QueryRefused(f"refused: {first}. SQL here cannot read or write files; the tables are the "
+                               f"interface: query {', '.join(table_names())}") from None
+        raise QueryRefused(f"refused: {first}") from None
     except duckdb.InterruptException:
         if timed_out.is_set():
             raise QueryTimeout(f"query interrupted after {timeout_s:g} s (time limit)") from None
+        raise
+    except duckdb.OutOfMemoryException as exc:
+        limit = con.sql("SELECT current_setting('memory_limit')").fetchone()[0]
+        raise duckdb.OutOfMemoryException(
+            f"query needs more than the memory limit ({limit}); read-only SQL does not spill to disk - "
+            f"select fewer columns or rows ({str(exc).splitlines()[0]})") from None
+    except duckdb.Error as exc:
+        # A damaged file raises inside the table's Python scan; keep its message, drop the traceback.
+        text = str(exc)
+        if "Detail: Python exception" in text:
+            raise type(exc)(text.split(". Detail: Python exception")[0]) from None
         raise
     finally:
         if timer:

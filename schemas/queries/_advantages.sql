@@ -1,9 +1,9 @@
 -- name: _advantages
 -- description: Second stage of every selection: the responses of the chosen groups with their
 --   advantage A_i and selection weight s_i (docs/algorithms.md), plus the payload the trainer needs.
---   select() registers the first stage's result as `chosen` (run, group_id, weight, position) and passes the
---   Parquet files of the chosen (run, policy_version) partitions only, so no other partition is read,
---   and of those files only the columns named here.
+--   select() registers the first stage's result as `chosen` (run, group_id, weight, position) and the
+--   chosen groups' responses as `chosen_rollouts`, read from the chosen (run, policy_version) partitions'
+--   files only, and of those files only the columns named here (selection.RESPONSE_COLUMNS).
 --
 --   Advantages, per group (window over run, group_id):
 --     mean/std over the kept responses; A = r - mean, or (r - mean) / (std + 1e-6) with std_normalize
@@ -19,7 +19,6 @@
 --   Weight: s_i = chosen.weight * exp(-staleness_decay * staleness), staleness = max(0,
 --   current_version - policy_version). RED-Weight's exp(A / temp) is the loss's token weight w_t
 --   (LossConfig.weight = 'advantage'), not a selection weight, so it is not applied here.
--- param files: VARCHAR[]               -- rollouts files of the chosen partitions (select() fills it)
 -- param step: INTEGER                  -- the training step (select() fills it; seeds RED-Drop)
 -- param seed: BIGINT = 0               -- RED-Drop seed
 -- param std_normalize: BOOLEAN = false -- divide by the group's population std + 1e-6 (GRPO)
@@ -39,8 +38,7 @@ WITH responses AS (
            r.generator.temperature AS temperature, r.generator.top_p AS top_p,
            r.finish_reason, r.response_length,
            r.prompt_token_ids, r.response_token_ids, r.behaviour_logprobs
-    FROM read_parquet($files, hive_partitioning = true, union_by_name = true,
-                      hive_types = {'run': 'VARCHAR', 'policy_version': 'INTEGER'}) AS r
+    FROM chosen_rollouts AS r
     JOIN chosen AS c ON c.run = r.run AND c.group_id = r.group_id
 ),
 totals AS (

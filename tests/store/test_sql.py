@@ -27,9 +27,10 @@ def test_select_runs(store):
     assert out.to_pylist() == [{"n": 0}]
     assert run_read_only(con, "WITH a AS (SELECT 1 AS x) SELECT * FROM a").num_rows == 1
     assert run_read_only(con, "DESCRIBE rollouts").num_rows > 10
-    # Reading the store's own files directly is allowed.
+    # Reading the store's own files directly is refused: the tables are the interface.
     glob = str(store.root / "rollouts" / "**" / "*.parquet")
-    assert run_read_only(con, f"SELECT count(*) AS n FROM read_parquet('{glob}')").to_pylist() == [{"n": 8}]
+    with pytest.raises(QueryRefused, match="cannot read or write files; the tables are the interface"):
+        run_read_only(con, f"SELECT count(*) AS n FROM read_parquet('{glob}')")
 
 
 HOSTILE = {
