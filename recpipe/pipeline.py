@@ -79,11 +79,29 @@ class RunContext:
         return self._trainer
 
     def engine_for(self, version: int) -> Any:
-        """The process's sampling engine, holding ``version``'s weights (swapped in place, no restart)."""
-        return _engine_with(self.cfg, self.model_path, self.checkpoint(version))
+        """The process's sampling engine, holding ``version``'s weights (swapped in place, no restart).
+
+        A store version's files are checked against its manifest each time they are loaded into the engine.
+        """
+        return _engine_with(self.cfg, self.model_path, self.checkpoint(version), version=version)
 
     def checkpoint(self, version: int) -> Path:
-        return self.model_path if version == 0 else self.trainer.checkpoint_path(version)
+        """The directory of ``version`` (0: the base model); CheckpointError saying what to do if it is gone."""
+        if version == 0:
+            return self.model_path
+        from recpipe.train import checkpoint as ckpt
+
+        path = self.trainer.checkpoint_path(version)
+        if not ckpt.is_complete(path):
+            on_disk = sorted(ckpt.version_dirs(self.store, self.cfg.run))
+            current = self.trainer.current_version
+            why = (f"not trained yet, the run is at v{current:06d}" if version > current else
+                   "deleted" if not path.exists() else "incomplete, a file of it was deleted")
+            raise ckpt.CheckpointError(
+                f"run {self.cfg.run!r}: version v{version:06d} is needed to sample from but is gone from "
+                f"{path.parent} ({why}; versions on disk: {', '.join(f'v{v:06d}' for v in on_disk) or 'none'}). "
+                f"{ckpt.what_to_do(path)}")
+        return path
 
     def close(self) -> None:
         if self._trainer is not None:
@@ -128,12 +146,17 @@ class _LoadedEngine:
 _ENGINES: dict[tuple[Any, ...], _LoadedEngine] = {}
 
 
-def _engine_with(cfg: RecpipeConfig, base_model: Path, weights: Path) -> Any:
+def _engine_with(cfg: RecpipeConfig, base_model: Path, weights: Path, version: int = 0) -> Any:
     from recpipe.generate import make_engine
+    from recpipe.train import checkpoint as ckpt
 
     g = cfg.generate
     key = (str(base_model), g.backend, g.seed, g.max_model_len, g.enforce_eager)
     loaded = _ENGINES.get(key)
+    if version and (loaded is None or loaded.weights != weights):
+        # Version 0 is the user's base model, not the store's: it has no manifest. The optimizer state
+        # is the trainer's to check (the engine never reads it); ~0.6 s for SmolLM2's weights.
+        ckpt.check_checkpoint(weights, version, optimizer="skip")
     if loaded is None:
         engine = make_engine(weights, backend=g.backend, seed=g.seed, max_model_len=g.max_model_len,
                              model_name=cfg.model.name, enforce_eager=g.enforce_eager)
@@ -287,8 +310,16 @@ def select_batch(ctx: RunContext, step: int, query: str | None = None, params: d
 
 
 def needed_versions(ctx: RunContext, from_step: int) -> set[int]:
-    """Versions the generator will still sample from (kept by checkpoint retention)."""
-    return {schedule_version(ctx, s) for s in range(from_step, ctx.cfg.loop.steps)}
+    """Versions the generator may still sample from at step ``from_step`` or later (kept by retention).
+
+    Not bounded by loop.steps: the same loop called again with more steps continues the schedule and
+    samples from versions this call's own steps never used (3 steps with k=2, o=1 end at v3; step 3 uses v2).
+    """
+    from recpipe.train.checkpoint import future_versions
+
+    loop = ctx.cfg.loop
+    return future_versions(lambda s: schedule_version(ctx, s), from_step, ctx.trainer.current_version,
+                           max_lag=loop.sync_interval + loop.sync_offset)
 
 
 def train_step(ctx: RunContext, step: int, batch: Any) -> Any:

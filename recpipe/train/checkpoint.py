@@ -6,22 +6,36 @@ A version v >= 1 is the directory ``store.checkpoint_dir(run, v)``, committed in
     tokenizer files                                          copied from the base model
     optimizer.pt                                             AdamW state + RNG state (latest version only)
     trainer_state.json                                       step counters and the policies/steps rows
+    manifest.json                                            size and sha256 of every other file
 
 Commit order of an applied step: checkpoint dir -> ``policies`` row -> ``steps`` row. A crash
 between them leaves a committed dir without its rows; ``recover_rows`` re-appends them from
 ``trainer_state.json`` (appends are idempotent per shard id, so nothing is ever written twice).
 Version 0 is the base model itself: a ``policies`` row pointing at its directory, no copy.
+
+Integrity: a committed dir can still be damaged later (a bad disk, a stray write). Every load of a
+store version (trainer resume, sampling engine) first checks the files against ``manifest.json``
+(``check_checkpoint``); ``verify_checkpoint`` lists the problems for ``recpipe doctor``. sha256
+runs at ~0.9 GB/s on one core with SHA-NI: ~0.6 s for SmolLM2-135M's 538 MB of weights.
+
+Retention keeps the latest two versions, every keep_every-th, and every version a later step of the
+same schedule can still sample from (``future_versions``), whatever the run's length: a loop
+extended with more steps must find them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +43,15 @@ import torch
 
 from recpipe.schema import SCHEMA_VERSION
 from recpipe.store import Store
-from recpipe.store.files import commit_dir, fsync_dir
+from recpipe.store.files import StoreWriteError, commit_dir, fsync_dir
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
 STATE_FORMAT = 1
+MANIFEST_FORMAT = 1
+HASH = "sha256"
 _TOKENIZER_FILES = ("special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
                     "added_tokens.json", "tokenizer.model")
 _VERSION_DIR = re.compile(r"^v(\d{6})$")
@@ -118,22 +135,153 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 def write_checkpoint(final: Path, model: torch.nn.Module, tokenizer_dir: Path, optimizer_state: dict[str, Any],
                      state: dict[str, Any]) -> None:
-    """Commit one version dir atomically (see the module docstring for its files)."""
+    """Commit one version dir atomically (see the module docstring for its files).
+
+    Raises StoreWriteError (nothing committed) when a file cannot be written, e.g. the disk is full.
+    """
     from transformers.utils import logging as hf_logging
 
     def write(tmp: Path) -> None:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step is noise
         try:
-            model.save_pretrained(tmp)
+            with _writing(final, tmp, WEIGHTS_FILE):
+                model.save_pretrained(tmp)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
-        _copy_tokenizer(tokenizer_dir, tmp)
-        torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
-        (tmp / STATE_FILE).write_text(json.dumps(_to_json_state(state), indent=1, sort_keys=True) + "\n")
+        with _writing(final, tmp, "tokenizer files"):
+            _copy_tokenizer(tokenizer_dir, tmp)
+        with _writing(final, tmp, OPTIMIZER_FILE):
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
+        with _writing(final, tmp, STATE_FILE):
+            (tmp / STATE_FILE).write_text(json.dumps(_to_json_state(state), indent=1, sort_keys=True) + "\n")
+        with _writing(final, tmp, MANIFEST_FILE):
+            write_manifest(tmp)  # last: it covers every file above
 
     commit_dir(final, write)
+
+
+@contextlib.contextmanager
+def _writing(final: Path, tmp: Path, name: str) -> Iterator[None]:
+    """Turn any failure to write ``name`` into StoreWriteError: torch.save reports a full disk as
+    RuntimeError("unexpected pos ..."), safetensors as SafetensorError, neither as OSError."""
+    try:
+        yield
+    except (StoreWriteError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+        if code == errno.ENOSPC or "os error 28" in str(exc) or _disk_full(tmp):
+            code, reason = errno.ENOSPC, "no space left on device"
+        else:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StoreWriteError(code, f"could not write checkpoint {final} ({name}): {reason}; nothing was "
+                                    "committed, the earlier versions are untouched") from exc
+
+
+def _disk_full(path: Path) -> bool:
+    # A write that failed with (almost) no space left failed for that reason, whatever the library said.
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
+
+
+# ---- integrity: manifest.json (size and sha256 of every file) ---------------------------------------
+
+class CheckpointError(ValueError):
+    """A version dir is gone or damaged; nothing was loaded from it. The message says what to do."""
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, HASH).hexdigest()
+
+
+def _digests(root: Path, names: list[str]) -> dict[str, str]:
+    # hashlib releases the GIL on large buffers: weights and optimizer state hash on two cores at once.
+    with ThreadPoolExecutor(max_workers=max(1, min(4, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda name: _digest(root / name), names), strict=True))
+
+
+def write_manifest(path: Path) -> None:
+    """Record size and sha256 of every file of the version dir ``path`` in its manifest.json."""
+    names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    digests = _digests(path, names)
+    files = {name: {"bytes": (path / name).stat().st_size, HASH: digests[name]} for name in names}
+    manifest = {"format": MANIFEST_FORMAT, "hash": HASH, "files": files}
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def verify_checkpoint(path: Path, optimizer: str = "if-present") -> list[str]:
+    """Problems of the version dir ``path``, each naming its file; empty when it is intact.
+
+    Checks that the model, config, trainer-state and manifest files are there, and every file the
+    manifest lists has its recorded size and sha256. optimizer.pt: "if-present" checks it when there
+    (retention drops it from all but the latest version), "required" also when absent, "skip" never
+    (a sampling engine does not read it). What ``recpipe doctor`` calls for each version dir.
+    """
+    path = Path(path)
+    if optimizer not in ("if-present", "required", "skip"):
+        raise ValueError(f"optimizer={optimizer!r}; allowed: if-present, required, skip")
+    if not path.is_dir():
+        return [f"{path}: version dir missing"]
+    required = [WEIGHTS_FILE, "config.json", STATE_FILE] + ([OPTIMIZER_FILE] if optimizer == "required" else [])
+    problems = [f"{path / name}: missing" for name in required if not (path / name).is_file()]
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        files = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or manifest.get("hash") != HASH or not isinstance(files, dict):
+            raise ValueError(f"format {manifest.get('format')!r}, hash {manifest.get('hash')!r}")
+    except FileNotFoundError:
+        return problems + [f"{path / MANIFEST_FILE}: missing, the files cannot be verified"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return problems + [f"{path / MANIFEST_FILE}: unreadable ({exc})"]
+    problems += [f"{path / name}: not in {MANIFEST_FILE}" for name in required
+                 if name not in files and (path / name).is_file()]
+    to_hash = []
+    for name, want in sorted(files.items()):
+        file = path / name
+        if name == OPTIMIZER_FILE and optimizer == "skip":
+            continue
+        if not file.is_file():
+            optional = name == OPTIMIZER_FILE and optimizer != "required"
+            if not optional and f"{file}: missing" not in problems:
+                problems.append(f"{file}: missing")
+            continue
+        size = file.stat().st_size
+        if size != want.get("bytes"):
+            problems.append(f"{file}: {size} bytes, {want.get('bytes')} when written (truncated or overwritten)")
+        else:
+            to_hash.append(name)
+    for name, digest in _digests(path, to_hash).items():
+        if digest != files[name].get(HASH):
+            problems.append(f"{path / name}: {HASH} differs from the one recorded when it was written "
+                            "(the file was changed or damaged since)")
+    return problems
+
+
+def check_checkpoint(path: Path, version: int, optimizer: str = "if-present") -> None:
+    """Raise CheckpointError naming the damaged files of store version ``version`` and what to do."""
+    problems = verify_checkpoint(path, optimizer)
+    if problems:
+        raise CheckpointError(f"{damaged_version_message(path, version)}: {'; '.join(problems)}. "
+                              f"{what_to_do(path)}")
+
+
+def damaged_version_message(path: Path, version: int) -> str:
+    return f"run {Path(path).parent.name!r}: version v{version:06d} ({path}) is damaged, nothing was loaded from it"
+
+
+def what_to_do(path: Path) -> str:
+    """How to continue a run whose version dir under ``path`` (store/checkpoints/RUN/vN) is unusable."""
+    path = Path(path)
+    run, store = path.parent.name, path.parents[2]
+    return (f"`recpipe doctor --store {store}` lists damaged checkpoints. Run {run!r} cannot continue without "
+            f"{path.name}: restore it from a backup, or start a new run from the archived batches (replayed from "
+            f"the base model): `recpipe retrain --from-run {run} --run NEW_RUN --store {store}`")
 
 
 def _to_json_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -145,9 +293,16 @@ def _to_json_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    state = json.loads((path / STATE_FILE).read_text())
+    """The trainer state of a version dir; CheckpointError naming the file when it is unreadable."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file}: unreadable trainer state ({exc}). {what_to_do(path)}") from exc
     if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path / STATE_FILE}: format {state.get('format')!r}; this recpipe reads {STATE_FORMAT}")
+        raise CheckpointError(f"{file}: format {state.get('format')!r}; this recpipe reads {STATE_FORMAT}")
     for key in ("policies_row", "steps_row"):
         if state.get(key) is not None:
             state[key] = _from_json(state[key])
@@ -178,9 +333,25 @@ def _remove_dir(path: Path) -> None:
 
 
 def versions_to_keep(versions: Iterable[int], latest: int, keep_every: int, needed: Needed) -> set[int]:
-    """The latest, every keep_every-th version, and those ``needed`` returns (e.g. in use by the generator)."""
+    """The latest two, every keep_every-th version, and those ``needed`` returns (e.g. in use by the generator).
+
+    Two, not one: a damaged latest version then still leaves its parent's weights on disk.
+    """
+    versions = set(versions)
     wanted = needed() if callable(needed) else (needed or ())
-    return {v for v in versions if v == latest or v % keep_every == 0} | ({int(v) for v in wanted} & set(versions))
+    newest = set(sorted(v for v in versions if v <= latest)[-2:])
+    return {v for v in versions if v in newest or v == latest or v % keep_every == 0} | ({int(v) for v in wanted} & versions)
+
+
+def future_versions(version_of_step: Callable[[int], int], from_step: int, current: int, max_lag: int) -> set[int]:
+    """The existing versions (<= current) that step ``from_step`` or any later step samples from.
+
+    For retention: a run may be continued with more steps than it was started with, so no bound on
+    the run's length is used. ``version_of_step`` must be non-decreasing with v(s) >= s - max_lag; the
+    schedule v(s) = max(0, floor((s - o) / k) * k) is, with max_lag = k + o. Then no step past
+    current + max_lag uses an existing version, and every version below v(from_step) is never used again.
+    """
+    return {v for s in range(from_step, current + max_lag + 1) if (v := version_of_step(s)) <= current}
 
 
 def apply_retention(store: Store, run: str, latest: int, keep_every: int, needed: Needed = None) -> list[int]:

@@ -16,8 +16,9 @@ length-bucketed micro-batches), clip the gradient, take one AdamW step, write ve
 not finite is not applied: no checkpoint, a ``steps`` row with applied=false and the reason;
 ``max_bad_steps`` of them in a row raise ``TrainingDiverged``.
 
-Resume: ``setup()`` heals rows lost between commits, loads the latest committed version with its
-optimizer state, and continues at the step after the last recorded one. Every step draws its
+Resume: ``setup()`` heals rows lost between commits, checks the latest committed version against
+its manifest (sizes and sha256, ``checkpoint.check_checkpoint``), loads it with its optimizer state,
+and continues at the step after the last recorded one. Every step draws its
 randomness from (seed, step), so a killed and resumed run ends with the same weights as one
 that never stopped. Same code on CUDA (bf16 autocast, fused AdamW) and CPU (float32).
 """
@@ -25,6 +26,7 @@ that never stopped. Same code on CUDA (bf16 autocast, fused AdamW) and CPU (floa
 from __future__ import annotations
 
 import math
+import pickle
 import statistics
 import time
 from collections.abc import Iterator
@@ -139,8 +141,11 @@ class Trainer:
             them at each retention pass. The latest and every ``keep_every``-th version are always kept.
 
     Raises (from ``setup``):
-        ValueError: the run was started from another base model; a device that is not there; the store
-            holds applied steps whose version dirs are gone, or a version without its optimizer state.
+        ValueError: the run was started from another base model; a device that is not there.
+        CheckpointError (a ValueError): the store holds applied steps whose version dirs are gone, or the
+            latest version is damaged (a file missing, truncated or changed since it was written); the
+            message names the file and how to continue.
+        StoreWriteError (from ``step``): a checkpoint could not be written (disk full); nothing committed.
         RunLocked: another trainer is writing this run.
     """
 
@@ -219,14 +224,19 @@ class Trainer:
 
         committed = ckpt.version_dirs(self.store, self.run)
         latest = max([0] + [r["version"] for r in policies if r["version"] in committed])
+        if latest:  # before anything is read from it: damaged weights must not be trained on, or inherited
+            ckpt.check_checkpoint(committed[latest], latest, optimizer="required")
         state = ckpt.read_state(committed[latest]) if latest else None
         last_applied = state["step"] if state else -1
         later = [r for r in steps if r["step"] > last_applied]
         if any(r["applied"] for r in later):
             lost = sorted(r["step"] for r in later if r["applied"])
-            raise ValueError(
-                f"run {self.run!r}: steps {lost} were applied but their versions after v{latest} are gone from "
-                f"{self.store.checkpoint_dir(self.run, latest).parent}; start a new run or restore them"
+            gone = sorted(r["policy_version"] for r in later if r["applied"])
+            first_gone = self.store.checkpoint_dir(self.run, gone[0])
+            raise ckpt.CheckpointError(
+                f"run {self.run!r}: steps {lost} were applied but their versions "
+                f"{', '.join(f'v{v:06d}' for v in gone)} are gone or incomplete in {first_gone.parent} "
+                f"(the latest complete one is v{latest:06d}). {ckpt.what_to_do(first_gone)}"
             )
         self._version = latest
         self._next_step = max([last_applied] + [r["step"] for r in steps]) + 1
@@ -254,7 +264,11 @@ class Trainer:
 
         # Float32 master weights on every device (CUDA computes in bf16 under autocast): checkpoints
         # reload bit-exactly, which is what makes resume give identical results.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        except (OSError, ValueError, RuntimeError) as exc:  # safetensors/JSON errors rarely name the file
+            hint = ckpt.what_to_do(path) if path != self.model_path else "check the base model directory"
+            raise ckpt.CheckpointError(f"{path}: cannot load the model ({type(exc).__name__}: {exc}). {hint}") from exc
         model.train()
         config = model.config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
@@ -273,9 +287,14 @@ class Trainer:
     def _load_optimizer(self, path: Path) -> None:
         file = path / ckpt.OPTIMIZER_FILE
         if not file.is_file():
-            raise ValueError(f"{file} is missing: the latest version must keep its optimizer state to resume")
-        saved = torch.load(file, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
+            raise ckpt.CheckpointError(f"{file} is missing: the latest version must keep its optimizer state to "
+                                       f"resume. {ckpt.what_to_do(path)}")
+        try:
+            saved = torch.load(file, map_location=self.device, weights_only=True)
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ckpt.CheckpointError(f"{file}: cannot load the optimizer state ({type(exc).__name__}: {exc}). "
+                                       f"{ckpt.what_to_do(path)}") from exc
         for group in self.optimizer.param_groups:  # the config wins over the saved hyper-parameters
             group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
         torch.set_rng_state(saved["rng"]["cpu"].cpu())
