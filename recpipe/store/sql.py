@@ -111,7 +111,7 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, An
             raise QueryTimeout(f"query interrupted after {timeout_s:g} s (time limit)") from None
         raise
     except duckdb.OutOfMemoryException as exc:
-        limit = con.sql("SELECT current_setting('memory_limit')").fetchone()[0]
+        limit = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
         raise duckdb.OutOfMemoryException(
             f"query needs more than the memory limit ({limit}); read-only SQL does not spill to disk - "
             f"select fewer columns or rows ({str(exc).splitlines()[0]})") from None
