@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from recpipe.algorithms import LossConfig, policy_loss
 from recpipe.config import LossSection, TrainConfig
@@ -266,9 +267,10 @@ class Trainer:
         # reload bit-exactly, which is what makes resume give identical results.
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
-        except (OSError, ValueError, RuntimeError) as exc:  # safetensors/JSON errors rarely name the file
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # these rarely name the file
             hint = ckpt.what_to_do(path) if path != self.model_path else "check the base model directory"
-            raise ckpt.CheckpointError(f"{path}: cannot load the model ({type(exc).__name__}: {exc}). {hint}") from exc
+            where = path / ckpt.WEIGHTS_FILE if isinstance(exc, SafetensorError) else path
+            raise ckpt.CheckpointError(f"{where}: cannot load the model ({type(exc).__name__}: {exc}). {hint}") from exc
         model.train()
         config = model.config
         pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
