@@ -166,3 +166,11 @@ def run_steps_in(trainer, steps):
     cfg = preset(PRESET, epsilon_low=0.6, epsilon_high=2.0)
     for step in range(trainer.next_step, steps):
         trainer.step(step, random_batch(step, cfg, response_len=(1, 10), policy_version=0))
+
+
+def test_a_damaged_older_version_does_not_stop_the_run(tmp_path, tiny_model):
+    store = trained(tmp_path / "store", tiny_model, steps=5)  # keep_every=4: v4 and v5 stay
+    older = store.checkpoint_dir("r", 4)
+    garbage(older / "trainer_state.json")
+    assert [p for p in ckpt.verify_checkpoint(older) if "trainer_state.json" in p]  # doctor sees it
+    assert run_steps(store, tiny_model, "r", 6) == 6  # resume reads v5 only; v4's rows were committed
