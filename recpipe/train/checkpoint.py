@@ -271,6 +271,25 @@ def verify_checkpoint(path: Path, optimizer: str = "if-present") -> list[str]:
     return problems
 
 
+def verify_checkpoints(store: Store, run: str | None = None) -> dict[Path, list[str]]:
+    """The damaged version dirs of ``run`` (default: every run) with their problems; what ``recpipe doctor``
+    reports. Every ``vNNNNNN`` dir counts, also one missing its weights (``version_dirs`` skips those); the
+    newest of a run must keep its optimizer state, since a resume loads it. Writers' temp dirs are skipped."""
+    base = store.root / "checkpoints"
+    if run is not None:
+        runs = [base / run]
+    else:
+        runs = sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    found = {}
+    for run_dir in runs:
+        dirs = sorted(p for p in run_dir.iterdir() if _VERSION_DIR.match(p.name)) if run_dir.is_dir() else []
+        for path in dirs:
+            problems = verify_checkpoint(path, "required" if path == dirs[-1] else "if-present")
+            if problems:
+                found[path] = problems
+    return found
+
+
 def check_checkpoint(path: Path, version: int, optimizer: str = "if-present") -> None:
     """Raise CheckpointError naming the damaged files of store version ``version`` and what to do."""
     problems = verify_checkpoint(path, optimizer)

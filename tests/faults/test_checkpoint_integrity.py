@@ -174,3 +174,14 @@ def test_a_damaged_older_version_does_not_stop_the_run(tmp_path, tiny_model):
     garbage(older / "trainer_state.json")
     assert [p for p in ckpt.verify_checkpoint(older) if "trainer_state.json" in p]  # doctor sees it
     assert run_steps(store, tiny_model, "r", 6) == 6  # resume reads v5 only; v4's rows were committed
+
+
+def test_doctor_gets_every_damaged_version_dir_of_the_store(tmp_path, tiny_model):
+    store = trained(tmp_path / "store", tiny_model, steps=5)  # v4, v5 stay
+    assert ckpt.verify_checkpoints(store) == {}
+    v4, v5 = store.checkpoint_dir("r", 4), store.checkpoint_dir("r", 5)
+    (v4 / "model.safetensors").unlink()  # no longer a complete version: version_dirs skips it, doctor must not
+    (v5 / "optimizer.pt").unlink()  # the newest version cannot be resumed without it
+    assert ckpt.verify_checkpoints(store) == {v4: [f"{v4 / 'model.safetensors'}: missing"],
+                                             v5: [f"{v5 / 'optimizer.pt'}: missing"]}
+    assert ckpt.verify_checkpoints(store, "other") == {}
