@@ -36,7 +36,9 @@ from recpipe.store.files import commit_parquet, stale_temps
 @dataclass
 class Problem:
     path: Path
-    kind: str  # corrupt | schema | old-schema | stale-temp | missing-checkpoint | missing-groups | orphan-groups | duplicate-rollouts
+    # corrupt | schema | old-schema | stale-temp | missing-checkpoint | missing-groups | orphan-groups
+    # | duplicate-rollouts; recpipe.doctor adds damaged-checkpoint | no-manifest
+    kind: str
     detail: str
     shards: tuple[str, ...] = ()  # missing-groups / orphan-groups: the generation shards concerned
 

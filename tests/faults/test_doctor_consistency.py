@@ -91,3 +91,37 @@ def test_a_rollout_stored_twice_is_reported(tmp_path):
     assert "duplicate-rollouts" in kinds(report)
     dup = next(p for p in report.problems if p.kind == "duplicate-rollouts")
     assert "8 rollout id(s)" in dup.detail and "copy-of-s0.parquet" in dup.detail
+
+
+def test_doctor_names_a_damaged_checkpoint_and_migrates_a_legacy_one(tmp_path, tiny_model):
+    from recpipe.config import TrainConfig
+    from recpipe.doctor import diagnose as diagnose_all
+    from recpipe.doctor import repair as repair_all
+    from recpipe.train import Trainer
+    from recpipe.train.checkpoint import MANIFEST_FILE
+
+    sys.path.insert(0, str(HERE.parent / "train"))
+    from train_batches import random_batch
+
+    from recpipe.algorithms import preset
+
+    store = filled_store(tmp_path / "store")
+    cfg = preset("reinforce")
+    with Trainer(store, "r", tiny_model, TrainConfig(keep_every=1, threads=1), cfg, "reinforce") as trainer:
+        for step in range(2):
+            trainer.step(step, random_batch(step, cfg))
+    assert diagnose_all(store).ok
+    v1, v2 = store.checkpoint_dir("r", 1), store.checkpoint_dir("r", 2)
+    with open(v2 / "model.safetensors", "r+b") as f:  # one flipped byte in the weights
+        f.seek(-100, 2)
+        byte = f.read(1)
+        f.seek(-100, 2)
+        f.write(bytes([byte[0] ^ 0x10]))
+    (v1 / MANIFEST_FILE).unlink()  # as a version written before manifests existed
+    report = diagnose_all(store)
+    assert sorted((p.kind, p.path.name) for p in report.problems) == [("damaged-checkpoint", "v000002"),
+                                                                       ("no-manifest", "v000001")]
+    assert "model.safetensors" in next(p.detail for p in report.problems if p.kind == "damaged-checkpoint")
+    repair_all(store, report, migrate=True)
+    after = diagnose_all(store)
+    assert [(p.kind, p.path.name) for p in after.problems] == [("damaged-checkpoint", "v000002")]  # never "fixed"
