@@ -2,13 +2,23 @@
 
 Importing this package points Prefect's state at recpipe's cache folder
 (unless PREFECT_HOME is already set) and runs Prefect in its ephemeral mode
-when no server is configured.
+when no server is configured. The ephemeral API server (a uvicorn child
+process) is started in its own session, so a Ctrl-C in the terminal reaches
+recpipe but not the server, and it is killed by the kernel when its parent
+dies, even by kill -9, so none is ever left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import subprocess
+import threading
+import types
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EPHEMERAL_STARTUP_TIMEOUT_S = 300
 
@@ -27,4 +37,62 @@ def _configure_prefect() -> None:
     home.mkdir(parents=True, exist_ok=True)
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (runs in the child between fork and exec) asking the kernel to SIGKILL the child
+    when its parent dies. None where there is no prctl (not Linux).
+
+    The kernel sends it when the *thread* that forked the child ends, so it is only armed from the main
+    thread, which lives as long as the process (Prefect starts the server from the flow engine's first
+    client, in the main thread). libc is resolved here, in the parent: the child of a threaded process
+    must not dlopen."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before the line above: nobody would send it
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
+
+class _ServerSubprocess(types.ModuleType):
+    """``subprocess`` as Prefect's server module sees it: the same, except that Popen starts the child in
+    its own session (no terminal signals) and tied to this process's life."""
+
+    def __init__(self) -> None:
+        super().__init__("subprocess")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 (subprocess's name)
+        kwargs.setdefault("start_new_session", True)
+        kwargs.setdefault("preexec_fn", _die_with_parent())
+        return subprocess.Popen(*args, **kwargs)
+
+
+def _hook_ephemeral_server() -> None:
+    """Prefect 3.7.7 has no setting for how it starts the ephemeral server: it calls ``subprocess.Popen``
+    in ``SubprocessASGIServer._run_uvicorn_command`` (prefect/server/api/server.py), so that module gets
+    the ``subprocess`` above. Skipped when a server is configured: importing that module costs seconds."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api import server
+
+    server.subprocess = _ServerSubprocess()  # type: ignore[assignment]
+
+
 _configure_prefect()
+_hook_ephemeral_server()
