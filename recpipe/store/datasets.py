@@ -14,7 +14,9 @@ its ``scanner(columns=, filter=)``, pushing down the columns and the filters it 
   before any file is touched, and only then are the kept files opened. The open files pin the data:
   compaction swaps a partition folder (recpipe.store.compact), but a file opened before the swap
   stays readable until closed, so every scan reads one consistent listing of each partition; a file
-  that vanishes between listing and opening makes that partition be listed again;
+  that vanishes between listing and opening makes that partition be listed again. Open files and
+  their parsed footers are kept per process (``_fragments``) while a file is unchanged: committed
+  files never change in place, and pyarrow's per-file cost dominates scans of many small files;
 * Parquet page checksums are verified on every read (files.commit_parquet writes them), and a damaged
   file fails the scan with an error naming it and pointing to ``recpipe doctor``; other tables of the
   same connection still query.
@@ -22,8 +24,11 @@ its ``scanner(columns=, filter=)``, pushing down the columns and the filters it 
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from recpipe.schema import table_spec
 
@@ -84,66 +88,111 @@ def parquet_files(folder: Path) -> list[Path]:
         return []
 
 
-def _partition_expression(values: dict[str, Any], schema: pa.Schema) -> ds.Expression:
+@functools.lru_cache(maxsize=1 << 16)
+def _partition_expression(table: str, values: tuple[tuple[str, Any], ...]) -> ds.Expression:
+    schema = table_spec(table).schema
     expr = ds.scalar(True)
-    for column, value in values.items():
+    for column, value in values:
         expr = expr & (ds.field(column) == pa.scalar(value, schema.field(column).type))
     return expr
 
 
-def _room_for_files(n: int) -> None:
-    """Raise the soft open-files limit (up to the hard one) when a scan pins many files at once."""
+# Open files with their footers parsed, by path, reused while the file is the same (inode, size, mtime):
+# committed files never change in place, and parsing a footer costs as much as reading a small file.
+# An entry holds the file open; dropping it lets the file close once no scan uses it.
+_fragments: OrderedDict[str, tuple[tuple[int, int, int], ds.Fragment]] = OrderedDict()
+_fragments_lock = threading.Lock()
+CACHED_FILES = 4096
+
+
+def _cache_size() -> int:
+    """CACHED_FILES, or fewer if the open-files limit cannot be raised to hold them beside the scans."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if n + 256 > soft and soft != hard:
-        want = hard if hard == resource.RLIM_INFINITY else min(hard, max(n + 1024, soft))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    want = 4 * CACHED_FILES
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    return CACHED_FILES if soft == resource.RLIM_INFINITY else min(CACHED_FILES, soft // 4)
 
 
-def open_partition(folder: Path) -> list[tuple[Path, pa.NativeFile]]:
-    """Open every file of one partition folder from one listing; re-list if a file vanished meanwhile."""
+def _fragment(path: Path, stat: os.stat_result, expr: ds.Expression, root: Path) -> ds.Fragment:
+    """The file as a dataset fragment reading an open handle (FileNotFoundError if it is gone)."""
+    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    with _fragments_lock:
+        hit = _fragments.get(str(path))
+        if hit is not None and hit[0] == key:
+            _fragments.move_to_end(str(path))
+            return hit[1]
+    handle = LOCAL.open_input_file(str(path))
+    fragment = FORMAT.make_fragment(handle, partition_expression=expr)
+    try:
+        fragment.ensure_complete_metadata()  # the footer, parsed once
+    except (OSError, pa.ArrowException) as exc:
+        raise OSError(damaged(path, exc, root)) from None
+    with _fragments_lock:
+        _fragments[str(path)] = (key, fragment)
+        limit = _cache_size()
+        while len(_fragments) > limit:
+            _fragments.popitem(last=False)
+    return fragment
+
+
+def open_partition(folder: Path, expr: ds.Expression, root: Path) -> list[tuple[Path, ds.Fragment]]:
+    """Every file of one partition folder, from one listing, opened; re-listed if a file vanished
+    between listing and opening (compaction swapped the folder: the new listing has the merged file)."""
     for attempt in range(LISTING_ATTEMPTS):
-        opened = []
         try:
-            for path in parquet_files(folder):
-                opened.append((path, LOCAL.open_input_file(str(path))))
-            return opened
+            return [(path, _fragment(path, path.stat(), expr, root)) for path in parquet_files(folder)]
         except FileNotFoundError:
-            for _, f in opened:
-                f.close()
             if attempt == LISTING_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
 
 
 class _Scan:
-    """What DuckDB reads from: ``to_reader()`` over a pyarrow scanner, naming a damaged file on failure."""
+    """What DuckDB reads from: ``to_reader()`` over a pyarrow scanner, naming a damaged file on failure.
 
-    def __init__(self, scanner: ds.Scanner, files: list[tuple[Path, pa.NativeFile]], root: Path, table: str,
-                 columns: Sequence[str] | None):
-        self.scanner, self.files, self.root, self.table, self.columns = scanner, files, root, table, columns
-        self.projected_schema = scanner.projected_schema
+    The partition columns (run, policy_version) are not decoded from the files, which hold them too:
+    each batch gets them from its file's folder names (pyarrow's per-column cost dominates small files,
+    and ``count(*)`` then reads no column at all).
+    """
+
+    def __init__(self, dataset: ds.FileSystemDataset, files: list[tuple[Path, ds.Fragment]], root: Path,
+                 table: str, columns: Sequence[str] | None, filter: ds.Expression | None,  # noqa: A002
+                 **kwargs: Any):
+        self.files, self.root, self.table = files, root, table
+        spec = table_spec(table)
+        self.columns = list(columns) if columns is not None else spec.schema.names
+        self.partition = [c for c in self.columns if c in spec.partition_by]
+        self.physical = [c for c in self.columns if c not in spec.partition_by]
+        self.scanner = dataset.scanner(columns=self.physical, filter=filter, **kwargs)
+        self.projected_schema = pa.schema([spec.schema.field(c) for c in self.columns])
 
     def to_reader(self) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(self.projected_schema, self._batches())
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         try:
-            yield from self.scanner.to_batches()
+            for tagged in self.scanner.scan_batches():
+                batch = tagged.record_batch
+                if not self.partition:
+                    yield batch
+                    continue
+                keys = ds.get_partition_keys(tagged.fragment.partition_expression)
+                arrays = [batch.column(c) if c in self.physical else
+                          pa.repeat(pa.scalar(keys[c], self.projected_schema.field(c).type), batch.num_rows)
+                          for c in self.columns]
+                yield pa.RecordBatch.from_arrays(arrays, schema=self.projected_schema)
         except (OSError, pa.ArrowException) as exc:
             raise OSError(self._diagnose(exc)) from None
-        finally:
-            for _, f in self.files:  # the scan is over: let compaction's old files go
-                f.close()
 
     def _diagnose(self, exc: BaseException) -> str:
         """Find which file failed: read each of the scan's files alone (only on the error path)."""
-        physical = [c for c in self.columns or [] if c not in table_spec(self.table).partition_by] or None
-        for path, _ in self.files:
+        for path, fragment in self.files:
             try:
-                f = pq.ParquetFile(str(path), page_checksum_verification=True)
-                f.read(columns=[c for c in physical if c in f.schema_arrow.names] if physical else None)
-            except FileNotFoundError:
-                continue
+                fragment.to_table(columns=self.physical, schema=self.scanner.dataset_schema)
             except (OSError, pa.ArrowException) as file_exc:
                 return f"table {self.table!r}: " + damaged(path, file_exc, self.root)
         return f"table {self.table!r}: " + damaged(self.root / self.table, exc, self.root)
@@ -159,48 +208,34 @@ class TableDataset(ds.FileSystemDataset):
 
     def scanner(self, columns: Sequence[str] | None = None, filter: ds.Expression | None = None,  # noqa: A002
                 **kwargs: Any) -> _Scan:
-        folders = partition_folders(self.root, self.table, self.run)
+        folders = [(f, _partition_expression(self.table, tuple(v.items())))
+                   for f, v in partition_folders(self.root, self.table, self.run)]
         if filter is not None and folders:
             # Prune on the folder names alone: pyarrow simplifies the filter against each folder's
             # partition expression without touching the file system.
-            exprs = [_partition_expression(v, self.spec.schema) for _, v in folders]
-            by_name = {str(f): f for f, _ in folders}
-            probe = ds.FileSystemDataset.from_paths(list(by_name), self.spec.schema, FORMAT, LOCAL, partitions=exprs)
-            kept = {frag.path for frag in probe.get_fragments(filter=filter)}
-            folders = [(f, v) for f, v in folders if str(f) in kept]
-        _room_for_files(sum(len(parquet_files(f)) for f, _ in folders) if len(folders) > 64 else 0)
-        files, fragments = [], []
-        try:
-            for folder, values in folders:
-                expr = _partition_expression(values, self.spec.schema)
-                for path, handle in open_partition(folder):
-                    files.append((path, handle))
-                    fragments.append(FORMAT.make_fragment(handle, partition_expression=expr))
-        except BaseException:
-            for _, f in files:
-                f.close()
-            raise
-        dataset = ds.FileSystemDataset(fragments, self.spec.schema, FORMAT, LOCAL)
-        scanner = dataset.scanner(columns=list(columns) if columns is not None else None, filter=filter, **kwargs)
-        return _Scan(scanner, files, self.root, self.table, columns)
+            probe = ds.FileSystemDataset.from_paths([str(f) for f, _ in folders], self.spec.schema, FORMAT, LOCAL,
+                                                    partitions=[e for _, e in folders])
+            kept = {fragment.path for fragment in probe.get_fragments(filter=filter)}
+            folders = [(f, e) for f, e in folders if str(f) in kept]
+        files = [item for folder, expr in folders for item in open_partition(folder, expr, self.root)]
+        dataset = ds.FileSystemDataset([f for _, f in files], self.spec.schema, FORMAT, LOCAL)
+        return _Scan(dataset, files, self.root, self.table, columns, filter, **kwargs)
 
 
-def read_files(paths: Sequence[Path | str], table: str, *, columns: Sequence[str] | None = None,
+def read_files(paths: Sequence[Path], table: str, *, columns: Sequence[str] | None = None,
                filter: ds.Expression | None = None, root: Path | None = None) -> pa.Table:  # noqa: A002
     """Rows of the given files of ``table`` (checksums verified), as one Arrow table of its schema.
 
     Raises FileNotFoundError if a file vanished (the caller lists again) and OSError naming a damaged file.
     """
     spec = table_spec(table)
-    dataset = ds.FileSystemDataset.from_paths([str(p) for p in paths], spec.schema, FORMAT, LOCAL)
-    try:
-        return dataset.to_table(columns=list(columns) if columns is not None else None, filter=filter)
-    except FileNotFoundError:
-        raise
-    except (OSError, pa.ArrowException) as exc:
-        for path in paths:
-            try:
-                pq.read_table(path, columns=None, page_checksum_verification=True)
-            except (OSError, pa.ArrowException) as file_exc:
-                raise OSError(damaged(path, file_exc, root)) from None
-        raise OSError(damaged(paths[0] if len(paths) == 1 else f"{len(paths)} files of {table}", exc, root)) from None
+    files = []
+    for path in paths:
+        folders = path.parents[:len(spec.partition_by)][::-1]  # .../run=a/policy_version=3/x.parquet
+        kinds = [spec.schema.field(c).type for c in spec.partition_by]
+        values = tuple((c, int(f.name[len(c) + 1:]) if pa.types.is_integer(k) else f.name[len(c) + 1:])
+                       for c, f, k in zip(spec.partition_by, folders, kinds, strict=True))
+        files.append((path, _fragment(path, path.stat(), _partition_expression(table, values), root or path.parent)))
+    dataset = ds.FileSystemDataset([f for _, f in files], spec.schema, FORMAT, LOCAL)
+    scan = _Scan(dataset, files, root or Path(table), table, columns, filter)
+    return pa.Table.from_batches(scan._batches(), schema=scan.projected_schema)
