@@ -47,6 +47,21 @@ class TableSpec:
     partition_by: tuple[str, ...]
     key: tuple[str, ...]
     description: str
+    shard: str | None = None  # the shard id of a row, e.g. "step-{step:06d}", for tables without a shard_id column
+
+    def shard_filter(self, shard_id: str) -> dict[str, int] | None:
+        """The column values that select one shard's rows (``{"step": 3}`` for "step-000003"), if the table
+        names its shards by a template; None if ``shard_id`` does not match it."""
+        if self.shard is None:
+            return None
+        pattern = re.sub(r"\\\{(\w+):0?\d*d\\\}", r"(?P<\1>\\d+)", re.escape(self.shard))
+        match = re.fullmatch(pattern, shard_id)
+        return {k: int(v) for k, v in match.groupdict().items()} if match else None
+
+    def shard_id(self, **values: int) -> str:
+        if self.shard is None:
+            raise ValueError(f"table {self.name!r} has no shard template")
+        return self.shard.format(**values)
 
 
 def _arrow_type(spec: dict[str, Any], where: str) -> pa.DataType:
@@ -90,6 +105,7 @@ def table_spec(name: str) -> TableSpec:
         partition_by=tuple(doc.get("partition_by", ())),
         key=tuple(doc.get("key", ())),
         description=doc.get("description", ""),
+        shard=doc.get("shard"),
     )
 
 

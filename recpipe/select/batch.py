@@ -15,7 +15,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from recpipe.schema import SCHEMA_VERSION, conform
+from recpipe.schema import SCHEMA_VERSION, conform, table_spec
 
 # Columns of Batch.rollouts, in order; the trainer needs the first block (recpipe.train.batching).
 BATCH_COLUMNS = (
@@ -27,7 +27,7 @@ BATCH_COLUMNS = (
 
 def lineage_shard(step: int) -> str:
     """Shard id of a step's lineage file: one file per (run, step), so a rerun writes nothing twice."""
-    return f"step-{step:06d}"
+    return table_spec("batches").shard_id(step=step)
 
 
 @dataclass(frozen=True)

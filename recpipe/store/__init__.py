@@ -148,8 +148,25 @@ class Store:
             return self._read_file(single)
         for f in part.glob("compact-*.parquet"):
             if shard_id in file_shards(f):
-                return self._read_file(f).filter(pc.field("shard_id") == shard_id)
+                return self._read_file(f).filter(self._shard_rows(table, shard_id))
         raise StoreError(f"{table}: shard {shard_id!r} not found in {part}")
+
+    @staticmethod
+    def _shard_rows(table: str, shard_id: str) -> pc.Expression:
+        """Which rows of a compacted file are one shard's: its shard_id column, else the columns the
+        table's shard template names (a ``batches`` shard "step-000003" is the rows of step 3)."""
+        spec = table_spec(table)
+        if "shard_id" in spec.schema.names:
+            return pc.field("shard_id") == shard_id
+        values = spec.shard_filter(shard_id)
+        if not values:
+            raise StoreError(f"{table}: cannot find shard {shard_id!r} inside a compacted file (the table has "
+                             "no shard_id column and no shard template in schemas/tables.yaml)")
+        expr = None
+        for column, value in values.items():
+            term = pc.field(column) == value
+            expr = term if expr is None else expr & term
+        return expr
 
     def _read_file(self, path: Path) -> pa.Table:
         try:

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from recpipe.schema import SCHEMA_VERSION
+from recpipe.schema import SCHEMA_VERSION, table_spec
 from recpipe.store import Store
 from recpipe.store.files import StoreWriteError, commit_dir, fsync_dir
 
@@ -64,11 +64,11 @@ Needed = Iterable[int] | Callable[[], Iterable[int]] | None
 
 
 def policies_shard(version: int) -> str:
-    return f"v{version:06d}"
+    return table_spec("policies").shard_id(version=version)
 
 
 def steps_shard(step: int) -> str:
-    return f"step-{step:06d}"
+    return table_spec("steps").shard_id(step=step)
 
 
 def now() -> dt.datetime:
