@@ -45,6 +45,8 @@ def loop(config: dict[str, Any], progress: Any = None) -> int:
 def generate(config: dict[str, Any], version: int | None = None, prompts: int | None = None,
              progress: Any = None) -> int:
     """Generate rollouts with a policy version (default: the latest) into the archive."""
+    if prompts is not None and prompts < 1:  # 0 is not "the default": refuse it before the store is touched
+        raise ValueError(f"prompts must be an integer >= 1 (got {prompts})")
     with pipeline.open_run(_config(config), progress=progress) as ctx:
         return pipeline.generate_stage(ctx, version, prompts, stage=as_task)
 

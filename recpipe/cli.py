@@ -45,16 +45,32 @@ StoreOpt = Annotated[Path | None, typer.Option("--store", help="Archive director
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (overrides config `run`).")]
 
 
+class _ExpectedErrorFilter(logging.Filter):
+    """Prefect logs an exception raised inside a flow or task with its traceback, then re-raises it; for
+    the errors that ``friendly_errors`` reports in one line, that traceback is noise."""
+
+    def __init__(self, expected: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], self.expected))
+
+
 def friendly_errors(fn: F) -> F:
     """Turn expected errors into one red line and exit code 2 (no traceback)."""
     from recpipe.store import RunLocked, StoreError, StoreWriteError
     from recpipe.store.sql import QueryRefused, QueryTimeout
 
+    # OSError (FileNotFoundError, PermissionError, a read-only file system...) names its path: one line.
     expected = (ConfigError, StoreError, StoreWriteError, RunLocked, QueryRefused, QueryTimeout,
-                ValueError, KeyError, FileNotFoundError, PermissionError, TimeoutError)
+                ValueError, KeyError, OSError)
+    quiet = _ExpectedErrorFilter(expected)
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(quiet)  # a no-op when it is there already
         try:
             return fn(*args, **kwargs)
         except expected as exc:
@@ -179,6 +195,12 @@ def make_config(config: Path | None, overrides: list[str] | None, store: Path | 
     return load_config(config, items)
 
 
+def at_least(option: str, value: int | None, low: int) -> None:
+    """Refuse a too-small numeric option before anything runs (``--prompts 0`` used to mean the default)."""
+    if value is not None and value < low:
+        raise ValueError(f"{option} must be an integer >= {low} (got {value})")
+
+
 def print_table(table: Any, fmt: str = "table", title: str | None = None) -> None:
     """Print a pyarrow table as a rich table, CSV or JSON lines."""
     rows = table.to_pylist()
@@ -280,9 +302,9 @@ def doctor(
     migrate: Annotated[bool, typer.Option("--migrate", help="Rewrite files of older schema versions.")] = False,
 ) -> None:
     """Check the archive; exit 1 if problems remain. Example: recpipe doctor --store store --repair"""
-    from recpipe.store import Store
     from recpipe.doctor import diagnose
     from recpipe.doctor import repair as repair_store
+    from recpipe.store import Store
 
     cfg = make_config(config, set_, store)
     st = Store(cfg.store)
@@ -393,6 +415,8 @@ def generate(
     prompts: Annotated[int | None, typer.Option(help="Groups to generate (default: select.groups_per_step).")] = None,
 ) -> None:
     """Generate rollouts into the archive. Example: recpipe generate --model tiny --prompts 16 --store store"""
+    at_least("--prompts", prompts, 1)
+    at_least("--version", version, 0)
     cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
     _preflight(cfg)
     from flows.pipeline_flows import generate as generate_flow
@@ -415,6 +439,7 @@ def select(
     run: RunOpt = None,
 ) -> None:
     """Select and record one step's batch. Example: recpipe select --store store --query schedule --step 0"""
+    at_least("--step", step, 0)
     from recpipe.config import apply_overrides
 
     params = apply_overrides({}, list(param or []))
@@ -442,6 +467,7 @@ def train(
     model: ModelOpt = None,
 ) -> None:
     """Train on batches selected from the archive. Example: recpipe train --store store --steps 2 --set select.query=fresh"""
+    at_least("--steps", steps, 1)
     cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model})
     _preflight(cfg)
     from flows.pipeline_flows import train as train_flow
@@ -510,6 +536,7 @@ def evaluate(
     task: TaskOpt = None,
 ) -> None:
     """Greedy held-out accuracy into `evals`. Example: recpipe evaluate --store store --version 0"""
+    at_least("--version", version, 0)
     cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
     _preflight(cfg)
     from flows.pipeline_flows import evaluate as evaluate_flow

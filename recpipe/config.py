@@ -10,16 +10,43 @@ value and what is allowed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from recpipe.algorithms import PRESETS, LossConfig, preset
 
 
 class ConfigError(ValueError):
     """A configuration field is missing, unknown or has a bad value."""
+
+
+def _no_bool(kind: str) -> BeforeValidator:
+    """Pydantic reads a YAML `true` as 1 for an int field (1.0 for a float), so `--set loop.steps=true`
+    ran one step. Strict mode would refuse it, but also the string "1e-3" that YAML 1.1 leaves a 1e-3
+    unquoted as: refuse only booleans."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError(f"{kind}_type", f"Input should be a valid {kind}, not a boolean")
+        return value
+
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _no_bool("integer")]
+Float = Annotated[float, _no_bool("number")]
+Beta = Annotated[float, _no_bool("number"), Field(ge=0, lt=1)]
 
 
 class _Section(BaseModel):
@@ -34,49 +61,49 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     name: str = Field("arithmetic", description="Registered task name (arithmetic, gsm8k, or a plugin's).")
     options: dict[str, Any] = Field(default_factory=dict, description="Keyword options passed to the task factory.")
-    train_prompts: int = Field(256, ge=1, description="Size of the training prompt pool.")
-    eval_prompts: int = Field(50, ge=1, description="Held-out prompts per evaluation.")
-    reward_timeout_s: float = Field(2.0, gt=0, description="Per-response time limit of the reward function (seconds).")
+    train_prompts: Int = Field(256, ge=1, description="Size of the training prompt pool.")
+    eval_prompts: Int = Field(50, ge=1, description="Held-out prompts per evaluation.")
+    reward_timeout_s: Float = Field(2.0, gt=0, description="Per-response time limit of the reward function (seconds).")
 
 
 class GenerateConfig(_Section):
     backend: Literal["auto", "vllm", "hf"] = Field("auto", description="auto = vLLM when importable, else transformers.")
-    group_size: int = Field(8, ge=1, description="K responses sampled per prompt.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the trainer recomputes log-probs with it).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_tokens: int = Field(48, ge=1, description="Max response tokens.")
+    group_size: Int = Field(8, ge=1, description="K responses sampled per prompt.")
+    temperature: Float = Field(1.0, gt=0, description="Sampling temperature (the trainer recomputes log-probs with it).")
+    top_p: Float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: Int = Field(48, ge=1, description="Max response tokens.")
     stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
-    shard_size: int = Field(8, ge=1, description="Prompts per generation shard (one Parquet file, one Prefect task).")
-    max_model_len: int = Field(512, ge=16, description="vLLM context length.")
+    shard_size: Int = Field(8, ge=1, description="Prompts per generation shard (one Parquet file, one Prefect task).")
+    max_model_len: Int = Field(512, ge=16, description="vLLM context length.")
     enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (CPU: starts in ~5 s; compiled: ~50 s the first time, ~17 s with its cache, ~14% more tokens/s).")
-    seed: int = Field(0, description="Base seed; each shard derives its own.")
+    seed: Int = Field(0, description="Base seed; each shard derives its own.")
 
 
 class SelectConfig(_Section):
     query: str = Field("schedule", description="Named query in schemas/queries or a path to a .sql file.")
-    groups_per_step: int = Field(8, ge=1, description="Groups per training batch.")
+    groups_per_step: Int = Field(8, ge=1, description="Groups per training batch.")
     params: dict[str, Any] = Field(default_factory=dict, description="Extra query parameters (see the query header).")
 
 
 class TrainConfig(_Section):
-    lr: float = Field(1e-5, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    grad_clip: float = Field(1.0, gt=0, description="Max global grad norm.")
-    micro_batch_tokens: int = Field(4096, ge=16, description="Padded tokens per micro-batch (gradient accumulation beyond).")
-    micro_batch_overhead_tokens: int | None = Field(
+    lr: Float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
+    grad_clip: Float = Field(1.0, gt=0, description="Max global grad norm.")
+    micro_batch_tokens: Int = Field(4096, ge=16, description="Padded tokens per micro-batch (gradient accumulation beyond).")
+    micro_batch_overhead_tokens: Int | None = Field(
         None, ge=0, description="Length bucketing: the cost of one more micro-batch, in padded tokens; the "
         "planner splits only where that saves more padding. None = by device: 64 on CPU (SmolLM2: ~5 ms per "
         "token, ~0.25 s per micro-batch), 1024 on CUDA (a small micro-batch wastes the GPU).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available.")
-    threads: int | None = Field(
+    threads: Int | None = Field(
         None, ge=1, description="CPU threads of a training step. None = torch's count when the trainer starts "
         "(one per core, or OMP_NUM_THREADS). Pinned for every step: float sums depend on how the work is split, "
         "so the same count gives the same weights in `loop`, `train` and `retrain`, with or without a sampling "
         "engine in the process.")
-    max_bad_steps: int = Field(3, ge=1, description="Consecutive NaN/Inf steps before the trainer stops.")
-    keep_every: int = Field(10, ge=1, description="Retention: keep every N-th policy version besides the latest and those still needed.")
-    seed: int = Field(0, description="Trainer seed (RED-Drop choices, dropout).")
+    max_bad_steps: Int = Field(3, ge=1, description="Consecutive NaN/Inf steps before the trainer stops.")
+    keep_every: Int = Field(10, ge=1, description="Retention: keep every N-th policy version besides the latest and those still needed.")
+    seed: Int = Field(0, description="Trainer seed (RED-Drop choices, dropout).")
 
 
 class LossSection(_Section):
@@ -95,10 +122,10 @@ class LossSection(_Section):
 
 
 class LoopConfig(_Section):
-    steps: int = Field(4, ge=1, description="Training steps to run.")
-    sync_interval: int = Field(1, ge=1, description="k: generate with the policy every k steps (algorithms.md).")
-    sync_offset: int = Field(0, ge=0, description="o: lag between generation and training (algorithms.md).")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0 = only at start and end).")
+    steps: Int = Field(4, ge=1, description="Training steps to run.")
+    sync_interval: Int = Field(1, ge=1, description="k: generate with the policy every k steps (algorithms.md).")
+    sync_offset: Int = Field(0, ge=0, description="o: lag between generation and training (algorithms.md).")
+    eval_every: Int = Field(0, ge=0, description="Evaluate every N steps (0 = only at start and end).")
 
 
 class RecpipeConfig(_Section):
@@ -125,7 +152,7 @@ def _describe(error: ValidationError) -> str:
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{where}: {item['msg']}{shown}")
-    return "invalid config:\n  " + "\n  ".join(lines)
+    return "invalid config: " + "; ".join(lines)  # one line, as every CLI error
 
 
 def _parse_scalar(text: str) -> Any:

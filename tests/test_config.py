@@ -1,6 +1,8 @@
 from pathlib import Path
+from typing import Annotated, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
 from recpipe.config import ConfigError, RecpipeConfig, build_config, dump_config, load_config
 
@@ -36,11 +38,55 @@ def test_overrides_parse_yaml_scalars():
         ("nonsense", r"must look like section\.field=value"),
         ("train.lr.x=1", r"train\.lr: Input should be a valid number"),
         ("train=3", r"train: Input should be a valid dictionary"),
+        ("train.betas=[2,3]", r"train\.betas\.0: Input should be less than 1 \(got 2\); "
+                              r"train\.betas\.1: Input should be less than 1 \(got 3\)"),
+        ("train.betas=[-0.1,0.9]", r"train\.betas\.0: Input should be greater than or equal to 0 \(got -0\.1\)"),
+        ("train.betas=[0.9,1]", r"train\.betas\.1: Input should be less than 1 \(got 1\)"),
+        ("train.lr=true", r"train\.lr: Input should be a valid number, not a boolean \(got True\)"),
     ],
 )
 def test_bad_values_name_the_field(override, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as raised:
         build_config(overrides=[override])
+    assert "\n" not in str(raised.value)  # one line, as the CLI prints it
+
+
+def _base(annotation):
+    return get_args(annotation)[0] if get_origin(annotation) is Annotated else annotation
+
+
+def int_fields() -> list[str]:
+    """Every integer field of the config, as section.field (plain or optional ints)."""
+    names = []
+    for section, info in RecpipeConfig.model_fields.items():
+        model = info.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for name, field in model.model_fields.items():
+            options = get_args(field.annotation) or (field.annotation,)  # int | None: (int, NoneType)
+            if any(_base(option) is int for option in options):
+                names.append(f"{section}.{name}")
+    return names
+
+
+def test_int_fields_are_found():
+    assert {"loop.steps", "loop.sync_offset", "train.threads", "train.micro_batch_overhead_tokens",
+            "generate.seed", "task.train_prompts"} <= set(int_fields())
+
+
+@pytest.mark.parametrize("field", int_fields())
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_booleans_are_not_integers(field, value):
+    with pytest.raises(ConfigError, match=rf"{field}: Input should be a valid integer, not a boolean "
+                                          rf"\(got {value.title()}\)"):
+        build_config(overrides=[f"{field}={value}"])
+
+
+def test_numbers_still_parse_as_before():
+    cfg = build_config(overrides=["train.lr=1e-3", "train.betas=[0, 0.5]", "train.threads=2", "loop.steps=3",
+                                  "generate.top_p=1"])
+    assert (cfg.train.lr, cfg.train.betas, cfg.train.threads, cfg.loop.steps, cfg.generate.top_p) == (
+        1e-3, (0.0, 0.5), 2, 3, 1.0)
 
 
 def test_bad_files(tmp_path):

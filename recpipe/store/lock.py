@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from recpipe.store.files import StoreWriteError
+
 
 class RunLocked(RuntimeError):
     """Another live process is writing this run."""
@@ -28,8 +30,12 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:  # a read-only mount, no permission, a full disk: say which store
+            raise StoreWriteError(exc.errno, f"cannot take the writer lock of run {self.run!r} ({self.path}): "
+                                  f"{exc.strerror}; nothing was written") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -44,10 +50,15 @@ class RunLock:
                 f"(pid {info.get('pid', '?')} on {info.get('host', '?')}, {info.get('purpose', '?')} "
                 f"since {info.get('since', '?')}); wait for it to finish or stop it"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
+                                     "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+            os.fsync(fd)
+        except OSError as exc:  # e.g. a full disk: the holder's text is only for messages, but say so
+            os.close(fd)
+            raise StoreWriteError(exc.errno, f"cannot write the writer lock of run {self.run!r} ({self.path}): "
+                                  f"{exc.strerror}; nothing was written") from None
         self._fd = fd
         return self
 

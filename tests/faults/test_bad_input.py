@@ -1,5 +1,6 @@
 """Faults 5 and 7 through the command line: hostile SQL and bad configs or arguments."""
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -79,14 +80,83 @@ def test_endless_query_is_stopped(store):
     (["loop", "--config", "/nonexistent.yaml"], "does not exist"),
     (["sql", "--format", "xml", "SELECT 1"], "--format must be one of table, csv, json"),
     (["compact", "--table", "nope"], "--table must be one of"),
+    (["loop", "--set", "train.betas=[2,3]"], "train.betas.0: Input should be less than 1 (got 2)"),
+    (["loop", "--set", "train.betas=[0.9,1.0]"], "train.betas.1: Input should be less than 1 (got 1.0)"),
+    (["loop", "--set", "loop.steps=true"], "loop.steps: Input should be a valid integer, not a boolean (got True)"),
+    (["loop", "--set", "generate.group_size=false"], "generate.group_size: Input should be a valid integer, not a "
+                                                     "boolean (got False)"),
 ])
 def test_bad_arguments_fail_clearly_and_create_nothing(tmp_path, args, message):
     target = tmp_path / "new-store"
     result = recpipe(*args, "--store", str(target), cwd=tmp_path)
     assert result.exit_code == 2
     assert message in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line, the error
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not target.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["generate", "--prompts", "0"], "--prompts must be an integer >= 1 (got 0)"),
+    (["generate", "--prompts", "-3"], "--prompts must be an integer >= 1 (got -3)"),
+    (["generate", "--version", "-1"], "--version must be an integer >= 0 (got -1)"),
+    (["train", "--steps", "0"], "--steps must be an integer >= 1 (got 0)"),
+    (["select", "--step", "-1"], "--step must be an integer >= 0 (got -1)"),
+    (["evaluate", "--version", "-1"], "--version must be an integer >= 0 (got -1)"),
+])
+def test_bad_numeric_options_are_refused_before_anything_runs(tmp_path, tiny_model, args, message):
+    # `generate --prompts 0` used to mean "the default" and wrote 64 rollouts; `train --steps 0` created a store.
+    target = tmp_path / "new-store"
+    model = [] if args[0] == "select" else ["--model", str(tiny_model)]
+    result = recpipe(*args, "--store", str(target), *model, "--set", "generate.backend=hf", cwd=tmp_path)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert result.stderr.strip() == f"error: ValueError: {message}"
+    assert not target.exists()
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """``path`` bind-mounted read-only onto itself (as tests/faults/test_storage_faults.py does)."""
+    result = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here ({result.stderr.strip()}); needs root like CI")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("args", [["compact"], ["doctor", "--repair"]])
+def test_read_only_store_is_one_clear_error(tmp_path, args):
+    store = Store.create(tmp_path / "store")
+    store.append_rollouts(synthetic_rollouts(shard_id="s"), shard_id="s")
+    before = snapshot(store.root)
+    with read_only(store.root):
+        result = recpipe(*args, "--store", str(store.root))
+    assert result.exit_code == 2, result.stdout + result.stderr
+    run = synthetic_rollouts(shard_id="s").column("run")[0].as_py()
+    assert result.stderr.strip().splitlines() == [
+        f"error: StoreWriteError: [Errno 30] cannot take the writer lock of run {run!r} "
+        f"({store.root / 'locks' / run}.lock): Read-only file system; nothing was written"]
+    assert snapshot(store.root) == before
+
+
+def test_loop_on_a_read_only_store_is_one_clear_error(tmp_path, tiny_model):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "flows"))
+    from flowtools import SMALL_HF, recpipe_env
+
+    store = Store.create(tmp_path / "store")
+    store.append_rollouts(synthetic_rollouts(shard_id="s"), shard_id="s")
+    before = snapshot(store.root)
+    with read_only(store.root):
+        result = subprocess.run([sys.executable, "-m", "recpipe.cli", "loop", "--store", str(store.root), "--model",
+                                 str(tiny_model), "--steps", "1", *SMALL_HF], capture_output=True, text=True,
+                                env=recpipe_env(tmp_path), timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (f"error: StoreWriteError: [Errno 30] cannot take the writer lock of run 'default' "
+            f"({store.root / 'locks' / 'default.lock'}): Read-only file system; nothing was written") in result.stderr
+    assert snapshot(store.root) == before
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):
