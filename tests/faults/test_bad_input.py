@@ -141,7 +141,7 @@ def test_read_only_store_is_one_clear_error(tmp_path, args):
     assert snapshot(store.root) == before
 
 
-def test_loop_on_a_read_only_store_is_one_clear_error(tmp_path, tiny_model):
+def test_loop_on_a_read_only_store_is_one_clear_error(tmp_path, tiny_model, prefect_api):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "flows"))
     from flowtools import SMALL_HF, recpipe_env
 
@@ -151,7 +151,7 @@ def test_loop_on_a_read_only_store_is_one_clear_error(tmp_path, tiny_model):
     with read_only(store.root):
         result = subprocess.run([sys.executable, "-m", "recpipe.cli", "loop", "--store", str(store.root), "--model",
                                  str(tiny_model), "--steps", "1", *SMALL_HF], capture_output=True, text=True,
-                                env=recpipe_env(tmp_path), timeout=600)
+                                env=recpipe_env(tmp_path, prefect_api), timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert (f"error: StoreWriteError: [Errno 30] cannot take the writer lock of run 'default' "

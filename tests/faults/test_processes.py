@@ -31,8 +31,8 @@ def wait_until(predicate, proc, timeout=300):
     return False
 
 
-def test_generation_killed_mid_run_then_rerun_commits_each_rollout_once(tmp_path, tiny_model):
-    env = recpipe_env(tmp_path)
+def test_generation_killed_mid_run_then_rerun_commits_each_rollout_once(tmp_path, tiny_model, prefect_api):
+    env = recpipe_env(tmp_path, prefect_api)
     store = tmp_path / "store"
     # 60 shards of 2 prompts: the kill lands while later shards are being sampled or written.
     prompts = 120
@@ -63,8 +63,8 @@ def test_generation_killed_mid_run_then_rerun_commits_each_rollout_once(tmp_path
     assert not list(store.rglob("*.tmp"))
 
 
-def test_second_loop_on_the_same_run_is_refused(tmp_path, tiny_model):
-    env = recpipe_env(tmp_path)
+def test_second_loop_on_the_same_run_is_refused(tmp_path, tiny_model, prefect_api):
+    env = recpipe_env(tmp_path, prefect_api)
     store = tmp_path / "store"
     args = ["loop", "--store", str(store), "--model", str(tiny_model), *SMALL_HF]
     # The first loop has far more steps than the test needs: it is surely still running when the second starts.

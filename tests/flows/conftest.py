@@ -9,8 +9,9 @@ from flowtools import recpipe_cmd, recpipe_env
 
 
 @pytest.fixture
-def run_recpipe(tmp_path):
-    env = recpipe_env(tmp_path)
+def run_recpipe(tmp_path, prefect_api):
+    """The real CLI in a subprocess, its flows reporting to the session's Prefect server."""
+    env = recpipe_env(tmp_path, prefect_api)
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(recpipe_cmd(*args), capture_output=True, text=True, env=env, timeout=timeout)

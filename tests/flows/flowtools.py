@@ -17,7 +17,10 @@ SMALL = [
 SMALL_HF = [*SMALL, "--set", "generate.backend=hf"]
 
 
-def recpipe_env(tmp_path: Path) -> dict[str, str]:
+def recpipe_env(tmp_path: Path, api_url: str | None = None) -> dict[str, str]:
+    """The environment of a recpipe subprocess: caches under ``tmp_path``; flows report to the Prefect server
+    at ``api_url`` (the session's, see tests/conftest.py::prefect_api), or to an ephemeral one of their own
+    when None (37 s per command with a fresh Prefect home on this machine kind, 5 s with a server)."""
     env = dict(os.environ)
     env.update({
         "PREFECT_HOME": str(tmp_path / "prefect"),
@@ -28,6 +31,8 @@ def recpipe_env(tmp_path: Path) -> dict[str, str]:
         "VLLM_CPU_KVCACHE_SPACE": "1",
     })
     env.pop("PREFECT_API_URL", None)  # ephemeral mode
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
