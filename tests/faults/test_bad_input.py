@@ -1,12 +1,12 @@
 """Faults 5 and 7 through the command line: hostile SQL and bad configs or arguments."""
 
-import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 
 import pytest
+from mounts import read_only
 from typer.testing import CliRunner
 
 from recpipe.cli import app
@@ -112,18 +112,6 @@ def test_bad_numeric_options_are_refused_before_anything_runs(tmp_path, tiny_mod
     assert result.exit_code == 2, result.stdout + result.stderr
     assert result.stderr.strip() == f"error: ValueError: {message}"
     assert not target.exists()
-
-
-@contextlib.contextmanager
-def read_only(path):
-    """``path`` bind-mounted read-only onto itself (as tests/faults/test_storage_faults.py does)."""
-    result = subprocess.run(["mount", "--bind", "-o", "ro", str(path), str(path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount here ({result.stderr.strip()}); needs root like CI")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 @pytest.mark.parametrize("args", [["compact"], ["doctor", "--repair"]])

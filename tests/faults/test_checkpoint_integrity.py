@@ -1,15 +1,14 @@
 """Issue 19, items 3 and 7: a damaged checkpoint is never loaded, trained on or inherited; a full disk
 during a checkpoint write commits nothing; every error names the file and what to do."""
 
-import contextlib
 import json
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mounts import small_disk
 
 from recpipe.config import load_config
 from recpipe.pipeline import _engine_with
@@ -122,20 +121,6 @@ def test_a_resume_from_an_intact_checkpoint_still_matches_the_uninterrupted_run(
     reference = trained(tmp_path / "reference", tiny_model, steps=4)
     ours = (store.checkpoint_dir("r", 4) / "model.safetensors").read_bytes()
     assert ours == (reference.checkpoint_dir("r", 4) / "model.safetensors").read_bytes()
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: int):
-    """A real full disk: a tmpfs of ``size`` bytes (as tests/faults/test_storage_faults.py mounts one)."""
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount here ({result.stderr.strip()}); needs root like CI")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def checkpoint_sizes(tmp_path, tiny_model) -> dict[str, int]:

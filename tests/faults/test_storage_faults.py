@@ -1,6 +1,5 @@
 """Faults 3, 8, 9: corrupted files, a full or read-only disk, an older schema version."""
 
-import contextlib
 import json
 import os
 import subprocess
@@ -9,6 +8,7 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mounts import read_only, small_disk
 
 from recpipe.store import SHARDS_KEY, Store, StoreError, StoreWriteError
 from recpipe.store.doctor import diagnose, repair
@@ -62,20 +62,8 @@ def test_rerun_of_a_quarantined_shard_writes_it_again(tmp_path):
     assert store.connect().execute("SELECT count(*) FROM rollouts").fetchone()[0] == 24
 
 
-@contextlib.contextmanager
-def mounted(path, *options):
-    path.mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["mount", *options, str(path)], capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount here ({result.stderr.strip()}); needs root like CI")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_disk_full_commits_nothing_and_keeps_what_was_there(tmp_path):
-    with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=400k", "tmpfs") as disk:
+    with small_disk(tmp_path / "small", "400k") as disk:
         store = filled_store(disk / "store", shards=1)
         big = synthetic_rollouts(shard_id="big", groups=400, group_size=8, response_length=200, seed=1)
         with pytest.raises(StoreWriteError, match="no space left on device.*nothing was committed"):
@@ -88,7 +76,7 @@ def test_disk_full_commits_nothing_and_keeps_what_was_there(tmp_path):
 
 def test_read_only_store_refuses_writes_and_still_reads(tmp_path):
     store = filled_store(tmp_path / "store", shards=1)
-    with mounted(store.root, "--bind", "-o", "ro", str(store.root)):
+    with read_only(store.root):
         with pytest.raises(StoreWriteError, match="nothing was committed|cannot create"):
             store.append_rollouts(synthetic_rollouts(shard_id="new", policy_version=1), shard_id="new")
         with pytest.raises(StoreWriteError, match="Read-only file system"):
