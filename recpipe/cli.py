@@ -496,10 +496,10 @@ def retrain(
     recorded: list[int] = []
     if source_run is not None:
         from recpipe.pipeline import recorded_base_model
-        from recpipe.store import Store
+        from recpipe.store import MARKER, Store
 
         recorded = sorted(set(Store(cfg.store).read("batches", "run = $run", {"run": source_run})
-                              .column("step").to_pylist())) if Path(cfg.store, ".recpipe-store").is_file() else []
+                              .column("step").to_pylist())) if Path(cfg.store, MARKER).is_file() else []
         if not recorded:
             raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
         if steps is None:  # every recorded step (given as an override: set on the config it would not travel)

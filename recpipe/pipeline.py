@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from recpipe.algorithms import behaviour_version
 from recpipe.config import RecpipeConfig
 from recpipe.schema import SCHEMA_VERSION
-from recpipe.store import Store
+from recpipe.store import MARKER, Store
 from recpipe.store.lock import RunLock
 from recpipe.tasks import Prompt, Task, get_task
 
@@ -114,7 +114,7 @@ class RunContext:
 def recorded_base_model(store: str | Path, run: str) -> Path | None:
     """The base model an existing run was started from (its version-0 `policies` row), if any."""
     root = Path(store)
-    if not (root / ".recpipe-store").is_file():
+    if not (root / MARKER).is_file():
         return None
     rows = Store(root).read("policies", "run = $run AND version = 0", {"run": run}).to_pylist()
     return Path(rows[0]["base_model"]) if rows else None

@@ -25,16 +25,14 @@ archive, read from the groups table's folder names (1 ms for 800 partitions) ins
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from recpipe.schema import table_names
 from recpipe.store import Store
-from recpipe.store.datasets import TableDataset
+from recpipe.store.datasets import TableDataset, parquet_files, partition_folders
 from recpipe.store.sql import locked_connection
 
 _database_con: duckdb.DuckDBPyConnection | None = None  # shared by every store: it holds no paths
@@ -43,22 +41,9 @@ _database_lock = threading.Lock()
 
 def archive_versions(store: Store, run: str | None = None) -> pa.Table:
     """(run, policy_version) of every groups partition folder holding a file (of ``run`` only, if given)."""
-    runs, versions = [], []
-    base = store.table_dir("groups")
-    if run is not None:
-        run_dirs = [base / f"run={run}"]
-    else:
-        run_dirs = [Path(e.path) for e in os.scandir(base) if e.name.startswith("run=")] if base.is_dir() else []
-    for run_dir in run_dirs:
-        if not run_dir.is_dir():
-            continue
-        for entry in os.scandir(run_dir):
-            if entry.name.startswith("policy_version=") and any(
-                f.name.endswith(".parquet") and not f.name.startswith(".") for f in os.scandir(entry.path)
-            ):
-                runs.append(run_dir.name[len("run="):])
-                versions.append(int(entry.name[len("policy_version="):]))
-    return pa.table({"run": pa.array(runs, pa.string()), "policy_version": pa.array(versions, pa.int32())})
+    parts = [values for folder, values in partition_folders(store.root, "groups", run) if parquet_files(folder)]
+    return pa.table({"run": pa.array([v["run"] for v in parts], pa.string()),
+                     "policy_version": pa.array([v["policy_version"] for v in parts], pa.int32())})
 
 
 def _database() -> duckdb.DuckDBPyConnection:

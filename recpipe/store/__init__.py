@@ -207,8 +207,10 @@ class Store:
         try:
             return con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
-            text = str(exc).split(". Detail: Python exception")[0]
-            if "recpipe doctor" in text:
+            from recpipe.store.sql import scan_failure
+
+            text = scan_failure(exc)
+            if text is not None and "recpipe doctor" in text:
                 raise StoreError(text) from None
             raise
         finally:

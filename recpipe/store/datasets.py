@@ -61,7 +61,6 @@ def partition_folders(root: Path, table: str, run: str | None = None) -> list[tu
     spec = table_spec(table)
     levels: list[tuple[Path, dict[str, Any]]] = [(root / table, {})]
     for depth, column in enumerate(spec.partition_by):
-        kind = spec.schema.field(column).type
         deeper = []
         for folder, values in levels:
             if depth == 0 and run is not None:
@@ -72,11 +71,22 @@ def partition_folders(root: Path, table: str, run: str | None = None) -> list[tu
                 except FileNotFoundError:
                     names = []
             for name in sorted(names):
-                text = name[len(column) + 1:]
-                value = int(text) if pa.types.is_integer(kind) else text
-                deeper.append((folder / name, {**values, column: value}))
+                deeper.append((folder / name, {**values, column: _typed(spec.schema, column, name)}))
         levels = deeper
     return levels
+
+
+def _typed(schema: pa.Schema, column: str, folder_name: str) -> Any:
+    """The value a ``column=value`` folder name stands for, typed as the schema says."""
+    text = folder_name[len(column) + 1:]
+    return int(text) if pa.types.is_integer(schema.field(column).type) else text
+
+
+def partition_values(table: str, folder: Path) -> dict[str, Any]:
+    """The partition values of one partition folder of ``table`` (``.../run=a/policy_version=3``)."""
+    spec = table_spec(table)
+    names = [f.name for f in [folder, *folder.parents][:len(spec.partition_by)]][::-1]
+    return {c: _typed(spec.schema, c, name) for c, name in zip(spec.partition_by, names, strict=True)}
 
 
 def parquet_files(folder: Path) -> list[Path]:
@@ -105,6 +115,7 @@ _fragments_lock = threading.Lock()
 CACHED_FILES = 4096
 
 
+@functools.cache  # the open-files limit is raised once; later calls only read the result
 def _cache_size() -> int:
     """CACHED_FILES, or fewer if the open-files limit cannot be raised to hold them beside the scans."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -231,10 +242,7 @@ def read_files(paths: Sequence[Path], table: str, *, columns: Sequence[str] | No
     spec = table_spec(table)
     files = []
     for path in paths:
-        folders = path.parents[:len(spec.partition_by)][::-1]  # .../run=a/policy_version=3/x.parquet
-        kinds = [spec.schema.field(c).type for c in spec.partition_by]
-        values = tuple((c, int(f.name[len(c) + 1:]) if pa.types.is_integer(k) else f.name[len(c) + 1:])
-                       for c, f, k in zip(spec.partition_by, folders, kinds, strict=True))
+        values = tuple(partition_values(table, path.parent).items())
         files.append((path, _fragment(path, path.stat(), _partition_expression(table, values), root or path.parent)))
     dataset = ds.FileSystemDataset([f for _, f in files], spec.schema, FORMAT, LOCAL)
     scan = _Scan(dataset, files, root or Path(table), table, columns, filter)

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from recpipe.schema import SCHEMA_VERSION, conform, migrations, table_names, table_schema
 from recpipe.store import SHARDS_KEY, Store, file_shards, group_summary
+from recpipe.store.datasets import partition_values
 from recpipe.store.files import commit_parquet, stale_temps
 
 
@@ -154,14 +155,14 @@ def _by_file(shard_files: dict[str, Path]) -> dict[Path, tuple[str, ...]]:
 
 def duplicate_rollouts(store: Store, damaged: set[Path]) -> list[Problem]:
     """Rollout ids stored more than once (in one file or across files)."""
+    paths = [p for p in store.files("rollouts") if p not in damaged]
     ids, files = [], []
-    for i, path in enumerate(p for p in store.files("rollouts") if p not in damaged):
+    for i, path in enumerate(paths):
         column = pq.read_table(path, columns=["rollout_id"], page_checksum_verification=True).column("rollout_id")
         ids.append(column)
         files.append(pa.array([i] * len(column), pa.int32()))
     if not ids:
         return []
-    paths = [p for p in store.files("rollouts") if p not in damaged]
     table = pa.table({"rollout_id": pa.chunked_array(ids), "file": pa.chunked_array(files)})
     counts = table.group_by("rollout_id").aggregate([("file", "count"), ("file", "distinct")])
     dupes = counts.filter(pc.greater(counts.column("file_count"), 1))
@@ -219,9 +220,7 @@ def _drop_shards(store: Store, path: Path, shards: tuple[str, ...]) -> str:
 
 def _summarise_missing(store: Store, path: Path, shards: tuple[str, ...]) -> str:
     """Write the group summaries of rollouts shards that lack them, from the stored rollouts."""
-    rel = path.parent.relative_to(store.table_dir("rollouts"))
-    values = dict(part.split("=", 1) for part in rel.parts)
-    values["policy_version"] = int(values["policy_version"])
+    values = partition_values("rollouts", path.parent)
     for shard in shards:
         store.append("groups", group_summary(store.read_shard("rollouts", values, shard)), shard_id=shard)
     return f"wrote the group summary of {', '.join(shards)} from {path.relative_to(store.root)}"

@@ -65,6 +65,13 @@ def locked_connection(memory_limit: str | None = None) -> duckdb.DuckDBPyConnect
     return con
 
 
+def scan_failure(exc: duckdb.Error) -> str | None:
+    """The message of an error raised inside a table's Python scan (a damaged file: recpipe.store.datasets
+    names it and the doctor command), without the Python traceback DuckDB appends; None for other errors."""
+    text = str(exc)
+    return text.split(". Detail: Python exception")[0] if "Detail: Python exception" in text else None
+
+
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
     """Parse ``sql``; raise QueryRefused unless every statement only reads."""
     try:
@@ -116,10 +123,9 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, An
             f"query needs more than the memory limit ({limit}); read-only SQL does not spill to disk - "
             f"select fewer columns or rows ({str(exc).splitlines()[0]})") from None
     except duckdb.Error as exc:
-        # A damaged file raises inside the table's Python scan; keep its message, drop the traceback.
-        text = str(exc)
-        if "Detail: Python exception" in text:
-            raise type(exc)(text.split(". Detail: Python exception")[0]) from None
+        text = scan_failure(exc)
+        if text is not None:
+            raise type(exc)(text) from None
         raise
     finally:
         if timer:

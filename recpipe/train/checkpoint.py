@@ -374,7 +374,7 @@ def versions_to_keep(versions: Iterable[int], latest: int, keep_every: int, need
     versions = set(versions)
     wanted = needed() if callable(needed) else (needed or ())
     newest = set(sorted(v for v in versions if v <= latest)[-2:])
-    return {v for v in versions if v in newest or v == latest or v % keep_every == 0} | ({int(v) for v in wanted} & versions)
+    return {v for v in versions if v in newest or v % keep_every == 0} | ({int(v) for v in wanted} & versions)
 
 
 def future_versions(version_of_step: Callable[[int], int], from_step: int, current: int, max_lag: int) -> set[int]:
