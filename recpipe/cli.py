@@ -41,7 +41,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.field=value (repeatable).")]
-StoreOpt = Annotated[Path | None, typer.Option("--store", help="Archive directory (overrides config `store`).")]
+StoreOpt = Annotated[str | None, typer.Option("--store", help="Archive: a directory or s3://bucket/prefix "
+                                                               "(overrides config `store`).")]
+AsOfOpt = Annotated[str | None, typer.Option("--as-of", help="Read the archive as it was: a table version (12), "
+                                             "versions per table (groups=41,rollouts=40 or JSON), or an ISO time.")]
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (overrides config `run`).")]
 
 
@@ -182,7 +185,7 @@ def stoppable(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def make_config(config: Path | None, overrides: list[str] | None, store: Path | None = None,
+def make_config(config: Path | None, overrides: list[str] | None, store: str | None = None,
                 run: str | None = None, extra: dict[str, Any] | None = None) -> RecpipeConfig:
     items = list(overrides or [])
     if store is not None:
@@ -193,6 +196,12 @@ def make_config(config: Path | None, overrides: list[str] | None, store: Path | 
         if value is not None:
             items.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
     return load_config(config, items)
+
+
+def open_store(cfg: Any, create: bool = False) -> Any:
+    from recpipe.store import Store
+
+    return (Store.create if create else Store)(cfg.store, cfg.storage_options or None)
 
 
 def at_least(option: str, value: int | None, low: int) -> None:
@@ -235,10 +244,9 @@ def _cell(value: Any) -> str:
 @friendly_errors
 def init(config: ConfigOpt = None, set_: SetOpt = None, store: StoreOpt = None) -> None:
     """Create an empty archive. Example: recpipe init --store store"""
-    from recpipe.store import Store
 
     cfg = make_config(config, set_, store)
-    st = Store.create(cfg.store)
+    st = open_store(cfg, create=True)
     console.print(f"store ready at {st.root}")
 
 
@@ -251,15 +259,16 @@ def sql(
     set_: SetOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
     timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 60.0,
+    as_of: AsOfOpt = None,
 ) -> None:
     """Query the archive with SQL (read-only). Example: recpipe sql --store store "SELECT count(*) FROM rollouts" """
-    from recpipe.store import Store
+    from recpipe.store import parse_as_of
     from recpipe.store.sql import run_read_only
 
     if fmt not in ("table", "csv", "json"):
         raise ValueError(f"--format must be one of table, csv, json (got {fmt!r})")
     cfg = make_config(config, set_, store)
-    con = Store(cfg.store).connect(read_only=True)
+    con = open_store(cfg).connect(read_only=True, as_of=parse_as_of(as_of) if as_of else None)
     print_table(run_read_only(con, query, timeout_s=timeout), fmt)
 
 
@@ -271,24 +280,36 @@ def compact(
     set_: SetOpt = None,
     table: Annotated[str, typer.Option(help="Table to compact (default: all).")] = "all",
     run: RunOpt = None,
+    vacuum: Annotated[bool, typer.Option("--vacuum/--no-vacuum", help="Then delete files no kept version "
+                                         "needs.")] = True,
+    retention_hours: Annotated[float, typer.Option(help="Vacuum keeps files removed less than this long ago "
+                                                   "(at least 1: in-flight readers), and every file a recorded "
+                                                   "selection read.")] = 168.0,
 ) -> None:
-    """Merge small Parquet files per partition, atomically. Example: recpipe compact --store store"""
+    """Merge small files per partition (Delta optimize), then vacuum. Safe while other processes write.
+    Example: recpipe compact --store store"""
     from recpipe.schema import table_names
-    from recpipe.store import Store
+    from recpipe.store.compact import MIN_RETENTION_HOURS, vacuum_table
 
     cfg = make_config(config, set_, store)
     names = table_names() if table == "all" else [table]
     for name in names:
         if name not in table_names():
             raise ValueError(f"--table must be one of {', '.join(table_names())} or all (got {name!r})")
-    st = Store(cfg.store)
-    runs = [run] if run else sorted(p.name.removeprefix("run=") for p in st.root.glob("*/run=*"))
-    for r in sorted(set(runs)):
-        with st.lock(r, "compact"):
-            for name in names:
-                stats = st.compact(name, run=r)
-                if stats["files_merged"]:
-                    console.print(f"{name} run={r}: {stats['files_merged']} files -> {stats['files_written']}")
+    if retention_hours < MIN_RETENTION_HOURS:
+        raise ValueError(f"--retention-hours must be >= {MIN_RETENTION_HOURS:g}: a query still reading files "
+                         f"removed less than that ago would fail (got {retention_hours:g})")
+    st = open_store(cfg)
+    for name in names:
+        stats = st.compact(name, run=run)
+        if stats["files_merged"]:
+            console.print(f"{name}: {stats['files_merged']} files -> {stats['files_written']} "
+                          f"in {stats['partitions']} partition(s)")
+        if vacuum:
+            done = vacuum_table(st, name, retention_hours)
+            if done["files_deleted"]:
+                console.print(f"{name}: vacuum deleted {done['files_deleted']} file(s) "
+                              f"(retention {done['retention_hours']} h)")
     console.print("compaction done")
 
 
@@ -304,32 +325,20 @@ def doctor(
     """Check the archive; exit 1 if problems remain. Example: recpipe doctor --store store --repair"""
     from recpipe.doctor import diagnose
     from recpipe.doctor import repair as repair_store
-    from recpipe.store import Store
 
     cfg = make_config(config, set_, store)
-    st = Store(cfg.store)
+    st = open_store(cfg)
     report = diagnose(st)
     for problem in report.problems:
         out.print(f"[yellow]{problem.kind}[/] {problem.path}: {problem.detail}", highlight=False)
     if repair or migrate:
-        with _all_run_locks(st):
-            repair_store(st, report, migrate=migrate)
+        repair_store(st, report, migrate=migrate)  # Delta transactions: safe beside running writers
         for line in report.repaired:
             out.print(f"[green]repaired[/] {line}", highlight=False)
         report = diagnose(st)
     out.print(f"{report.files_checked} files checked, {len(report.problems)} problem(s)")
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _all_run_locks(st: Any) -> Any:
-    """Hold every run's writer lock so repairs never race a running loop."""
-    import contextlib
-
-    stack = contextlib.ExitStack()
-    for run in sorted({p.name.removeprefix("run=") for p in st.root.glob("*/run=*")}):
-        stack.enter_context(st.lock(run, "doctor"))
-    return stack
 
 
 LOOP_SUMMARY = """
@@ -348,9 +357,8 @@ WHERE b.run = $run GROUP BY b.step ORDER BY b.step
 
 
 def _summarise(cfg: RecpipeConfig) -> None:
-    from recpipe.store import Store
 
-    con = Store(cfg.store).connect(read_only=True)
+    con = open_store(cfg).connect(read_only=True)
     print_table(con.sql(LOOP_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="rewards per policy version")
     print_table(con.sql(STALENESS_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="trained batches")
 
@@ -496,10 +504,10 @@ def retrain(
     recorded: list[int] = []
     if source_run is not None:
         from recpipe.pipeline import recorded_base_model
-        from recpipe.store import MARKER, Store
+        from recpipe.select import recorded_steps
+        from recpipe.store import Store
 
-        recorded = sorted(set(Store(cfg.store).read("batches", "run = $run", {"run": source_run})
-                              .column("step").to_pylist())) if Path(cfg.store, MARKER).is_file() else []
+        recorded = recorded_steps(open_store(cfg), source_run) if Store.exists(cfg.store) else []
         if not recorded:
             raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
         if steps is None:  # every recorded step (given as an override: set on the config it would not travel)
@@ -556,10 +564,9 @@ def report(
 ) -> None:
     """PNG plots + one HTML page for a run. Example: recpipe report --store store --run default"""
     from recpipe.report import write_report
-    from recpipe.store import Store
 
     cfg = make_config(config, set_, store, run)
-    st = Store(cfg.store)
+    st = open_store(cfg)
     path = write_report(st, cfg.run, out_dir or st.root / "reports" / cfg.run)
     out.print(f"report written to {path}")
 

@@ -130,7 +130,11 @@ class LoopConfig(_Section):
 
 class RecpipeConfig(_Section):
     run: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name (letters, digits, _ . -).")
-    store: str = Field("store", description="Archive directory.")
+    store: str = Field("store", description="Archive: a local directory or s3://bucket/prefix.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="S3 settings (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, "
+                    "AWS_ALLOW_HTTP); the AWS_* environment variables are used for any not given here.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)

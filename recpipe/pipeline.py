@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 from recpipe.algorithms import behaviour_version
 from recpipe.config import RecpipeConfig
 from recpipe.schema import SCHEMA_VERSION
-from recpipe.store import MARKER, Store
-from recpipe.store.lock import RunLock
+from recpipe.store import Store
+from recpipe.store.lease import Lease
 from recpipe.tasks import Prompt, Task, get_task
 
 log = logging.getLogger("recpipe")
@@ -56,7 +56,7 @@ class RunContext:
     store: Store
     task: Task
     model_path: Path
-    lock: RunLock | None = None
+    lock: Lease | None = None
     progress: Progress = _quiet
     _trainer: Any = None
 
@@ -111,12 +111,11 @@ class RunContext:
             self.lock.release()
 
 
-def recorded_base_model(store: str | Path, run: str) -> Path | None:
+def recorded_base_model(store: str | Path, run: str, storage_options: dict[str, str] | None = None) -> Path | None:
     """The base model an existing run was started from (its version-0 `policies` row), if any."""
-    root = Path(store)
-    if not (root / MARKER).is_file():
+    if not Store.exists(store, storage_options):
         return None
-    rows = Store(root).read("policies", "run = $run AND version = 0", {"run": run}).to_pylist()
+    rows = Store(store, storage_options).read("policies", "run = $run AND version = 0", {"run": run}).to_pylist()
     return Path(rows[0]["base_model"]) if rows else None
 
 
@@ -129,7 +128,7 @@ def preflight(cfg: RecpipeConfig) -> tuple[Task, Path]:
 
     task = get_task(cfg.task.name, **cfg.task.options)
     if "name" not in cfg.model.model_fields_set:
-        recorded = recorded_base_model(cfg.store, cfg.run)
+        recorded = recorded_base_model(cfg.store, cfg.run, cfg.storage_options or None)
         if recorded is not None and (recorded / "config.json").is_file():
             return task, recorded
     return task, resolve_model(cfg.model.name, cfg.model.cache_dir)
@@ -177,7 +176,7 @@ def close_engines() -> None:
 def open_run(cfg: RecpipeConfig, *, progress: Progress | None = None) -> Iterator[RunContext]:
     """Open (creating if needed) the store, take the run's writer lock, resolve task and model."""
     task, model_path = preflight(cfg)
-    store = Store.create(cfg.store)
+    store = Store.create(cfg.store, cfg.storage_options or None)
     lock = store.lock(cfg.run, "loop").acquire()
     ctx = RunContext(cfg=cfg, store=store, task=task, model_path=model_path, lock=lock,
                      progress=progress or _quiet)
@@ -386,7 +385,7 @@ SMALL_TABLES = ("steps", "batches", "policies", "timings", "evals")
 
 
 def compact_run(ctx: RunContext, min_files: int = 8) -> None:
-    """Merge the run's one-file-per-step tables (atomic; we hold the run lock), so long runs stay fast to scan."""
+    """Merge the run's one-file-per-step tables (one transaction per partition), so long runs stay fast to scan."""
     for table in SMALL_TABLES:
         ctx.store.compact(table, run=ctx.cfg.run, min_files=min_files)
 

@@ -41,6 +41,8 @@ class Batch:
         advantage is A_i (0 for responses RED-Drop dropped, kept = False); weight is the selection
         weight s_i of docs/algorithms.md.
     resumed: True when the batch was read back from recorded lineage instead of selected anew.
+    read_versions: the Delta version of each table the selection read (``select(..., as_of=...)`` takes
+        them back to choose exactly these rollouts again).
     """
 
     run: str
@@ -50,6 +52,7 @@ class Batch:
     params: dict[str, Any]
     rollouts: pa.Table
     resumed: bool = False
+    read_versions: dict[str, int] = field(default_factory=dict)
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
 
     def __len__(self) -> int:
@@ -99,6 +102,7 @@ def lineage_rows(batch: Batch) -> pa.Table:
         "params": pa.array([params_json(batch.params)] * n, pa.string()),
         "weight": t.column("weight"),
         "advantage": t.column("advantage"),
+        "read_versions": pa.array([params_json(batch.read_versions)] * n, pa.string()),
         "created_at": pa.array([batch.created_at] * n, pa.timestamp("us", "UTC")),
         "schema_version": pa.array([SCHEMA_VERSION] * n, pa.int32()),
     }))

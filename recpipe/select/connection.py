@@ -1,26 +1,29 @@
 """The read-only DuckDB connection selection runs on: Store.connect(read_only=True)'s tables, cheaper.
 
-    con = selection_connection(store, rollouts=False)            # groups, batches, policies, steps, evals
-    con = selection_connection(store, rollouts=False, run="a")   # the same, holding only run a's rows
+    con, versions = selection_connection(store, rollouts=False)          # every table at its latest version
+    con, versions = selection_connection(store, rollouts=False, run="a") # only run a's files
+    con, versions = selection_connection(store, rollouts=True, as_of=recorded_versions)
     ...
     con.close()
 
-Every table is a recpipe.store.datasets.TableDataset: nothing is listed or read until a statement
-scans the table, then only the partition folders the statement's filters keep are listed and only
-the columns it names are read, page checksums verified. A query whose header says ``-- scope: run``
-(schedule, fresh) gets tables over its run's folders only: every table is partitioned by run first,
-so the other runs' files are not even listed. The big ``rollouts`` table is registered only when the
-statement may need it (a user's SQL file, or the exclude_truncated filter); the second stage reads
-the chosen partitions' files itself (selection._responses) and needs no table.
+Every table is a recpipe.store.datasets.TableDataset pinned to one Delta version, taken when the
+connection is made (``versions``, which lineage records): both stages of a selection read one
+consistent state of the archive however many writers commit meanwhile, and re-running the
+selection as of those versions reads exactly the same rows. Nothing is read until a statement scans
+a table, then only the files whose partition values the statement's filters keep, and only the
+columns it names. A query whose header says ``-- scope: run`` (schedule, fresh) gets tables holding
+its run's files only. The big ``rollouts`` table is registered only when the statement may need it
+(a user's SQL file, or the exclude_truncated filter); the second stage reads the chosen groups'
+files itself (selection._responses), from the same pinned rollouts version.
 
 Opening a DuckDB database costs 30-40 ms, as much as a whole run-scoped selection, so one locked-down
 in-memory database (recpipe.store.sql.lock_down: no file system access at all) is kept per process
 and every call gets a fresh cursor (its own connection): registered relations stay private to the
-cursor, and each scan sees the store's files as they are now.
+cursor.
 
 One more relation, ``versions`` (run, policy_version): the policy versions that have rollouts in the
-archive, read from the groups table's folder names (1 ms for 800 partitions) instead of its files
-- replay's "newest version of each run" without a second scan of the groups table.
+archive, read from the groups table's partition values in the log instead of its files - replay's
+"newest version of each run" without a second scan of the groups table.
 """
 
 from __future__ import annotations
@@ -31,17 +34,17 @@ import duckdb
 import pyarrow as pa
 
 from recpipe.schema import table_names
-from recpipe.store import Store
-from recpipe.store.datasets import TableDataset, parquet_files, partition_folders
+from recpipe.store import AsOf, Store
+from recpipe.store.datasets import TableDataset, snapshot
 from recpipe.store.sql import locked_connection
 
 _database_con: duckdb.DuckDBPyConnection | None = None  # shared by every store: it holds no paths
 _database_lock = threading.Lock()
 
 
-def archive_versions(store: Store, run: str | None = None) -> pa.Table:
-    """(run, policy_version) of every groups partition folder holding a file (of ``run`` only, if given)."""
-    parts = [values for folder, values in partition_folders(store.root, "groups", run) if parquet_files(folder)]
+def archive_versions(store: Store, run: str | None = None, version: int | None = None) -> pa.Table:
+    """(run, policy_version) of every groups partition holding a file (of ``run`` only, if given)."""
+    parts = [v for v in snapshot(store, "groups", version).partitions() if run is None or v["run"] == run]
     return pa.table({"run": pa.array([v["run"] for v in parts], pa.string()),
                      "policy_version": pa.array([v["policy_version"] for v in parts], pa.int32())})
 
@@ -55,16 +58,20 @@ def _database() -> duckdb.DuckDBPyConnection:
         return _database_con.cursor()
 
 
-def selection_connection(store: Store, *, rollouts: bool, run: str | None = None) -> duckdb.DuckDBPyConnection:
-    """A locked-down connection with one table per archive table (rollouts only if ``rollouts``) and
-    the ``versions`` relation. Close it after use.
+def selection_connection(store: Store, *, rollouts: bool, run: str | None = None,
+                         as_of: AsOf = None) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
+    """A locked-down connection with one table per archive table (rollouts only if ``rollouts``) and the
+    ``versions`` relation, each pinned to one version; and those versions. Close the connection after use.
 
-    run: only that run's partitions (the caller checked the name: letters, digits, ``_ . -``).
+    run: only that run's files (the caller checked the name: letters, digits, ``_ . -``).
+    as_of: the versions to read (default: the latest of each table, now).
     """
+    pinned = {table: store.resolve_as_of(table, as_of) for table in table_names()}
+    versions = {table: v if v is not None else store.delta(table).version() for table, v in pinned.items()}
     con = _database()
     for table in table_names():
         if table == "rollouts" and not rollouts:
             continue
-        con.register(table, TableDataset(store.root, table, run=run))
-    con.register("versions", archive_versions(store, run))
-    return con
+        con.register(table, TableDataset(store, table, run=run, version=versions[table]))
+    con.register("versions", archive_versions(store, run, versions["groups"]))
+    return con, versions

@@ -35,8 +35,8 @@ from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_sha
 from recpipe.select.connection import selection_connection
 from recpipe.select.queries import Param, Query, QueryError, load_query
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
-from recpipe.store import Store, StoreError, file_shards
-from recpipe.store.datasets import LISTING_ATTEMPTS, parquet_files, read_files
+from recpipe.store import AsOf, Store, StoreError
+from recpipe.store.datasets import DataFile, read_table, snapshot
 from recpipe.store.sql import check_read_only, run_read_only
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as RecpipeConfig.run; also safe inside a glob
@@ -137,21 +137,24 @@ def _one_select(con: duckdb.DuckDBPyConnection, query: Query) -> None:
                          f"found {len(statements)} statement(s)")
 
 
-def _rollout_files(store: Store, groups: pa.Table) -> list[Path]:
-    """Rollouts files holding the chosen groups: partition pruning (run, policy_version) done up front,
-    and within a partition only the groups' shard files when their shard ids are known (a compacted
-    partition's merged files hold every shard)."""
+def _rollout_files(store: Store, groups: pa.Table, version: int | None) -> list[DataFile]:
+    """Rollouts files holding the chosen groups, at rollouts ``version``: files of their partitions (run,
+    policy_version), and within a partition only the groups' shard files when their shard ids are known
+    and each has its own file (a compacted partition's merged file holds every shard)."""
     shards: dict[tuple[str, int], set[str | None]] = {}
     shard_ids = groups.column("shard_id").to_pylist() if "shard_id" in groups.column_names else [None] * groups.num_rows
-    for run, version, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
-                                   shard_ids, strict=True):
-        shards.setdefault((run, version), set()).add(shard)
-    files: list[Path] = []
-    for (run, version), wanted in sorted(shards.items()):
-        present = parquet_files(store.partition_dir("rollouts", {"run": run, "policy_version": version}))
+    for run, policy, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
+                                  shard_ids, strict=True):
+        shards.setdefault((run, policy), set()).add(shard)
+    by_partition: dict[tuple[str, int], list[DataFile]] = {}
+    for f in snapshot(store, "rollouts", version).files:
+        by_partition.setdefault((f.values["run"], f.values["policy_version"]), []).append(f)
+    files: list[DataFile] = []
+    for key, wanted in sorted(shards.items()):
+        present = by_partition.get(key, [])
         if None not in wanted:
-            exact = [p for p in present if p.stem in wanted]
-            if len(exact) == len(wanted):
+            exact = [f for f in present if f.shard_id in wanted]
+            if len({f.shard_id for f in exact}) == len(wanted):
                 present = exact
         files.extend(present)
     return files
@@ -163,26 +166,17 @@ RESPONSE_COLUMNS = ("run", "group_id", "rollout_id", "sample_index", "policy_ver
                     "behaviour_logprobs")
 
 
-def _responses(store: Store, chosen: pa.Table, query: str) -> pa.Table:
-    """The chosen groups' rows of the rollouts table, read by pyarrow from their partitions' files.
-
-    The file list is taken again if a file vanished between listing and reading (compaction swapped
-    its partition folder meanwhile: the merged file holds the same rows).
-    """
+def _responses(store: Store, chosen: pa.Table, query: str, version: int | None) -> pa.Table:
+    """The chosen groups' rows of the rollouts table (at ``version``), read by pyarrow from their files."""
     wanted = pc.field("group_id").isin(pa.array(sorted(set(chosen.column("group_id").to_pylist())), pa.string()))
-    for attempt in range(LISTING_ATTEMPTS):
-        files = _rollout_files(store, chosen)
-        if not files:
-            raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
-                                 "a rollouts file is missing - run `recpipe doctor`")
-        try:
-            return read_files(files, "rollouts", columns=RESPONSE_COLUMNS, filter=wanted, root=store.root)
-        except FileNotFoundError:
-            if attempt == LISTING_ATTEMPTS - 1:
-                raise
-        except OSError as exc:
-            raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({exc})") from None
-    raise AssertionError("unreachable")
+    files = _rollout_files(store, chosen, version)
+    if not files:
+        raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
+                             "a rollouts file is missing - run `recpipe doctor`")
+    try:
+        return read_table(store, "rollouts", files=files, columns=RESPONSE_COLUMNS, filter=wanted)
+    except OSError as exc:
+        raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({exc})") from None
 
 
 def _lookup_groups(con: duckdb.DuckDBPyConnection, keys: pa.Table, query: str, timeout_s: float | None) -> pa.Table:
@@ -238,11 +232,11 @@ def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: b
 
 
 def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, values: dict[str, Any],
-                query: str, timeout_s: float | None) -> pa.Table:
-    """Stage 2 over ``chosen`` (run, group_id, policy_version, weight)."""
+                query: str, timeout_s: float | None, version: int | None) -> pa.Table:
+    """Stage 2 over ``chosen`` (run, group_id, policy_version, weight), reading rollouts ``version``."""
     stage = load_query("_advantages")
     sql = stage.body
-    con.register("chosen_rollouts", _responses(store, chosen, query))
+    con.register("chosen_rollouts", _responses(store, chosen, query, version))
     con.register("chosen", chosen.select(["run", "group_id", "weight", "position"]))
     try:
         return run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
@@ -286,6 +280,7 @@ def select(
     seed: int = 0,
     min_groups: int = 1,
     timeout_s: float | None = 60.0,
+    as_of: AsOf = None,
 ) -> Batch:
     """The batch of training step ``step`` of ``run``, chosen by ``query`` and recorded as lineage.
 
@@ -296,6 +291,9 @@ def select(
     seed: seeds RED-Drop's random choice (with step and rollout_id) and the replay tie-break.
     If (run, step) already has recorded lineage, that batch is returned (Batch.resumed = True) and
     the query is not run: crash-resume gets the same rollouts, advantages and weights.
+    as_of: run the query on the archive as it was (a recorded batch's ``read_versions``, a version of
+        every table, or a time); nothing is recorded and recorded lineage is not consulted, so a
+        recorded selection re-run as of its versions chooses exactly the same rollouts again.
 
     Raises EmptySelection when nothing (or fewer than min_groups groups) is chosen, QueryResultError
     when the result has the wrong shape (missing columns, duplicates, incomplete groups), QueryError
@@ -306,7 +304,7 @@ def select(
     groups = _check_int("groups", groups, 1)
     min_groups = _check_int("min_groups", min_groups, 1)
     seed = _check_int("seed", seed, 0)
-    recorded = _recorded(store, run, step)
+    recorded = _recorded(store, run, step) if as_of is None else None
     if recorded is not None:
         return _from_lineage(store, recorded, run=run, step=step, timeout_s=timeout_s)
 
@@ -318,8 +316,8 @@ def select(
     values = _bind(_param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name)
 
     # The rollouts view costs a footer read per file: only for user SQL and the truncation filter.
-    con = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],
-                               run=run if q.scope == "run" else None)
+    con, versions = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],
+                                         run=run if q.scope == "run" else None, as_of=as_of)
     try:
         if not q.builtin:
             _one_select(con, q)
@@ -329,7 +327,7 @@ def select(
         chosen = _chosen_groups(con, choice, trust=q.builtin, query=q.name, timeout_s=timeout_s)
         if chosen.num_rows < min_groups:
             raise EmptySelection(f"{q.name}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
-        found = _advantages(con, store, chosen, values, q.name, timeout_s)
+        found = _advantages(con, store, chosen, values, q.name, timeout_s, versions["rollouts"])
     finally:
         con.close()
     expected = dict(zip(zip(chosen.column("run").to_pylist(), chosen.column("group_id").to_pylist(), strict=True),
@@ -337,7 +335,9 @@ def select(
     check_complete(choice, found, expected, q.name)
     found = _override(found, choice)
     batch = Batch(run=run, step=step, query_name=q.name, query_hash=q.sha256, params=values,
-                  rollouts=_assemble(found))
+                  rollouts=_assemble(found), read_versions=versions)
+    if as_of is not None:
+        return batch
     if not store.append("batches", lineage_rows(batch), shard_id=lineage_shard(step)):
         # Another process recorded this step first: train on what it recorded, not on our choice.
         return _from_lineage(store, _recorded(store, run, step), run=run, step=step, timeout_s=timeout_s)
@@ -375,13 +375,9 @@ def replay_lineage(
 
 
 def recorded_steps(store: Store, run: str) -> list[int]:
-    """Steps of ``run`` with recorded lineage (from file names and compacted files' footers)."""
-    steps = set()
-    for path in store.files("batches", run=run):
-        for shard in file_shards(path):
-            if shard.startswith("step-") and shard[5:].isdigit():
-                steps.add(int(shard[5:]))
-    return sorted(steps)
+    """Steps of ``run`` with recorded lineage."""
+    rows = store.read("batches", "run = $run", {"run": run}).column("step")
+    return sorted(set(rows.to_pylist()))
 
 
 # ---- lineage read-back ---------------------------------------------------------------------------
@@ -416,9 +412,9 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
         "position": pa.array(range(len(keys)), pa.int32()),  # the recorded batch order
     })
     where = f"lineage of run {run!r} step {step}"
-    con = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
+    con, versions = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
     try:
-        found = _advantages(con, store, chosen, values, where, timeout_s)
+        found = _advantages(con, store, chosen, values, where, timeout_s, versions["rollouts"])
     finally:
         con.close()
     recorded = {(r, x): i for i, (r, x) in enumerate(zip(lineage.column("source_run").to_pylist(),
@@ -438,4 +434,5 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
     if recompute:
         params = {**params, **recompute}
     return Batch(run=run, step=step, query_name=first["query_name"], query_hash=first["query_hash"],
-                 params=params, rollouts=_assemble(found), resumed=True, created_at=first["created_at"])
+                 params=params, rollouts=_assemble(found), resumed=True, created_at=first["created_at"],
+                 read_versions=json.loads(first.get("read_versions") or "{}"))

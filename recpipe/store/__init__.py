@@ -1,19 +1,30 @@
-"""The rollout archive: hive-partitioned Parquet tables in a directory.
+"""The rollout archive: one Delta Lake table per archive table, under one store URI.
 
-    store = Store.create("store")
-    store.append("rollouts", rows, shard_id="abc123")   # atomic, idempotent per shard
+    store = Store.create("store")                       # or "s3://bucket/prefix"
+    store.append("rollouts", rows, shard_id="abc123")   # one transaction; a re-run adds nothing
     con = store.connect()                                # DuckDB with every table registered
     con.sql("SELECT policy_version, avg(reward) FROM rollouts GROUP BY 1").show()
 
-Layout: ``<root>/<table>/<col>=<value>/.../<shard_id>.parquet`` (zstd), one
-folder level per partition column of the table (schemas/tables.yaml).
-Checkpoints live in ``<root>/checkpoints/<run>/v<version>``; run locks in
-``<root>/locks``; bad files found by ``recpipe doctor`` go to ``<root>/quarantine``.
+Layout: ``<uri>/<table>/`` is a Delta table (``_delta_log/`` plus hive-partitioned Parquet files,
+partition columns as schemas/tables.yaml says); any Delta reader (delta-rs, polars, Spark, DuckDB's
+delta extension) opens it. Checkpoints live in ``<uri>/checkpoints/<run>/v<version>``; a store on S3
+keeps a local copy of the ones this machine uses under ``store.root`` (recpipe.store.location).
+
+Commits: ``append`` writes one Parquet file (pyarrow: page checksums, byte-stream-split log-probs)
+and adds it in one Delta transaction that carries an application transaction id naming the shard
+(``<partition>/<shard_id>``). The id is what makes a shard idempotent: a shard whose id is in the
+table's log is never added again, and two writers racing on the same shard cannot both commit -
+delta-rs fails the second with a concurrent-transaction conflict (measured), which ``append`` reads
+as "already committed". Commits of different shards never conflict; delta-rs retries them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +32,25 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, CommitProperties, Transaction
 
 from recpipe.schema import SCHEMA_VERSION, conform, table_names, table_spec
-from recpipe.store.datasets import TableDataset, damaged
-from recpipe.store.files import StoreWriteError, commit_parquet, fsync_dir
-from recpipe.store.lock import RunLock, RunLocked
+from recpipe.store.datasets import TableDataset, damaged, file_stats, read_table
+from recpipe.store.files import StoreWriteError, write_parquet
+from recpipe.store.lease import Lease, RunLocked
+from recpipe.store.location import Location, LocationError
 
-__all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "SHARDS_KEY"]
+__all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "MARKER", "AsOf"]
 
-SHARDS_KEY = "recpipe.shards"  # Parquet footer key: shard ids a file holds (several after compaction)
 MARKER = ".recpipe-store"
+FORMAT = "delta"
+COMMIT_ATTEMPTS = 5  # beyond delta-rs's own retries of non-conflicting commits
+
+# as_of: a version of every table read, {table: version}, or a point in time (each table as of it).
+AsOf = int | dict[str, int] | dt.datetime | None
 
 
 class StoreError(ValueError):
@@ -39,98 +58,224 @@ class StoreError(ValueError):
 
 
 class Store:
-    """A directory of partitioned Parquet tables plus checkpoints."""
+    """A set of Delta tables plus checkpoints, under one local path or S3 URI."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        if not (self.root / MARKER).is_file():
-            raise StoreError(f"{self.root} is not a recpipe store (run `recpipe init --store {root}`)")
+    def __init__(self, uri: str | Path, storage_options: dict[str, str] | None = None):
+        try:
+            self.location = Location.parse(uri, storage_options)
+        except LocationError as exc:
+            raise StoreError(str(exc)) from None
+        self.uri = self.location.uri
+        self.root = self.location.cache_dir()  # the local folder: the store itself, or its cache
+        marker = self._read_marker()
+        if marker is None:
+            raise StoreError(f"{self.uri} is not a recpipe store (run `recpipe init --store {uri}`)")
+        if marker.get("format") != FORMAT:
+            raise StoreError(f"{self.uri} holds an archive in the old Parquet-folder format; convert it with "
+                             f"`recpipe doctor --store {uri} --migrate` (every row is kept and verified)")
+        self._tables: dict[str, DeltaTable] = {}
 
     @classmethod
-    def create(cls, root: str | Path) -> Store:
-        """Open the store at ``root``, creating it if needed."""
-        root = Path(root)
-        marker = root / MARKER
-        if not marker.is_file():
-            if root.exists() and not root.is_dir():
-                raise StoreError(f"{root} is a file, not a directory; choose another --store")
-            if root.exists() and any(root.iterdir()):
-                raise StoreError(f"{root} exists and is not empty; refusing to turn it into a store")
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"schema_version": SCHEMA_VERSION}) + "\n")
-                fsync_dir(root)
-            except OSError as exc:
-                raise StoreWriteError(exc.errno, f"cannot create store at {root}: {exc.strerror}") from exc
-        return cls(root)
+    def create(cls, uri: str | Path, storage_options: dict[str, str] | None = None) -> Store:
+        """Open the store at ``uri``, creating it (and every table) if needed."""
+        try:
+            location = Location.parse(uri, storage_options)
+        except LocationError as exc:
+            raise StoreError(str(exc)) from None
+        fs, marker = location.fs, location.path(MARKER)
+        try:
+            if fs.get_file_info(marker).type != pafs.FileType.File:
+                if location.is_local:
+                    root = Path(location.uri)
+                    if root.exists() and not root.is_dir():
+                        raise StoreError(f"{uri} is a file, not a directory; choose another --store")
+                    if root.exists() and any(root.iterdir()):
+                        raise StoreError(f"{uri} exists and is not empty; refusing to turn it into a store")
+                elif fs.get_file_info(pafs.FileSelector(location.path(), allow_not_found=True, recursive=False)):
+                    raise StoreError(f"{uri} already holds objects; refusing to turn it into a store")
+                fs.create_dir(location.path(), recursive=True)
+                with fs.open_output_stream(marker) as out:
+                    out.write((json.dumps({"schema_version": SCHEMA_VERSION, "format": FORMAT}) + "\n").encode())
+        except OSError as exc:
+            raise StoreWriteError(getattr(exc, "errno", None) or 5, f"cannot create store at {uri}: {exc}") from exc
+        store = cls(uri, storage_options)
+        for table in table_names():
+            store.delta(table)
+        return store
 
-    # ---- paths -------------------------------------------------------------------------------
-    def table_dir(self, table: str) -> Path:
+    @staticmethod
+    def exists(uri: str | Path, storage_options: dict[str, str] | None = None) -> bool:
+        """Whether ``uri`` holds a recpipe store (of any format version)."""
+        try:
+            location = Location.parse(uri, storage_options)
+            return location.fs.get_file_info(location.path(MARKER)).type == pafs.FileType.File
+        except (LocationError, OSError):
+            return False
+
+    def runs(self) -> list[str]:
+        """Every run with rows in the archive."""
+        return sorted({v["run"] for table in ("policies", "groups", "batches", "steps")
+                       for v in self.snapshot(table).partitions()})
+
+    def _read_marker(self) -> dict[str, Any] | None:
+        try:
+            with self.location.fs.open_input_stream(self.location.path(MARKER)) as f:
+                return json.loads(f.read().decode() or "{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{self.uri}: cannot read the store marker {MARKER}: {exc}") from None
+
+    # ---- tables ------------------------------------------------------------------------------
+    def table_uri(self, table: str) -> str:
         table_spec(table)  # unknown table -> KeyError listing the tables
-        return self.root / table
+        return self.location.table_uri(table)
 
-    def partition_dir(self, table: str, values: dict[str, Any]) -> Path:
-        path = self.table_dir(table)
-        for column in table_spec(table).partition_by:
-            if column not in values:
-                raise StoreError(f"{table}: partition column {column!r} missing")
-            path = path / f"{column}={values[column]}"
-        return path
+    def delta(self, table: str, as_of: int | dt.datetime | None = None) -> DeltaTable:
+        """The Delta table, at its latest version (created if this store predates it) or ``as_of``."""
+        spec = table_spec(table)
+        options = self.location.storage_options or None
+        if as_of is not None:
+            pinned = DeltaTable(self.table_uri(table), storage_options=options)
+            try:
+                pinned.load_as_version(as_of if isinstance(as_of, int) or as_of.tzinfo else
+                                       as_of.replace(tzinfo=dt.UTC))
+            except Exception as exc:  # delta-rs raises several types for a version it does not have
+                raise StoreError(f"table {table!r} has no version as of {as_of} (its versions are "
+                                 f"0..{pinned.version()}): {str(exc).splitlines()[0]}") from None
+            return pinned
+        cached = self._tables.get(table)
+        if cached is not None:
+            cached.update_incremental()
+            return cached
+        try:
+            table_obj = DeltaTable(self.table_uri(table), storage_options=options)
+        except TableNotFoundError:
+            try:
+                table_obj = DeltaTable.create(self.table_uri(table), schema=spec.schema, mode="ignore",
+                                              partition_by=list(spec.partition_by) or None,
+                                              storage_options=options, description=spec.description)
+            except OSError as exc:
+                raise StoreWriteError(getattr(exc, "errno", None) or 5,
+                                      f"cannot create table {table!r} in {self.uri}: {exc}") from exc
+        self._tables[table] = table_obj
+        return table_obj
 
-    def glob(self, table: str) -> str:
-        levels = "/".join(f"{c}=*" for c in table_spec(table).partition_by)
-        return str(self.table_dir(table) / levels / "*.parquet")
+    def versions(self, tables: list[str] | None = None) -> dict[str, int]:
+        """The current version of each table (what a selection records, and ``as_of`` takes back)."""
+        return {table: self.delta(table).version() for table in (tables or table_names())}
 
-    def files(self, table: str, run: str | None = None) -> list[Path]:
-        base = self.table_dir(table)
-        if run is not None:
-            base = base / f"run={run}"
-            depth = len(table_spec(table).partition_by) - 1
-        else:
-            depth = len(table_spec(table).partition_by)
-        pattern = "/".join(["*"] * depth + ["*.parquet"])
-        return sorted(p for p in base.glob(pattern) if not p.name.startswith("."))
+    def resolve_as_of(self, table: str, as_of: AsOf) -> int | None:
+        """The version of ``table`` that ``as_of`` names (None: the latest)."""
+        if as_of is None:
+            return None
+        if isinstance(as_of, dict):
+            return as_of.get(table)
+        if isinstance(as_of, dt.datetime):
+            return self.delta(table, as_of).version()
+        return as_of
+
+    def files(self, table: str, run: str | None = None, as_of: int | None = None) -> list[str]:
+        """Paths (on ``location.fs``) of the data files of ``table`` at its latest version or ``as_of``."""
+        return [f.path for f in self.snapshot(table, as_of).files if run is None or f.values.get("run") == run]
+
+    def snapshot(self, table: str, version: int | None = None):  # noqa: ANN201 - datasets.Snapshot
+        from recpipe.store.datasets import snapshot
+
+        return snapshot(self, table, version)
 
     def checkpoint_dir(self, run: str, version: int) -> Path:
         return self.root / "checkpoints" / run / f"v{version:06d}"
 
-    def lock(self, run: str, purpose: str = "writer") -> RunLock:
-        return RunLock(self.root / "locks" / f"{run}.lock", run=run, purpose=purpose)
+    def lock(self, run: str, purpose: str = "writer") -> Lease:
+        """The exclusive lease of ``run`` for one ``purpose`` (loop, trainer), good across machines."""
+        return Lease(self, run, purpose)
 
     # ---- writes ------------------------------------------------------------------------------
+    @staticmethod
+    def shard_key(table: str, values: dict[str, Any], shard_id: str) -> str:
+        """The application transaction id of one shard of ``table``: its partition and shard id."""
+        spec = table_spec(table)
+        return "/".join([*(f"{c}={values[c]}" for c in spec.partition_by), shard_id])
+
     def is_committed(self, table: str, values: dict[str, Any], shard_id: str) -> bool:
-        part = self.partition_dir(table, values)
-        if (part / f"{shard_id}.parquet").exists():
-            return True
-        return any(shard_id in file_shards(f) for f in part.glob("compact-*.parquet"))
+        return self.delta(table).transaction_version(self.shard_key(table, values, shard_id)) is not None
 
     def append(self, table: str, rows: pa.Table | list[dict[str, Any]], *, shard_id: str) -> bool:
-        """Commit ``rows`` as one file named by ``shard_id``; False if that shard is already committed.
+        """Commit ``rows`` as one transaction named by ``shard_id``; False if that shard is already committed.
 
-        All rows must belong to one partition. Rows are checked against the
-        table's schema first, so a bad batch raises before anything is written.
+        All rows must belong to one partition. Rows are checked against the table's schema first, so a
+        bad batch raises before anything is written.
         """
-        if not shard_id or "/" in shard_id or shard_id.startswith("."):
+        if not shard_id or "/" in shard_id or shard_id.startswith(".") or "~" in shard_id:
             raise StoreError(f"bad shard id {shard_id!r}")
         data = conform(table, rows)
         if data.num_rows == 0:
             raise StoreError(f"{table}: refusing to commit an empty shard {shard_id!r}")
+        spec = table_spec(table)
         values = {}
-        for column in table_spec(table).partition_by:
+        for column in spec.partition_by:
             distinct = data.column(column).unique().to_pylist()
             if len(distinct) != 1:
                 raise StoreError(f"{table}: shard {shard_id!r} spans {len(distinct)} values of {column!r}; one expected")
             values[column] = distinct[0]
-        if self.is_committed(table, values, shard_id):
+        key = self.shard_key(table, values, shard_id)
+        delta = self.delta(table)
+        if delta.transaction_version(key) is not None:
             return False
-        final = self.partition_dir(table, values) / f"{shard_id}.parquet"
-        return commit_parquet(final, data, metadata={SHARDS_KEY: json.dumps([shard_id])})
+        relative = "/".join([*(f"{c}={values[c]}" for c in spec.partition_by),
+                             f"{shard_id}~{uuid.uuid4().hex[:12]}.parquet"])
+        self.add_files(table, [(relative, data.drop_columns(list(spec.partition_by)), values)],
+                       app_id=key, operation=f"append shard {shard_id}")
+        return True
+
+    def add_files(self, table: str, files: list[tuple[str, pa.Table, dict[str, Any]]], *, app_id: str,
+                  app_version: int = 1, removes: list[Any] | None = None, operation: str = "append") -> bool:
+        """Write each (relative path, rows without partition columns, partition values) file, then commit
+        them (and ``removes``) in one transaction carrying ``app_id`` at ``app_version``.
+
+        Returns False, deleting the files written, if that application transaction is already in the log
+        (another writer committed it first); raises StoreWriteError if commits keep failing.
+        """
+        spec = table_spec(table)
+        fs = self.location.fs
+        adds = []
+        for relative, rows, values in files:
+            path = self.location.path(table, relative)
+            size = write_parquet(fs, path, rows)
+            adds.append(AddAction(relative, size, {c: str(values[c]) for c in spec.partition_by},
+                                  int(time.time() * 1000), not removes, file_stats(rows)))
+        props = CommitProperties(app_transactions=[Transaction(app_id, app_version)],
+                                 custom_metadata={"recpipe.operation": operation})
+        error: Exception | None = None
+        for _ in range(COMMIT_ATTEMPTS):
+            delta = self.delta(table)
+            done = delta.transaction_version(app_id)
+            if done is not None and done >= app_version:
+                break
+            try:
+                delta.create_write_transaction([*adds, *(removes or [])], mode="append", schema=spec.schema,
+                                               partition_by=list(spec.partition_by) or None,
+                                               commit_properties=props)
+                return True
+            except CommitFailedError as exc:  # a concurrent commit of the same app id: re-read, then decide
+                error = exc
+            except OSError as exc:
+                error = exc
+                break
+        for relative, _, _ in files:  # never referenced by the log: nothing to keep
+            with contextlib.suppress(OSError):
+                fs.delete_file(self.location.path(table, relative))
+        done = self.delta(table).transaction_version(app_id)
+        if done is not None and done >= app_version:
+            return False
+        raise StoreWriteError(5, f"{table}: could not commit {operation} ({error}); nothing was committed")
 
     def append_rollouts(self, rows: pa.Table, *, shard_id: str) -> bool:
         """Commit a generation shard: its rollouts, then its one-row-per-group summary.
 
-        The summary is derived from the rollouts; if a crash fell between the two
-        commits, a rerun of the shard completes the summary and writes no rollout twice.
+        The summary is derived from the rollouts; if a crash fell between the two commits, a rerun of the
+        shard completes the summary and writes no rollout twice.
         """
         data = conform("rollouts", rows)
         wrote = self.append("rollouts", data, shard_id=shard_id)
@@ -142,68 +287,45 @@ class Store:
         return wrote
 
     def read_shard(self, table: str, values: dict[str, Any], shard_id: str) -> pa.Table:
-        part = self.partition_dir(table, values)
-        single = part / f"{shard_id}.parquet"
-        if single.exists():
-            return self._read_file(single)
-        for f in part.glob("compact-*.parquet"):
-            if shard_id in file_shards(f):
-                return self._read_file(f).filter(self._shard_rows(table, shard_id))
-        raise StoreError(f"{table}: shard {shard_id!r} not found in {part}")
+        """The rows one shard committed (by its shard_id column, or the table's shard template)."""
+        rows = read_table(self, table, filter=_partition_filter(values) & self._shard_rows(table, shard_id))
+        if rows.num_rows == 0:
+            raise StoreError(f"{table}: shard {shard_id!r} not found in partition {values}")
+        return rows
 
     @staticmethod
     def _shard_rows(table: str, shard_id: str) -> pc.Expression:
-        """Which rows of a compacted file are one shard's: its shard_id column, else the columns the
-        table's shard template names (a ``batches`` shard "step-000003" is the rows of step 3)."""
         spec = table_spec(table)
         if "shard_id" in spec.schema.names:
             return pc.field("shard_id") == shard_id
         values = spec.shard_filter(shard_id)
         if not values:
-            raise StoreError(f"{table}: cannot find shard {shard_id!r} inside a compacted file (the table has "
-                             "no shard_id column and no shard template in schemas/tables.yaml)")
-        expr = None
-        for column, value in values.items():
-            term = pc.field(column) == value
-            expr = term if expr is None else expr & term
-        return expr
-
-    def _read_file(self, path: Path) -> pa.Table:
-        try:
-            return pq.read_table(path, page_checksum_verification=True)
-        except (OSError, pa.ArrowException) as exc:
-            raise StoreError(damaged(path, exc, self.root)) from None
+            raise StoreError(f"{table}: cannot find the rows of shard {shard_id!r} (the table has no shard_id "
+                             "column and no shard template in schemas/tables.yaml)")
+        return _partition_filter(values)
 
     # ---- reads -------------------------------------------------------------------------------
     def connect(self, *, read_only: bool = False, tables: list[str] | None = None,
-                check_files: bool | None = None) -> duckdb.DuckDBPyConnection:
+                as_of: AsOf = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with every table (or only ``tables``) registered by name.
 
-        Tables are pyarrow datasets over the table's files (recpipe.store.datasets.TableDataset), listed
-        afresh by each query that reads them, with page checksums verified. read_only: the connection is
+        Tables are pyarrow datasets over the tables' Delta snapshots (recpipe.store.datasets.TableDataset):
+        the latest version at each query, or the version ``as_of`` names. read_only: the connection is
         locked down (recpipe.store.sql: no file access, no settings changes) - for user SQL.
-        check_files (default: not read_only): read every file's footer now and raise StoreError naming
-        a damaged one. Off for read-only SQL, so one damaged file fails only the queries on its table.
         """
         from recpipe.store.sql import locked_connection
 
         names = table_names() if tables is None else tables
-        if check_files if check_files is not None else not read_only:
-            for table in names:
-                for path in self.files(table):
-                    try:
-                        pq.read_metadata(path)
-                    except (OSError, pa.ArrowException) as exc:
-                        raise StoreError(f"table {table!r}: " + damaged(path, exc, self.root)) from None
         con = locked_connection() if read_only else duckdb.connect()
         for table in names:
-            con.register(table, TableDataset(self.root, table))
+            con.register(table, TableDataset(self, table, version=self.resolve_as_of(table, as_of)))
         return con
 
-    def read(self, table: str, where: str | None = None, params: dict[str, Any] | None = None) -> pa.Table:
+    def read(self, table: str, where: str | None = None, params: dict[str, Any] | None = None,
+             as_of: AsOf = None) -> pa.Table:
         """Rows of ``table`` (optionally filtered by a SQL ``where`` with $params) as Arrow."""
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "")
-        con = self.connect(tables=[table], check_files=False)
+        con = self.connect(tables=[table], as_of=as_of)
         try:
             return con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
@@ -221,11 +343,47 @@ class Store:
 
         return compact_table(self, table, run=run, min_files=min_files)
 
+    def damaged(self, path: str, exc: BaseException) -> str:
+        return damaged(path, exc, self.uri)
 
-def file_shards(path: Path) -> list[str]:
-    meta = pq.read_schema(path).metadata or {}
-    raw = meta.get(SHARDS_KEY.encode())
-    return json.loads(raw) if raw else [path.stem]
+
+def parse_as_of(text: str) -> AsOf:
+    """``--as-of``: a version of every table read (``12``), versions per table (``groups=41,rollouts=40``,
+    or the JSON that ``batches.read_versions`` records), or a time (ISO 8601; UTC unless it says)."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if text.startswith("{"):
+        try:
+            versions = json.loads(text)
+        except ValueError as exc:
+            raise StoreError(f"--as-of {text!r}: not valid JSON ({exc})") from None
+    elif "=" in text:
+        versions = dict(item.split("=", 1) for item in text.split(","))
+    else:
+        try:
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise StoreError(f"--as-of {text!r}: expected a table version (12), versions per table "
+                             "(groups=41,rollouts=40 or JSON) or an ISO time (2026-12-01T14:00:00)") from None
+        return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+    names = set(table_names())
+    out = {}
+    for table, version in versions.items():
+        table = str(table).strip()
+        if table not in names:
+            raise StoreError(f"--as-of: unknown table {table!r}; tables are {', '.join(sorted(names))}")
+        if isinstance(version, bool) or not str(version).strip().isdigit():
+            raise StoreError(f"--as-of: version of {table} must be a whole number >= 0 (got {version!r})")
+        out[table] = int(str(version).strip())
+    return out
+
+
+def _partition_filter(values: dict[str, Any]) -> pc.Expression:
+    expr = pc.scalar(True)
+    for column, value in values.items():
+        expr = expr & (pc.field(column) == value)
+    return expr
 
 
 def group_summary(rollouts: pa.Table) -> pa.Table:
@@ -247,6 +405,6 @@ def group_summary(rollouts: pa.Table) -> pa.Table:
     return conform("groups", summary.sort("group_id").to_arrow())
 
 
-def connect(store: str | Path | Store, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """``recpipe.connect(store)``: DuckDB with every table as a view (read-only by default)."""
-    return (store if isinstance(store, Store) else Store(store)).connect(read_only=read_only)
+def connect(store: str | Path | Store, *, read_only: bool = True, as_of: AsOf = None) -> duckdb.DuckDBPyConnection:
+    """``recpipe.connect(store)``: DuckDB with every table registered (read-only by default)."""
+    return (store if isinstance(store, Store) else Store(store)).connect(read_only=read_only, as_of=as_of)

@@ -1,23 +1,23 @@
-"""The archive's tables as pyarrow datasets, the only way SQL reaches the store's files.
+"""The archive's tables as pyarrow datasets over Delta snapshots: the only way SQL reaches the files.
 
-    con.register("rollouts", TableDataset(store.root, "rollouts"))       # every run
-    con.register("groups", TableDataset(store.root, "groups", run="a"))  # only run a's folders
+    con.register("rollouts", TableDataset(store, "rollouts"))               # latest version, every run
+    con.register("groups", TableDataset(store, "groups", run="a"))          # only run a's files
+    con.register("groups", TableDataset(store, "groups", version=41))       # time travel
 
 DuckDB connections that run user SQL have no file system access at all (recpipe.store.sql); the
 tables reach them as Python objects instead. DuckDB scans a registered pyarrow dataset by calling
 its ``scanner(columns=, filter=)``, pushing down the columns and the filters it can translate, so:
 
-* a TableDataset lists its files when a query scans it, not when it is registered: a connection
-  sees the store as it is at each query (new shards included), and registering a table that the
-  query never reads costs nothing;
-* partitions are pruned by the pushed filter on the folder names (``run=a/policy_version=3``)
-  before any file is touched, and only then are the kept files opened. The open files pin the data:
-  compaction swaps a partition folder (recpipe.store.compact), but a file opened before the swap
-  stays readable until closed, so every scan reads one consistent listing of each partition; a file
-  that vanishes between listing and opening makes that partition be listed again. Open files and
-  their parsed footers are kept per process (``_fragments``) while a file is unchanged: committed
-  files never change in place, and pyarrow's per-file cost dominates scans of many small files;
-* Parquet page checksums are verified on every read (files.commit_parquet writes them), and a damaged
+* a TableDataset reads the table's Delta snapshot when a query scans it (the latest version then, or
+  the pinned ``version``), not when it is registered: an unpinned connection sees new commits at each
+  query, and registering a table the query never reads costs nothing;
+* files are pruned by the pushed filter against their partition values from the log (run,
+  policy_version) before any file is touched. A snapshot's files never change: Delta files are
+  written once under unique names, and a file that compaction replaced stays in place until vacuum
+  (whose retention outlasts any query: recpipe.store.compact), so a scan reads one consistent version;
+* parsed footers are kept per process (``_fragments``) by path: pyarrow's per-file cost dominates
+  scans of many small files;
+* Parquet page checksums are verified on every read (files.write_parquet writes them), and a damaged
   file fails the scan with an error naming it and pointing to ``recpipe doctor``; other tables of the
   same connection still query.
 """
@@ -25,77 +25,95 @@ its ``scanner(columns=, filter=)``, pushing down the columns and the filters it 
 from __future__ import annotations
 
 import functools
-import os
-import resource
+import json
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from recpipe.schema import table_spec
 
-LOCAL = pafs.LocalFileSystem()
+if TYPE_CHECKING:
+    from recpipe.store import Store
+
 FORMAT = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
-LISTING_ATTEMPTS = 3  # a partition is re-listed when a file vanishes (compaction swapped it meanwhile)
 
 
-def damaged(path: Path | str, exc: BaseException, root: Path | str | None = None) -> str:
+def damaged(path: str, exc: BaseException, store: str | None = None) -> str:
     """The message for a file that cannot be read: which file, why, and what to run."""
     reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    store = f" --store {root}" if root is not None else ""
-    return (f"cannot read {path}: {reason}; run `recpipe doctor{store}` to list damaged files "
+    where = f" --store {store}" if store is not None else ""
+    return (f"cannot read {path}: {reason}; run `recpipe doctor{where}` to list damaged files "
             "and `--repair` to quarantine them")
 
 
-def partition_folders(root: Path, table: str, run: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
-    """(folder, partition values) of every partition folder of ``table`` (of ``run`` only, if given).
+@dataclass(frozen=True)
+class DataFile:
+    path: str          # on the store's filesystem
+    relative: str      # as the Delta log names it, relative to the table
+    size: int
+    values: dict[str, Any]  # partition values, typed as the schema says
 
-    Hidden names (compaction's staging folders, temp files) are skipped; values are typed as the schema says.
-    """
+    @property
+    def shard_id(self) -> str | None:
+        """The shard a file of ``Store.append`` holds (``<shard>~<uuid>.parquet``); None for merged files."""
+        name = self.relative.rsplit("/", 1)[-1]
+        return name.split("~", 1)[0] if "~" in name else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    table: str
+    version: int
+    files: tuple[DataFile, ...]
+
+    def partitions(self) -> list[dict[str, Any]]:
+        seen = {tuple(f.values.items()): f.values for f in self.files}
+        return [seen[k] for k in sorted(seen)]
+
+
+_snapshots: OrderedDict[tuple[str, str, int], Snapshot] = OrderedDict()
+_snapshots_lock = threading.Lock()
+
+
+def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
+    """The data files of ``table`` at ``version`` (default: the latest), from the Delta log."""
+    delta = store.delta(table, version)
+    key = (store.uri, table, delta.version())
+    with _snapshots_lock:
+        hit = _snapshots.get(key)
+        if hit is not None:
+            _snapshots.move_to_end(key)
+            return hit
     spec = table_spec(table)
-    levels: list[tuple[Path, dict[str, Any]]] = [(root / table, {})]
-    for depth, column in enumerate(spec.partition_by):
-        deeper = []
-        for folder, values in levels:
-            if depth == 0 and run is not None:
-                names = [f"{column}={run}"]
-            else:
-                try:
-                    names = [e.name for e in os.scandir(folder) if e.is_dir() and e.name.startswith(f"{column}=")]
-                except FileNotFoundError:
-                    names = []
-            for name in sorted(names):
-                deeper.append((folder / name, {**values, column: _typed(spec.schema, column, name)}))
-        levels = deeper
-    return levels
+    actions = pa.table(delta.get_add_actions(flatten=True))
+    paths = actions.column("path").to_pylist()
+    sizes = actions.column("size_bytes").to_pylist()
+    columns = {c: actions.column(f"partition.{c}").to_pylist() for c in spec.partition_by}
+    files = []
+    for i, relative in enumerate(paths):
+        values = {c: _typed(spec.schema, c, columns[c][i]) for c in spec.partition_by}
+        files.append(DataFile(store.location.path(table, relative), relative, sizes[i], values))
+    snap = Snapshot(table, delta.version(), tuple(sorted(files, key=lambda f: f.relative)))
+    with _snapshots_lock:
+        _snapshots[key] = snap
+        while len(_snapshots) > 64:
+            _snapshots.popitem(last=False)
+    return snap
 
 
-def _typed(schema: pa.Schema, column: str, folder_name: str) -> Any:
-    """The value a ``column=value`` folder name stands for, typed as the schema says."""
-    text = folder_name[len(column) + 1:]
-    return int(text) if pa.types.is_integer(schema.field(column).type) else text
-
-
-def partition_values(table: str, folder: Path) -> dict[str, Any]:
-    """The partition values of one partition folder of ``table`` (``.../run=a/policy_version=3``)."""
-    spec = table_spec(table)
-    names = [f.name for f in [folder, *folder.parents][:len(spec.partition_by)]][::-1]
-    return {c: _typed(spec.schema, c, name) for c, name in zip(spec.partition_by, names, strict=True)}
-
-
-def parquet_files(folder: Path) -> list[Path]:
-    """The committed Parquet files of one partition folder (temp and hidden names skipped)."""
-    try:
-        return sorted(Path(e.path) for e in os.scandir(folder)
-                      if e.name.endswith(".parquet") and not e.name.startswith(".") and e.is_file())
-    except FileNotFoundError:
-        return []
+def _typed(schema: pa.Schema, column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    return int(value) if pa.types.is_integer(schema.field(column).type) else str(value)
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -107,73 +125,43 @@ def _partition_expression(table: str, values: tuple[tuple[str, Any], ...]) -> ds
     return expr
 
 
-# Open files with their footers parsed, by path, reused while the file is the same (inode, size, mtime):
-# committed files never change in place, and parsing a footer costs as much as reading a small file.
-# An entry holds the file open; dropping it lets the file close once no scan uses it.
-_fragments: OrderedDict[str, tuple[tuple[int, int, int], ds.Fragment]] = OrderedDict()
+# Fragments with their footers parsed, by path: a Delta data file never changes once written, and
+# parsing a footer costs as much as reading a small file. An entry holds no open file.
+_fragments: OrderedDict[str, ds.Fragment] = OrderedDict()
 _fragments_lock = threading.Lock()
-CACHED_FILES = 4096
+CACHED_FILES = 8192
 
 
-@functools.cache  # the open-files limit is raised once; later calls only read the result
-def _cache_size() -> int:
-    """CACHED_FILES, or fewer if the open-files limit cannot be raised to hold them beside the scans."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 4 * CACHED_FILES
-    if soft != resource.RLIM_INFINITY and soft < want:
-        new = want if hard == resource.RLIM_INFINITY else min(hard, want)
-        if new > soft:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            soft = new
-    return CACHED_FILES if soft == resource.RLIM_INFINITY else min(CACHED_FILES, soft // 4)
-
-
-def _fragment(path: Path, stat: os.stat_result, expr: ds.Expression, root: Path) -> ds.Fragment:
-    """The file as a dataset fragment reading an open handle (FileNotFoundError if it is gone)."""
-    key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+def _fragment(fs: pafs.FileSystem, file: DataFile, table: str, store: str) -> ds.Fragment:
     with _fragments_lock:
-        hit = _fragments.get(str(path))
-        if hit is not None and hit[0] == key:
-            _fragments.move_to_end(str(path))
-            return hit[1]
-    handle = LOCAL.open_input_file(str(path))
-    fragment = FORMAT.make_fragment(handle, partition_expression=expr)
+        hit = _fragments.get(file.path)
+        if hit is not None:
+            _fragments.move_to_end(file.path)
+            return hit
+    expr = _partition_expression(table, tuple(file.values.items()))
+    fragment = FORMAT.make_fragment(file.path, filesystem=fs, partition_expression=expr)
     try:
         fragment.ensure_complete_metadata()  # the footer, parsed once
     except (OSError, pa.ArrowException) as exc:
-        raise OSError(damaged(path, exc, root)) from None
+        raise OSError(damaged(file.path, exc, store)) from None
     with _fragments_lock:
-        _fragments[str(path)] = (key, fragment)
-        limit = _cache_size()
-        while len(_fragments) > limit:
+        _fragments[file.path] = fragment
+        while len(_fragments) > CACHED_FILES:
             _fragments.popitem(last=False)
     return fragment
-
-
-def open_partition(folder: Path, expr: ds.Expression, root: Path) -> list[tuple[Path, ds.Fragment]]:
-    """Every file of one partition folder, from one listing, opened; re-listed if a file vanished
-    between listing and opening (compaction swapped the folder: the new listing has the merged file)."""
-    for attempt in range(LISTING_ATTEMPTS):
-        try:
-            return [(path, _fragment(path, path.stat(), expr, root)) for path in parquet_files(folder)]
-        except FileNotFoundError:
-            if attempt == LISTING_ATTEMPTS - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 class _Scan:
     """What DuckDB reads from: ``to_reader()`` over a pyarrow scanner, naming a damaged file on failure.
 
-    The partition columns (run, policy_version) are not decoded from the files, which hold them too:
-    each batch gets them from its file's folder names (pyarrow's per-column cost dominates small files,
-    and ``count(*)`` then reads no column at all).
+    The partition columns (run, policy_version) are not in the files (Delta keeps them in the log):
+    each batch gets them from its file's partition values.
     """
 
-    def __init__(self, dataset: ds.FileSystemDataset, files: list[tuple[Path, ds.Fragment]], root: Path,
+    def __init__(self, dataset: ds.FileSystemDataset, files: list[tuple[DataFile, ds.Fragment]], store: str,
                  table: str, columns: Sequence[str] | None, filter: ds.Expression | None,  # noqa: A002
                  **kwargs: Any):
-        self.files, self.root, self.table = files, root, table
+        self.files, self.store, self.table = files, store, table
         spec = table_spec(table)
         self.columns = list(columns) if columns is not None else spec.schema.names
         self.partition = [c for c in self.columns if c in spec.partition_by]
@@ -183,6 +171,9 @@ class _Scan:
 
     def to_reader(self) -> pa.RecordBatchReader:
         return pa.RecordBatchReader.from_batches(self.projected_schema, self._batches())
+
+    def to_table(self) -> pa.Table:
+        return pa.Table.from_batches(self._batches(), schema=self.projected_schema)
 
     def _batches(self) -> Iterator[pa.RecordBatch]:
         try:
@@ -201,49 +192,80 @@ class _Scan:
 
     def _diagnose(self, exc: BaseException) -> str:
         """Find which file failed: read each of the scan's files alone (only on the error path)."""
-        for path, fragment in self.files:
+        for file, fragment in self.files:
             try:
                 fragment.to_table(columns=self.physical, schema=self.scanner.dataset_schema)
             except (OSError, pa.ArrowException) as file_exc:
-                return f"table {self.table!r}: " + damaged(path, file_exc, self.root)
-        return f"table {self.table!r}: " + damaged(self.root / self.table, exc, self.root)
+                return f"table {self.table!r}: " + damaged(file.path, file_exc, self.store)
+        return f"table {self.table!r}: " + damaged(self.table, exc, self.store)
+
+
+def file_schema(table: str) -> pa.Schema:
+    """The columns a data file of ``table`` holds: the schema without its partition columns."""
+    spec = table_spec(table)
+    return pa.schema([f for f in spec.schema if f.name not in spec.partition_by])
 
 
 class TableDataset(ds.FileSystemDataset):
-    """One table of the store as a dataset whose scans list, prune and open its files afresh."""
+    """One table of the store as a dataset whose scans read its Delta snapshot and open its files."""
 
-    def __init__(self, root: str | Path, table: str, run: str | None = None):
-        self.root, self.table, self.run = Path(root), table, run
+    def __init__(self, store: Store, table: str, run: str | None = None, version: int | None = None,
+                 files: Sequence[DataFile] | None = None):
+        self.store, self.table, self.run, self.version = store, table, run, version
+        self.pinned_files = None if files is None else list(files)
         self.spec = table_spec(table)
-        super().__init__([], self.spec.schema, FORMAT, LOCAL)
+        super().__init__([], self.spec.schema, FORMAT, pafs.LocalFileSystem())
+
+    def data_files(self) -> list[DataFile]:
+        if self.pinned_files is not None:
+            return self.pinned_files
+        files = snapshot(self.store, self.table, self.version).files
+        return [f for f in files if self.run is None or f.values.get("run") == self.run]
 
     def scanner(self, columns: Sequence[str] | None = None, filter: ds.Expression | None = None,  # noqa: A002
                 **kwargs: Any) -> _Scan:
-        folders = [(f, _partition_expression(self.table, tuple(v.items())))
-                   for f, v in partition_folders(self.root, self.table, self.run)]
-        if filter is not None and folders:
-            # Prune on the folder names alone: pyarrow simplifies the filter against each folder's
-            # partition expression without touching the file system.
-            probe = ds.FileSystemDataset.from_paths([str(f) for f, _ in folders], self.spec.schema, FORMAT, LOCAL,
-                                                    partitions=[e for _, e in folders])
-            kept = {fragment.path for fragment in probe.get_fragments(filter=filter)}
-            folders = [(f, e) for f, e in folders if str(f) in kept]
-        files = [item for folder, expr in folders for item in open_partition(folder, expr, self.root)]
-        dataset = ds.FileSystemDataset([f for _, f in files], self.spec.schema, FORMAT, LOCAL)
-        return _Scan(dataset, files, self.root, self.table, columns, filter, **kwargs)
+        files = self.data_files()
+        if filter is not None and files:
+            # Prune on the partition values alone: pyarrow simplifies the filter against each file's
+            # partition expression without touching the file system (the paths are never opened).
+            exprs = [_partition_expression(self.table, tuple(f.values.items())) for f in files]
+            probe = ds.FileSystemDataset.from_paths([f"/{i}" for i in range(len(files))], self.spec.schema, FORMAT,
+                                                    pafs.LocalFileSystem(), partitions=exprs)
+            kept = {int(fragment.path[1:]) for fragment in probe.get_fragments(filter=filter)}
+            files = [f for i, f in enumerate(files) if i in kept]
+        fs, uri = self.store.location.fs, self.store.uri
+        opened = [(f, _fragment(fs, f, self.table, uri)) for f in files]
+        dataset = ds.FileSystemDataset([fr for _, fr in opened], self.spec.schema, FORMAT, fs)
+        return _Scan(dataset, opened, uri, self.table, columns, filter, **kwargs)
 
 
-def read_files(paths: Sequence[Path], table: str, *, columns: Sequence[str] | None = None,
-               filter: ds.Expression | None = None, root: Path | None = None) -> pa.Table:  # noqa: A002
-    """Rows of the given files of ``table`` (checksums verified), as one Arrow table of its schema.
+def read_table(store: Store, table: str, *, columns: Sequence[str] | None = None,
+               filter: ds.Expression | None = None, version: int | None = None,  # noqa: A002
+               files: Sequence[DataFile] | None = None) -> pa.Table:
+    """Rows of ``table`` (of ``files`` only, if given), checksums verified, as one Arrow table of its schema.
 
-    Raises FileNotFoundError if a file vanished (the caller lists again) and OSError naming a damaged file.
+    Raises OSError naming a damaged file.
     """
-    spec = table_spec(table)
-    files = []
-    for path in paths:
-        values = tuple(partition_values(table, path.parent).items())
-        files.append((path, _fragment(path, path.stat(), _partition_expression(table, values), root or path.parent)))
-    dataset = ds.FileSystemDataset([f for _, f in files], spec.schema, FORMAT, LOCAL)
-    scan = _Scan(dataset, files, root or Path(table), table, columns, filter)
-    return pa.Table.from_batches(scan._batches(), schema=scan.projected_schema)
+    return TableDataset(store, table, version=version, files=files).scanner(columns=columns, filter=filter).to_table()
+
+
+def file_stats(rows: pa.Table) -> str:
+    """The Delta ``stats`` of a data file: row count, null counts, and min / max of its numeric and short
+    string columns (what other Delta readers use to skip files). Long strings (response text) and
+    timestamps (the log keeps milliseconds; a truncated max would wrongly skip a file) get no bounds."""
+    nulls, low, high = {}, {}, {}
+    for name in rows.column_names:
+        column = rows.column(name)
+        nulls[name] = column.null_count
+        kind = column.type
+        if column.null_count == len(column) or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                                                    or pa.types.is_string(kind)):
+            continue
+        if pa.types.is_string(kind) and pc.max(pc.utf8_length(column)).as_py() > 64:
+            continue
+        bounds = pc.min_max(column)
+        lo, hi = bounds["min"].as_py(), bounds["max"].as_py()
+        if isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        low[name], high[name] = lo, hi
+    return json.dumps({"numRecords": rows.num_rows, "nullCount": nulls, "minValues": low, "maxValues": high})

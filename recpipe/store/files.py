@@ -1,10 +1,9 @@
-"""Atomic file commits: readers never see a half-written file.
+"""Writing files: Parquet data files for the tables, and local checkpoint directories.
 
-A file is written under a temporary name in its final directory, flushed and
-fsynced, then hard-linked to its final name (``os.link`` fails if the name
-exists, so two writers of the same shard cannot both win) and the temporary
-name removed; the directory is fsynced so the new name survives a crash.
-Temporary names end in ``.tmp`` so the ``*.parquet`` globs of readers skip them.
+Data files become visible only through a Delta commit (recpipe.store), so they need no atomic name.
+Checkpoint directories are filled under a temporary name and renamed into place (``commit_dir``);
+a temporary name ends in ``.tmp`` and carries its writer's pid, so one left by a killed writer is
+recognised (``stale_temps``) and removed.
 """
 
 from __future__ import annotations
@@ -15,10 +14,11 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TMP_SUFFIX = ".tmp"
@@ -41,58 +41,12 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
 
 
-@contextlib.contextmanager
-def _cleanup_on_error(path: Path, final: Path) -> Iterator[None]:
-    try:
-        yield
-    except BaseException as exc:
-        with contextlib.suppress(OSError):  # absent, or the file system refuses even that
-            path.unlink()
-        if isinstance(exc, OSError) and not isinstance(exc, StoreWriteError):
-            reason = "no space left on device" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
-            raise StoreWriteError(exc.errno, f"could not write {final}: {reason}; nothing was committed") from exc
-        raise
+def write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table) -> int:
+    """Write ``table`` as zstd Parquet at ``path`` on ``fs``; returns the file's size in bytes.
 
-
-def commit_file(final: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> bool:
-    """Write ``final`` atomically with ``write(tmp_path)``.
-
-    Returns False (and writes nothing) if ``final`` already exists and
-    ``overwrite`` is False: a committed shard is never written twice.
+    The file is not part of any table until a Delta commit adds it (recpipe.store.Store.append), so a
+    writer killed here leaves only an unreferenced file, which vacuum removes.
     """
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreWriteError(exc.errno, f"cannot create {final.parent}: {exc.strerror}") from exc
-    if final.exists() and not overwrite:
-        return False
-    tmp = _temp_name(final)
-    with _cleanup_on_error(tmp, final):
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, final)
-        else:
-            try:
-                os.link(tmp, final)
-            except FileExistsError:
-                tmp.unlink()
-                return False
-            tmp.unlink()
-        fsync_dir(final.parent)
-    return True
-
-
-def commit_parquet(final: Path, table: pa.Table, *, metadata: dict[str, str] | None = None,
-                   overwrite: bool = False) -> bool:
-    """Write ``table`` as zstd Parquet at ``final`` atomically (see ``commit_file``)."""
-    if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(merged)
-
     # Float log-probs compress far better split into byte planes than dictionary-encoded
     # (4.4 -> 3.4 bytes per token with zstd); nested columns go by their leaf path.
     def leaf(field: pa.Field) -> str:
@@ -103,15 +57,22 @@ def commit_parquet(final: Path, table: pa.Table, *, metadata: dict[str, str] | N
 
     split = [leaf(f) for f in table.schema if float_list(f)]
     dictionary = [leaf(f) for f in table.schema if not float_list(f)]
-
-    # Page checksums (CRC32 per page, checked by every reader: recpipe.store.datasets): a flipped
-    # bit in a data page becomes an error naming the file instead of different numbers.
-    def write(tmp: Path) -> None:
-        pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=64 * 1024,
-                       use_byte_stream_split=split or False, use_dictionary=dictionary,
-                       write_page_checksum=True)
-
-    return commit_file(final, write, overwrite=overwrite)
+    # Page checksums (CRC32 per page, checked by every reader: recpipe.store.datasets): a flipped bit in a
+    # data page becomes an error naming the file instead of different numbers. delta-rs's own writer writes
+    # none (measured: a flipped byte in a file it wrote reads back without error), hence pyarrow here.
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)  # local disks need the folder; S3 ignores it
+        with fs.open_output_stream(path) as out:
+            pq.write_table(table, out, compression=COMPRESSION, row_group_size=64 * 1024,
+                           use_byte_stream_split=split or False, use_dictionary=dictionary,
+                           write_page_checksum=True)
+        return fs.get_file_info(path).size
+    except OSError as exc:
+        reason = "no space left on device" if getattr(exc, "errno", None) == errno.ENOSPC else str(exc)
+        with contextlib.suppress(OSError):
+            fs.delete_file(path)
+        raise StoreWriteError(getattr(exc, "errno", None) or errno.EIO,
+                              f"could not write {path}: {reason}; nothing was committed") from exc
 
 
 def commit_dir(final: Path, write: Callable[[Path], None]) -> None:

@@ -179,7 +179,7 @@ class Trainer:
     # ---- lifecycle ----------------------------------------------------------------------------------
     def setup(self) -> Trainer:
         """Take the run's trainer lock, heal rows lost in a crash, load the latest version (or register v0)."""
-        self._lock = self.store.lock(f"{self.run}+trainer", purpose="trainer").acquire()  # '+' is not in run names
+        self._lock = self.store.lock(self.run, purpose="trainer").acquire()  # one trainer per run, across machines
         try:
             self._resume()
         except BaseException:
@@ -459,9 +459,12 @@ class Trainer:
         state = {"format": ckpt.STATE_FORMAT, "run": self.run, "version": version, "step": step,
                  "next_step": step + 1, "seed": self.cfg.seed, "base_model": str(self.model_path),
                  "policies_row": policy, "steps_row": row}
+        self._lock.check()  # LeaseLost if another trainer took the run over: it owns the next versions
         ckpt.write_checkpoint(final, self.model, self.model_path,
                               {"optimizer": self.optimizer.state_dict(), "rng": rng}, state)
-        self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version))
+        if not self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version)):
+            raise ckpt.CheckpointError(f"run {self.run!r}: version {version} was committed by another trainer; "
+                                       "this one stops (one trainer per run)")
         self.store.append("steps", [row], shard_id=ckpt.steps_shard(step))
         self._version, self._next_step, self._bad_streak = version, step + 1, 0
         ckpt.apply_retention(self.store, self.run, version, self.cfg.keep_every, self.needed_versions)

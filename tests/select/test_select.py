@@ -246,9 +246,17 @@ def test_lineage_query_retrains_on_another_runs_batches(archive):
         select(archive, "lineage", {"source_run": "a", "source_step": 0}, run="a-retrain", step=1, groups=2)
 
 
+def damage(store, table, shard=None, **values):
+    """Overwrite one active data file of ``table`` (in the partition ``values``, of ``shard`` if given)."""
+    files = [f for f in store.snapshot(table).files if f.values == values and shard in (None, f.shard_id)]
+    assert files, (table, values, shard)
+    with open(files[0].path, "r+b") as f:
+        f.write(b"damaged!" * 8)
+
+
 def test_run_scoped_queries_list_only_their_runs_files(archive):
     # schedule and fresh declare `-- scope: run`: another run's (here unreadable) files are never opened
-    (archive.root / "groups" / "run=b" / "policy_version=0" / "zz-damaged.parquet").write_bytes(b"not parquet")
+    damage(archive, "groups", run="b", policy_version=0)
     assert ids(select(archive, "schedule", run="a", step=0, groups=1)) == version_groups(0)[:1]
     assert ids(select(archive, "fresh", run="a", step=1, groups=1)) == [version_groups(1)[2]]
     with pytest.raises(duckdb.Error):  # replay reads the whole archive
@@ -273,7 +281,7 @@ def test_the_trainer_accepts_the_batch(archive):
 
 def test_only_the_chosen_groups_shard_files_are_read(archive):
     # a/v0 holds shards s0 and s1; a batch of s0's groups must not open s1's file
-    (archive.root / "rollouts" / "run=a" / "policy_version=0" / "a-v0-s1.parquet").write_bytes(b"damaged")
+    damage(archive, "rollouts", run="a", policy_version=0, shard="a-v0-s1")
     assert ids(select(archive, "schedule", run="a", step=0, groups=2)) == version_groups(0)[:2]
     with pytest.raises(SelectionError, match=r"cannot read the chosen groups' rollouts .*recpipe doctor"):
         select(archive, "schedule", run="a", step=1, groups=3, params={"sync_interval": 2})

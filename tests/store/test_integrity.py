@@ -4,6 +4,7 @@ import random
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -84,7 +85,7 @@ def test_bit_flips_in_data_pages_never_read_back_as_other_data(tmp_path):
     store = Store.create(tmp_path / "store")
     rows = synthetic_rollouts(shard_id="big", groups=40, group_size=8, response_length=60, seed=3)
     store.append_rollouts(rows, shard_id="big")
-    path = store.files("rollouts")[0]
+    path = Path(store.files("rollouts")[0])
     outcomes, silent = flip_outcomes(store, path, flips=50)
     print(outcomes)
     assert not silent, f"{len(silent)} reads returned different rows without an error: {silent[:5]}"
@@ -94,7 +95,7 @@ def test_bit_flips_in_data_pages_never_read_back_as_other_data(tmp_path):
 def test_a_damaged_file_fails_only_queries_on_its_table(tmp_path):
     store = Store.create(tmp_path / "store")
     store.append_rollouts(synthetic_rollouts(shard_id="s", groups=8, response_length=40), shard_id="s")
-    path = store.files("rollouts")[0]
+    path = Path(store.files("rollouts")[0])
     a, b = data_page_ranges(path, "behaviour_logprobs")[0]
     data = bytearray(path.read_bytes())
     data[(a + b) // 2] ^= 0x10

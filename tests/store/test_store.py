@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recpipe.store import RunLocked, Store, StoreError, connect
-from recpipe.store.files import remove_stale_temps, stale_temps
+from recpipe.store.compact import vacuum_table
 from recpipe.testing import synthetic_rollouts
 
 
@@ -46,8 +46,12 @@ def test_append_is_idempotent_per_shard(store):
     assert store.append_rollouts(rows, shard_id="s1") is False
     assert count(store, "rollouts") == 12
     assert count(store, "groups") == 3
-    files = store.files("rollouts")
-    assert [f.relative_to(store.root).as_posix() for f in files] == ["rollouts/run=r/policy_version=0/s1.parquet"]
+    files = store.snapshot("rollouts").files
+    assert [(f.shard_id, f.values) for f in files] == [("s1", {"run": "r", "policy_version": 0})]
+    assert files[0].relative.startswith("run=r/policy_version=0/s1~")
+    # The shard is one Delta transaction, named by its application transaction id.
+    assert store.delta("rollouts").transaction_version("run=r/policy_version=0/s1") == 1
+    assert store.delta("rollouts").version() == 1
 
 
 def test_partition_columns_keep_their_types(store):
@@ -99,7 +103,6 @@ def test_compaction_keeps_every_row_and_shard_identity(store):
     again = synthetic_rollouts(policy_version=1, shard_id="v1-s2", seed=2)
     assert store.append_rollouts(again, shard_id="v1-s2") is False
     assert count(store, "rollouts") == 64
-    assert not list(store.root.rglob("*.tmp"))
 
 
 WRITER = textwrap.dedent("""
@@ -118,14 +121,16 @@ def test_writer_killed_mid_write_leaves_nothing_visible(store):
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 60
     part = store.root / "rollouts" / "run=r" / "policy_version=0"
-    while time.monotonic() < deadline and not (part.exists() and any(part.glob(".*.tmp"))):
+    while time.monotonic() < deadline and not (part.exists() and any(part.glob("*.parquet"))):
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert stale_temps(store.root), "the kill should have landed while the temp file was being written"
+    assert list(part.glob("*.parquet")), "the kill should have landed while the data file was being written"
+    assert store.delta("rollouts").version() == 0  # no commit: the half-written file is in no version
     assert store.files("rollouts") == []
     assert count(store, "rollouts") == 0
-    assert remove_stale_temps(store.root)
+    assert vacuum_table(store, "rollouts", 0)["files_deleted"] == 1  # the unreferenced file goes
+    assert not list(part.glob("*.parquet"))
     rows = synthetic_rollouts(shard_id="big", groups=10, group_size=8)
     assert store.append_rollouts(rows, shard_id="big") is True
     assert count(store, "rollouts") == 80
@@ -139,12 +144,14 @@ def test_second_writer_is_refused_and_stale_lock_is_taken(store):
          str(store.root)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RunLocked, match=rf"pid {holder.pid} .*loop"):
-            store.lock("r").acquire()
-        with store.lock("other"):  # other runs are independent
+        with pytest.raises(RunLocked, match=rf"loop lease held by pid {holder.pid} "):
+            store.lock("r", "loop").acquire()
+        with store.lock("other", "loop"):  # other runs are independent
+            pass
+        with store.lock("r", "trainer"):  # and so are other roles of the run
             pass
     finally:
         holder.kill()
         holder.wait()
-    with store.lock("r") as lock:  # the dead holder's lock is stale: taken at once
+    with store.lock("r", "loop") as lock:  # the killed holder's lease is free at once (same host, pid gone)
         assert lock.held
