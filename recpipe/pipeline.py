@@ -92,6 +92,8 @@ class RunContext:
         from recpipe.train import checkpoint as ckpt
 
         path = self.trainer.checkpoint_path(version)
+        if not self.store.location.is_local and version in ckpt.version_dirs(self.store, self.cfg.run):
+            path = ckpt.local_version(self.store, self.cfg.run, version)  # fetched into this machine's cache
         if not ckpt.is_complete(path):
             on_disk = sorted(ckpt.version_dirs(self.store, self.cfg.run))
             current = self.trainer.current_version

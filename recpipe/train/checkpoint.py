@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from recpipe.schema import SCHEMA_VERSION, table_spec
-from recpipe.store import Store
+from recpipe.store import Store, objects
 from recpipe.store.files import StoreWriteError, commit_dir, fsync_dir
 
 STATE_FILE = "trainer_state.json"
@@ -96,7 +96,15 @@ def is_complete(path: Path) -> bool:
 
 
 def version_dirs(store: Store, run: str) -> dict[int, Path]:
-    """Committed checkpoint dirs of a run by version (temporary dirs of killed writers are ignored)."""
+    """Committed checkpoint dirs of a run by version (temporary dirs of killed writers are ignored).
+
+    On a remote store: the versions complete on its storage, by the path of their local copy in this
+    machine's cache, which may not be there yet (``local_version`` fetches it).
+    """
+    if not store.location.is_local:
+        names = objects.remote_dirs(store, f"checkpoints/{run}", MANIFEST_FILE)
+        return {int(m.group(1)): store.checkpoint_dir(run, int(m.group(1)))
+                for m in map(_VERSION_DIR.match, names) if m}
     base = store.root / "checkpoints" / run
     if not base.is_dir():
         return {}
@@ -106,6 +114,28 @@ def version_dirs(store: Store, run: str) -> dict[int, Path]:
         if match and is_complete(child):
             found[int(match.group(1))] = child
     return found
+
+
+def _relative(run: str, version: int) -> str:
+    return f"checkpoints/{run}/v{version:06d}"
+
+
+def publish_version(store: Store, run: str, version: int) -> None:
+    """Upload a version written locally to a remote store's storage (manifest last); no-op on a local store."""
+    objects.publish_dir(store, store.checkpoint_dir(run, version), _relative(run, version), MANIFEST_FILE)
+
+
+def local_version(store: Store, run: str, version: int) -> Path:
+    """The local directory of ``version``: on a remote store, fetched into this machine's cache unless a copy
+    there already matches its manifest. CheckpointError if the version is not on the store's storage."""
+    path = store.checkpoint_dir(run, version)
+    if store.location.is_local or (is_complete(path) and not verify_checkpoint(path, "skip")):
+        return path
+    try:
+        return objects.fetch_dir(store, _relative(run, version), path)
+    except FileNotFoundError:
+        raise CheckpointError(f"run {run!r}: version v{version:06d} is not in {store.uri}/checkpoints/{run} "
+                              "(not trained yet, or removed by retention)") from None
 
 
 # ---- rows <-> JSON (trainer_state.json holds the rows so a crash between commits can be healed) ----
@@ -339,7 +369,16 @@ def read_state(path: Path) -> dict[str, Any]:
 def recover_rows(store: Store, run: str) -> list[int]:
     """Append the policies/steps rows of committed versions that lack them; returns the healed versions."""
     healed = []
-    for version, path in sorted(version_dirs(store, run).items()):
+    steps_of = None
+    for version in sorted(version_dirs(store, run)):
+        if not store.location.is_local and store.is_committed("policies", {"run": run}, policies_shard(version)):
+            # A remote version is fetched only if a row is missing: its steps row (from the policies row's step).
+            if steps_of is None:
+                rows = store.read("policies", "run = $run", {"run": run})
+                steps_of = dict(zip(rows.column("version").to_pylist(), rows.column("step").to_pylist(), strict=True))
+            if store.is_committed("steps", {"run": run}, steps_shard(steps_of[version])):
+                continue
+        path = local_version(store, run, version)
         try:
             state = read_state(path)
         except CheckpointError:
@@ -398,8 +437,13 @@ def apply_retention(store: Store, run: str, latest: int, keep_every: int, needed
     removed = []
     for version, path in sorted(dirs.items()):
         if version not in keep:
-            _remove_dir(path)
+            objects.delete_dir(store, _relative(run, version), MANIFEST_FILE)
+            if path.exists():
+                _remove_dir(path)
             removed.append(version)
         elif version != latest:
             (path / OPTIMIZER_FILE).unlink(missing_ok=True)
+            if not store.location.is_local:
+                with contextlib.suppress(FileNotFoundError):
+                    store.location.fs.delete_file(store.location.path(_relative(run, version), OPTIMIZER_FILE))
     return removed

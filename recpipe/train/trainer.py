@@ -226,6 +226,7 @@ class Trainer:
         committed = ckpt.version_dirs(self.store, self.run)
         latest = max([0] + [r["version"] for r in policies if r["version"] in committed])
         if latest:  # before anything is read from it: damaged weights must not be trained on, or inherited
+            committed[latest] = ckpt.local_version(self.store, self.run, latest)
             ckpt.check_checkpoint(committed[latest], latest, optimizer="required")
         state = ckpt.read_state(committed[latest]) if latest else None
         last_applied = state["step"] if state else -1
@@ -462,6 +463,7 @@ class Trainer:
         self._lock.check()  # LeaseLost if another trainer took the run over: it owns the next versions
         ckpt.write_checkpoint(final, self.model, self.model_path,
                               {"optimizer": self.optimizer.state_dict(), "rng": rng}, state)
+        ckpt.publish_version(self.store, self.run, version)  # beside the tables, before the row that names it
         if not self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version)):
             raise ckpt.CheckpointError(f"run {self.run!r}: version {version} was committed by another trainer; "
                                        "this one stops (one trainer per run)")
