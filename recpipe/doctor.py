@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from recpipe.schema import conform
 from recpipe.store import RunLocked, Store
 from recpipe.store.doctor import Problem, Report, bad_files, good_files, read_files, restore_shard
@@ -22,6 +24,7 @@ from recpipe.train.checkpoint import (
     MANIFEST_FILE,
     STATE_FILE,
     CheckpointError,
+    local_version,
     policies_shard,
     read_state,
     recover_rows,
@@ -57,8 +60,10 @@ def checkpoint_problems(store: Store) -> list[Problem]:
 
 
 def _checkpoint_runs(store: Store) -> list[str]:
-    base = store.root / "checkpoints"
-    return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    """Runs with a checkpoints folder on the store's storage (a remote store's, not this machine's cache)."""
+    infos = store.location.fs.get_file_info(
+        pafs.FileSelector(store.location.path("checkpoints"), allow_not_found=True, recursive=False))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def _registered(store: Store, table: str, column: str, bad: dict[str, set[str]] | None = None) -> set[tuple[str, int]]:
@@ -98,10 +103,10 @@ def register_checkpoints(store: Store, run: str) -> list[str]:
             # A version whose shard is committed but whose row was lost (its file quarantined): recover_rows
             # cannot append it again (the shard is committed), so restore it under the shard's next version.
             policies, steps = _registered(store, "policies", "version"), _registered(store, "steps", "step")
-            for version, path in sorted(version_dirs(store, run).items()):
+            for version in sorted(version_dirs(store, run)):
                 if (run, version) in policies:
                     continue
-                state = read_state(path)
+                state = read_state(local_version(store, run, version))
                 values = {"run": run}
                 restore_shard(store, "policies", conform("policies", [state["policies_row"]]), values,
                               policies_shard(version))
