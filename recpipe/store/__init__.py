@@ -325,6 +325,9 @@ class Store:
              as_of: AsOf = None) -> pa.Table:
         """Rows of ``table`` (optionally filtered by a SQL ``where`` with $params) as Arrow."""
         sql = f"SELECT * FROM {table}" + (f" WHERE {where}" if where else "")
+        version = self.resolve_as_of(table, as_of)
+        if version is not None:
+            self.delta(table, version)  # a version the table does not have: StoreError here, not inside DuckDB
         con = self.connect(tables=[table], as_of=as_of)
         try:
             return con.sql(sql, params=params or None).to_arrow_table()

@@ -90,8 +90,9 @@ class Lease:
 
     def _commit(self, store: Store, epoch: int, *, released: bool) -> bool:
         now = dt.datetime.now(dt.UTC)
+        host, pid = self.holder.split(":")[:2]
         row = {"run": self.run, "purpose": self.purpose, "epoch": epoch, "holder": self.holder,
-               "host": socket.gethostname(), "pid": os.getpid(), "released": released,
+               "host": host, "pid": int(pid), "released": released,
                "expires_at": now + dt.timedelta(seconds=self.ttl_s), "created_at": now,
                "schema_version": SCHEMA_VERSION}
         data = conform("leases", pa.Table.from_pylist([row]))

@@ -1,16 +1,17 @@
-"""Faults 3, 8, 9: corrupted files, a full or read-only disk, an older schema version."""
+"""Faults 3, 8: corrupted data files, a full or read-only disk (an older archive: tests/store/test_migrate.py)."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from mounts import read_only, small_disk
 
-from recpipe.store import SHARDS_KEY, Store, StoreError, StoreWriteError
+from recpipe.store import Store, StoreError, StoreWriteError
 from recpipe.store.doctor import diagnose, repair
 from recpipe.testing import synthetic_rollouts
 
@@ -37,11 +38,11 @@ def corrupt(path, how):
 @pytest.mark.parametrize("how", ["truncated", "random", "wrong_schema"])
 def test_corrupt_file_is_named_and_quarantined(tmp_path, how):
     store = filled_store(tmp_path / "store")
-    bad = store.files("rollouts")[1]
+    bad = Path(store.files("rollouts")[1])
     corrupt(bad, how)
     if how != "wrong_schema":  # a readable file of the wrong shape still queries; doctor finds it
         with pytest.raises(StoreError, match=f"{bad.name}.*recpipe doctor"):
-            store.connect()
+            store.read("rollouts")
     doctor = subprocess.run([*RECPIPE, "doctor", "--store", str(store.root)], capture_output=True, text=True)
     assert doctor.returncode == 1
     assert bad.name in doctor.stdout and ("corrupt" in doctor.stdout or "schema" in doctor.stdout)
@@ -56,7 +57,7 @@ def test_corrupt_file_is_named_and_quarantined(tmp_path, how):
 
 def test_rerun_of_a_quarantined_shard_writes_it_again(tmp_path):
     store = filled_store(tmp_path / "store")
-    corrupt(store.files("rollouts")[0], "truncated")
+    corrupt(Path(store.files("rollouts")[0]), "truncated")
     repair(store, diagnose(store))
     assert store.append_rollouts(synthetic_rollouts(shard_id="s0", seed=0), shard_id="s0") is True
     assert store.connect().execute("SELECT count(*) FROM rollouts").fetchone()[0] == 24
@@ -68,8 +69,8 @@ def test_disk_full_commits_nothing_and_keeps_what_was_there(tmp_path):
         big = synthetic_rollouts(shard_id="big", groups=400, group_size=8, response_length=200, seed=1)
         with pytest.raises(StoreWriteError, match="no space left on device.*nothing was committed"):
             store.append_rollouts(big, shard_id="big")
-        assert [f.name for f in store.files("rollouts")] == ["s0.parquet"]
-        assert not list(store.root.rglob("*.tmp"))
+        assert [f.shard_id for f in store.snapshot("rollouts").files] == ["s0"]
+        assert len(list((store.root / "rollouts").rglob("*.parquet"))) == 1  # the partial file was removed
         assert store.connect().execute("SELECT count(*) FROM rollouts").fetchone()[0] == 8
         assert store.is_committed("rollouts", {"run": "r", "policy_version": 0}, "big") is False
 
@@ -85,38 +86,3 @@ def test_read_only_store_refuses_writes_and_still_reads(tmp_path):
         sql = subprocess.run([*RECPIPE, "sql", "--store", str(store.root), "--format", "json",
                               "SELECT count(*) AS n FROM rollouts"], capture_output=True, text=True)
         assert sql.returncode == 0 and json.loads(sql.stdout) == {"n": 8}
-
-
-def write_v1_file(store, shard):
-    """A rollouts file as schema_version 1 wrote it: no response_text, no shard_id."""
-    table = synthetic_rollouts(shard_id=shard, policy_version=0, seed=7)
-    table = table.drop_columns(["response_text", "shard_id"])
-    table = table.set_column(table.schema.get_field_index("schema_version"), "schema_version",
-                             pa.array([1] * table.num_rows, pa.int32()))
-    meta = {b"schema_version": b"1", SHARDS_KEY.encode(): json.dumps([shard]).encode()}
-    path = store.partition_dir("rollouts", {"run": "r", "policy_version": 0}) / f"{shard}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(meta), path)
-    return path, table
-
-
-def test_old_schema_is_read_and_migrated_without_loss(tmp_path):
-    store = filled_store(tmp_path / "store", shards=1)
-    path, old = write_v1_file(store, "legacy1")
-    con = store.connect()
-    assert con.execute("SELECT count(*), count(*) FILTER (WHERE shard_id IS NULL) FROM rollouts").fetchone() == (16, 8)
-    report = diagnose(store)
-    # Its rows are also invisible to selection until they have a group summary, which --migrate writes too.
-    assert [(p.kind, p.path.name) for p in report.problems] == [("old-schema", "legacy1.parquet"),
-                                                                ("missing-groups", "legacy1.parquet")]
-    migrate = subprocess.run([*RECPIPE, "doctor", "--store", str(store.root), "--migrate"], capture_output=True, text=True)
-    assert migrate.returncode == 0, migrate.stdout + migrate.stderr
-    new = pq.read_table(path)
-    assert new.schema.metadata[b"schema_version"] == b"2"
-    assert new.column("shard_id").to_pylist() == ["legacy"] * 8
-    for name in old.column_names:
-        if name != "schema_version":
-            assert new.column(name).equals(old.column(name)), name
-    assert store.is_committed("rollouts", {"run": "r", "policy_version": 0}, "legacy1")
-    assert store.is_committed("groups", {"run": "r", "policy_version": 0}, "legacy1")
-    assert diagnose(store).ok
