@@ -1,5 +1,6 @@
-"""doctor checks that the tables agree, not only that each file reads: summaries without rollouts, rollouts
-without summaries, rollouts stored twice; and a crash inside its own repair is found by the next run."""
+"""A crash inside doctor's own repair is found and finished by the next run; checkpoints are checked too:
+damaged versions named, legacy dirs get manifests with --migrate, versions whose rows were never
+committed (or were lost) get them back from their trainer_state.json."""
 
 import shutil
 import signal
@@ -7,109 +8,57 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_storage_faults import corrupt, filled_store
+import pytest
 
+from recpipe.store import Store
 from recpipe.store.doctor import diagnose, repair
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "store"))
+from test_doctor import consistent, file_of, filled_store, flip_page_bytes  # noqa: E402
 
 
-def consistent(store) -> tuple[int, int]:
-    con = store.connect()
-    try:
-        for sql in ("SELECT count(*) FROM groups g ANTI JOIN rollouts r USING (group_id)",
-                    "SELECT count(*) FROM rollouts r ANTI JOIN groups g USING (group_id)",
-                    "SELECT count(*) - count(DISTINCT rollout_id) FROM rollouts"):
-            assert con.execute(sql).fetchone()[0] == 0, sql
-        return (con.execute("SELECT count(*) FROM rollouts").fetchone()[0],
-                con.execute("SELECT count(*) FROM groups").fetchone()[0])
-    finally:
-        con.close()
-
-
-def kinds(report) -> list[str]:
-    return sorted(p.kind for p in report.problems)
-
-
-def test_a_crash_inside_repair_is_found_and_finished_by_the_next_run(tmp_path):
+@pytest.mark.parametrize("point", ["first-commit", "rollouts-copy"])
+def test_a_crash_inside_repair_is_found_and_finished_by_the_next_run(tmp_path, point):
     store = filled_store(tmp_path / "store")
-    corrupt(store.files("rollouts")[1], "truncated")
-    killed = subprocess.run([sys.executable, str(HERE / "doctor_kill_worker.py"), str(store.root)],
+    bad = file_of(store, "rollouts", "s1")
+    flip_page_bytes(bad.path)
+    killed = subprocess.run([sys.executable, str(HERE / "doctor_kill_worker.py"), str(store.root), point],
                             capture_output=True, text=True, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert len(list((store.root / "quarantine").rglob("*.parquet"))) == 1  # killed between the two moves
+    # the summary went first: the damaged file is still listed, so the store cannot look healthy
+    assert bad.relative in {f.relative for f in store.snapshot("rollouts").files}
+    assert "s1" not in set(store.read("groups").column("shard_id").to_pylist())
 
     found = diagnose(store)
-    assert not found.ok, "a half-done repair must not look healthy"
+    assert [(p.kind, p.relative) for p in found.problems] == [("corrupt", bad.relative)]
     repair(store, found)
     assert diagnose(store).ok
     assert consistent(store) == (16, 4)  # the two good shards, rows and summaries alike
+    assert (store.root / "quarantine" / "rollouts" / bad.relative).is_file()
 
 
-def test_summary_without_rollouts_is_found_and_quarantined(tmp_path):
-    store = filled_store(tmp_path / "store")
-    gone = store.files("rollouts")[0]
-    gone.unlink()  # as an operator deleting a file by hand
-    report = diagnose(store)
-    assert kinds(report) == ["orphan-groups"] and gone.stem in report.problems[0].detail
-    repair(store, report)
-    assert diagnose(store).ok
-    assert consistent(store) == (16, 4)
-    assert list((store.root / "quarantine" / "groups").rglob(f"{gone.stem}.parquet"))
-
-
-def test_rollouts_without_summary_get_it_back(tmp_path):
-    store = filled_store(tmp_path / "store")
-    summary = store.files("groups")[2]
-    original = store.read("groups", "shard_id = $s", {"s": summary.stem}).sort_by("group_id")
-    summary.unlink()
-    report = diagnose(store)
-    assert kinds(report) == ["missing-groups"]
-    repair(store, report)
-    assert diagnose(store).ok
-    assert consistent(store) == (24, 6)
-    rebuilt = store.read("groups", "shard_id = $s", {"s": summary.stem}).sort_by("group_id")
-    assert rebuilt.drop_columns(["created_at"]).equals(original.drop_columns(["created_at"]))
-
-
-def test_summaries_are_checked_inside_compacted_files(tmp_path):
-    store = filled_store(tmp_path / "store")
-    store.compact("groups")
-    store.files("rollouts")[0].unlink()
-    report = diagnose(store)
-    assert kinds(report) == ["orphan-groups"]
-    repair(store, report)  # the compacted file keeps the two good shards' summaries
-    assert diagnose(store).ok
-    assert consistent(store) == (16, 4)
-
-
-def test_a_rollout_stored_twice_is_reported(tmp_path):
-    store = filled_store(tmp_path / "store")
-    first = store.files("rollouts")[0]
-    shutil.copy(first, first.with_name("copy-of-s0.parquet"))
-    report = diagnose(store)
-    assert "duplicate-rollouts" in kinds(report)
-    dup = next(p for p in report.problems if p.kind == "duplicate-rollouts")
-    assert "8 rollout id(s)" in dup.detail and "copy-of-s0.parquet" in dup.detail
-
-
-def test_doctor_names_a_damaged_checkpoint_and_migrates_a_legacy_one(tmp_path, tiny_model):
+def _train(store: Store, tiny_model: Path, steps: int) -> None:
+    from recpipe.algorithms import preset
     from recpipe.config import TrainConfig
-    from recpipe.doctor import diagnose as diagnose_all
-    from recpipe.doctor import repair as repair_all
     from recpipe.train import Trainer
-    from recpipe.train.checkpoint import MANIFEST_FILE
 
     sys.path.insert(0, str(HERE.parent / "train"))
     from train_batches import random_batch
 
-    from recpipe.algorithms import preset
-
-    store = filled_store(tmp_path / "store")
     cfg = preset("reinforce")
     with Trainer(store, "r", tiny_model, TrainConfig(keep_every=1, threads=1), cfg, "reinforce") as trainer:
-        for step in range(2):
+        for step in range(steps):
             trainer.step(step, random_batch(step, cfg))
+
+
+def test_doctor_names_a_damaged_checkpoint_and_migrates_a_legacy_one(tmp_path, tiny_model):
+    from recpipe.doctor import diagnose as diagnose_all
+    from recpipe.doctor import repair as repair_all
+    from recpipe.train.checkpoint import MANIFEST_FILE
+
+    store = filled_store(tmp_path / "store")
+    _train(store, tiny_model, 2)
     assert diagnose_all(store).ok
     v1, v2 = store.checkpoint_dir("r", 1), store.checkpoint_dir("r", 2)
     with open(v2 / "model.safetensors", "r+b") as f:  # one flipped byte in the weights
@@ -125,3 +74,33 @@ def test_doctor_names_a_damaged_checkpoint_and_migrates_a_legacy_one(tmp_path, t
     repair_all(store, report, migrate=True)
     after = diagnose_all(store)
     assert [(p.kind, p.path.name) for p in after.problems] == [("damaged-checkpoint", "v000002")]  # never "fixed"
+
+
+def test_versions_without_rows_are_registered_from_their_trainer_state(tmp_path, tiny_model):
+    from recpipe.doctor import diagnose as diagnose_all
+    from recpipe.doctor import repair as repair_all
+
+    trained = filled_store(tmp_path / "trained", shards=1)
+    _train(trained, tiny_model, 2)
+    expected = trained.read("policies", "version > 0").sort_by("version")
+
+    # 1. Rows never committed: the version dirs of a trainer that died before its commits.
+    store = filled_store(tmp_path / "store", shards=1)
+    shutil.copytree(trained.root / "checkpoints", store.root / "checkpoints")
+    report = diagnose_all(store)
+    assert [(p.kind, p.path.name) for p in report.problems] == [("unregistered-checkpoint", "v000001"),
+                                                                 ("unregistered-checkpoint", "v000002")]
+    repair_all(store, report)
+    assert diagnose_all(store).ok
+    assert store.read("policies").sort_by("version").equals(expected)
+    assert store.read("steps").column("step").to_pylist() == [0, 1]
+
+    # 2. Rows lost: the policies file of v000002 was damaged, and doctor quarantined it.
+    policies = next(f for f in trained.snapshot("policies").files if f.shard_id == "v000002")
+    flip_page_bytes(policies.path)
+    report = diagnose_all(trained)
+    assert sorted((p.kind, Path(p.path).name) for p in report.problems) == [
+        ("corrupt", Path(policies.path).name), ("unregistered-checkpoint", "v000002")]
+    repair_all(trained, report)
+    assert diagnose_all(trained).ok
+    assert trained.read("policies", "version > 0").sort_by("version").equals(expected)

@@ -33,8 +33,8 @@ def flip_page_bytes(path: str | Path) -> None:
     meta = pq.ParquetFile(path).metadata
     column = max((meta.row_group(0).column(i) for i in range(meta.num_columns)), key=lambda c: c.total_compressed_size)
     data = bytearray(Path(path).read_bytes())
-    start = column.data_page_offset + column.total_compressed_size // 2
-    for i in range(start, start + 8):
+    end = (column.dictionary_page_offset or column.data_page_offset) + column.total_compressed_size
+    for i in range(end - 4, end):  # the end of its last page's payload, which the page's CRC covers
         data[i] ^= 0xFF
     Path(path).write_bytes(bytes(data))
 

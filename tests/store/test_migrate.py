@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from test_doctor import flip_page_bytes
 
 from recpipe.schema import conform, migrations, table_names, table_schema, table_spec
 from recpipe.store import MARKER, Store, StoreError, group_summary
@@ -132,17 +133,6 @@ def old_shards(root: Path) -> set[tuple[str, tuple, str]]:
 
 def by_key(table: str, data: pa.Table) -> pa.Table:
     return data.sort_by([(c, "ascending") for c in table_spec(table).key])
-
-
-def flip_page_bytes(path: Path) -> None:
-    """Damage a data page of the file's largest column (its page checksum no longer matches)."""
-    column = max((pq.ParquetFile(path).metadata.row_group(0).column(i)
-                  for i in range(pq.ParquetFile(path).metadata.num_columns)), key=lambda c: c.total_compressed_size)
-    data = bytearray(path.read_bytes())
-    start = column.data_page_offset + column.total_compressed_size // 2
-    for i in range(start, start + 8):
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def tables_of(store: Store) -> dict[str, pa.Table]:
