@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -28,15 +29,19 @@ def filled_store(root: Path, shards: int = 3, versions: tuple[int, ...] = (0,)) 
     return store
 
 
-def flip_page_bytes(path: str | Path) -> None:
-    """Damage a data page of the file's largest column (its page checksum no longer matches)."""
-    meta = pq.ParquetFile(path).metadata
+def flip_page_bytes(path: str | Path, fs: pafs.FileSystem | None = None) -> None:
+    """Damage a data page of the file's largest column (its page checksum no longer matches), on a local
+    disk or on ``fs`` (S3)."""
+    fs = fs or pafs.LocalFileSystem()
+    with fs.open_input_file(str(path)) as f:
+        data = bytearray(f.read())
+    meta = pq.ParquetFile(pa.BufferReader(bytes(data))).metadata
     column = max((meta.row_group(0).column(i) for i in range(meta.num_columns)), key=lambda c: c.total_compressed_size)
-    data = bytearray(Path(path).read_bytes())
     end = (column.dictionary_page_offset or column.data_page_offset) + column.total_compressed_size
     for i in range(end - 4, end):  # the end of its last page's payload, which the page's CRC covers
         data[i] ^= 0xFF
-    Path(path).write_bytes(bytes(data))
+    with fs.open_output_stream(str(path)) as out:
+        out.write(bytes(data))
 
 
 def file_of(store: Store, table: str, shard: str):  # noqa: ANN201 - a DataFile
@@ -70,6 +75,28 @@ def log_actions(store: Store, table: str, kind: str) -> list[dict]:
             if kind in action:
                 found.append(action[kind])
     return found
+
+
+def test_repairs_on_a_local_disk_and_on_s3(where):
+    """Damage, a deleted file and a half-committed shard at once, on both kinds of storage."""
+    store = where.create()
+    for i in range(3):
+        store.append_rollouts(synthetic_rollouts(shard_id=f"s{i}", seed=i), shard_id=f"s{i}")
+    store.append("groups", group_summary(synthetic_rollouts(shard_id="s9", seed=9)), shard_id="s9")
+    fs = store.location.fs
+    bad = file_of(store, "rollouts", "s1")
+    flip_page_bytes(bad.path, fs)
+    fs.delete_file(file_of(store, "groups", "s2").path)
+
+    report = diagnose(store)
+    assert kinds(report) == ["corrupt", "missing-file", "missing-groups", "orphan-groups"]
+    repair(store, report)
+
+    assert diagnose(where.open()).ok
+    assert consistent(store) == (16, 4)
+    assert set(store.read("groups").column("shard_id").to_pylist()) == {"s0", "s2"}
+    copy = fs.get_file_info(store.location.path("quarantine", "rollouts", bad.relative))
+    assert copy.type == pafs.FileType.File and copy.size == bad.size
 
 
 def test_a_healthy_store_has_no_problems(tmp_path):

@@ -174,6 +174,9 @@ def test_an_old_store_is_refused_until_converted_and_then_holds_every_row(tmp_pa
     assert (root / "checkpoints" / "r" / "v000001" / "config.json").read_bytes() == checkpoint
     assert diagnose(store).ok
     assert migrate_legacy(root)["migrated"] is False  # a second run has nothing to do
+    from recpipe.doctor import migrate_archive
+
+    assert migrate_archive(root) is None  # what `recpipe doctor --migrate` calls first: a no-op now
 
 
 def test_every_old_shard_is_committed_once_so_reruns_add_nothing(tmp_path):
