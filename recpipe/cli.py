@@ -320,13 +320,23 @@ def doctor(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     repair: Annotated[bool, typer.Option("--repair", help="Quarantine bad files, remove stale temp files.")] = False,
-    migrate: Annotated[bool, typer.Option("--migrate", help="Rewrite files of older schema versions.")] = False,
+    migrate: Annotated[bool, typer.Option("--migrate", help="Convert an archive of the old Parquet-folder format "
+                                          "to Delta tables (every row verified), and record manifests of "
+                                          "checkpoints written before them.")] = False,
 ) -> None:
     """Check the archive; exit 1 if problems remain. Example: recpipe doctor --store store --repair"""
     from recpipe.doctor import diagnose
     from recpipe.doctor import repair as repair_store
 
     cfg = make_config(config, set_, store)
+    if migrate:
+        from recpipe.doctor import migrate_archive
+
+        converted = migrate_archive(cfg.store, cfg.storage_options or None)  # before the Store: it refuses an old store
+        if converted is not None:
+            for item in converted["quarantined"]:
+                out.print(f"[yellow]quarantined[/] {item['path']}: {item['reason']}", highlight=False)
+            out.print(f"[green]migrated[/] {converted['message']}", highlight=False)
     st = open_store(cfg)
     report = diagnose(st)
     for problem in report.problems:

@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +199,13 @@ class Store:
         spec = table_spec(table)
         return "/".join([*(f"{c}={values[c]}" for c in spec.partition_by), shard_id])
 
+    def shard_state(self, table: str, key: str) -> int:
+        """The application transaction version of shard ``key``: 0 never committed, odd committed, even
+        withdrawn (its rows quarantined by ``recpipe doctor --repair``: a re-run may commit it again)."""
+        return self.delta(table).transaction_version(key) or 0
+
     def is_committed(self, table: str, values: dict[str, Any], shard_id: str) -> bool:
-        return self.delta(table).transaction_version(self.shard_key(table, values, shard_id)) is not None
+        return self.shard_state(table, self.shard_key(table, values, shard_id)) % 2 == 1
 
     def append(self, table: str, rows: pa.Table | list[dict[str, Any]], *, shard_id: str) -> bool:
         """Commit ``rows`` as one transaction named by ``shard_id``; False if that shard is already committed.
@@ -220,22 +226,25 @@ class Store:
                 raise StoreError(f"{table}: shard {shard_id!r} spans {len(distinct)} values of {column!r}; one expected")
             values[column] = distinct[0]
         key = self.shard_key(table, values, shard_id)
-        delta = self.delta(table)
-        if delta.transaction_version(key) is not None:
+        state = self.shard_state(table, key)
+        if state % 2 == 1:
             return False
         relative = "/".join([*(f"{c}={values[c]}" for c in spec.partition_by),
                              f"{shard_id}~{uuid.uuid4().hex[:12]}.parquet"])
-        self.add_files(table, [(relative, data.drop_columns(list(spec.partition_by)), values)],
-                       app_id=key, operation=f"append shard {shard_id}")
-        return True
+        return self.add_files(table, [(relative, data.drop_columns(list(spec.partition_by)), values)],
+                              app_id=key, app_version=state + 1, operation=f"append shard {shard_id}")
 
     def add_files(self, table: str, files: list[tuple[str, pa.Table, dict[str, Any]]], *, app_id: str,
-                  app_version: int = 1, removes: list[Any] | None = None, operation: str = "append") -> bool:
+                  app_version: int = 1, removes: list[Any] | None = None, operation: str = "append",
+                  also: Sequence[tuple[str, int]] = (), data_change: bool | None = None) -> bool:
         """Write each (relative path, rows without partition columns, partition values) file, then commit
-        them (and ``removes``) in one transaction carrying ``app_id`` at ``app_version``.
+        them (and ``removes``) in one transaction carrying ``app_id`` at ``app_version`` (and the
+        application transactions ``also``, e.g. shards a repair withdraws).
 
-        Returns False, deleting the files written, if that application transaction is already in the log
-        (another writer committed it first); raises StoreWriteError if commits keep failing.
+        data_change: whether the added files change the table's rows (default: unless there are removes,
+        i.e. a rewrite of the same rows, as compaction does). Returns False, deleting the files written,
+        if that application transaction is already in the log (another writer committed it first);
+        raises StoreWriteError if commits keep failing.
         """
         spec = table_spec(table)
         fs = self.location.fs
@@ -244,8 +253,10 @@ class Store:
             path = self.location.path(table, relative)
             size = write_parquet(fs, path, rows)
             adds.append(AddAction(relative, size, {c: str(values[c]) for c in spec.partition_by},
-                                  int(time.time() * 1000), not removes, file_stats(rows)))
-        props = CommitProperties(app_transactions=[Transaction(app_id, app_version)],
+                                  int(time.time() * 1000), not removes if data_change is None else data_change,
+                                  file_stats(rows)))
+        txns = [Transaction(app_id, app_version), *(Transaction(a, v) for a, v in also)]
+        props = CommitProperties(app_transactions=txns,
                                  custom_metadata={"recpipe.operation": operation})
         error: Exception | None = None
         for _ in range(COMMIT_ATTEMPTS):

@@ -256,7 +256,7 @@ def file_stats(rows: pa.Table) -> str:
     nulls, low, high = {}, {}, {}
     for name in rows.column_names:
         column = rows.column(name)
-        nulls[name] = column.null_count
+        nulls[name] = _null_counts(column)
         kind = column.type
         if column.null_count == len(column) or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)
                                                     or pa.types.is_string(kind)):
@@ -269,3 +269,10 @@ def file_stats(rows: pa.Table) -> str:
             continue
         low[name], high[name] = lo, hi
     return json.dumps({"numRecords": rows.num_rows, "nullCount": nulls, "minValues": low, "maxValues": high})
+
+
+def _null_counts(column: pa.ChunkedArray) -> int | dict[str, Any]:
+    """A column's null count; for a struct, its fields' counts nested (else delta-rs drops all the stats)."""
+    if not pa.types.is_struct(column.type):
+        return column.null_count
+    return {field.name: _null_counts(pc.struct_field(column, [i])) for i, field in enumerate(column.type)}

@@ -39,6 +39,7 @@ little stale (other processes wrote meanwhile) is repaired correctly.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 import uuid
@@ -56,7 +57,7 @@ from deltalake.transaction import RemoveAction
 from recpipe.schema import table_names, table_spec
 from recpipe.store import Store, StoreError, group_summary
 from recpipe.store.datasets import DataFile, file_schema, read_table
-from recpipe.store.files import stale_temps
+from recpipe.store.files import StoreWriteError, stale_temps
 
 QUARANTINE = "quarantine"
 ATTEMPTS = 5  # re-reads of a partition that another process rewrote first
@@ -284,8 +285,13 @@ def copy_to_quarantine(store: Store, table: str, file: DataFile) -> str:
     """Copy ``file`` to ``<store>/quarantine/<table>/<relative path>`` as it is (local disk or S3)."""
     fs = store.location.fs
     target = store.location.path(QUARANTINE, table, file.relative)
-    fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-    fs.copy_file(file.path, target)
+    try:
+        fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        fs.copy_file(file.path, target)
+    except OSError as exc:  # a read-only mount, a full disk: nothing was changed yet
+        raise StoreWriteError(getattr(exc, "errno", None) or errno.EIO,
+                              f"cannot copy {file.path} to quarantine ({str(exc).splitlines()[0]}); "
+                              "nothing was changed") from None
     return target
 
 
@@ -293,6 +299,18 @@ def _partition_commit(store: Store, table: str, values: dict[str, Any], snapshot
     """The partition's rewrite id and the version the next rewrite must carry, as of the snapshot read."""
     app_id = store.shard_key(table, values, "compact")
     return app_id, (store.delta(table, snapshot_version).transaction_version(app_id) or 0) + 1
+
+
+def _withdrawn(store: Store, table: str, values: dict[str, Any], shards: Iterable[str | None]) -> list[tuple[str, int]]:
+    """Application transactions marking ``shards`` withdrawn (the next even version: see Store.shard_state),
+    so that re-running a shard whose rows a repair removed commits it again."""
+    out = []
+    for shard in sorted(s for s in shards if s):
+        key = store.shard_key(table, values, shard)
+        state = store.shard_state(table, key)
+        if state % 2 == 1:
+            out.append((key, state + 1))
+    return out
 
 
 def quarantine_file(store: Store, table: str, relative: str) -> list[str]:
@@ -309,7 +327,8 @@ def quarantine_file(store: Store, table: str, relative: str) -> list[str]:
         app_id, version = _partition_commit(store, table, file.values, snap.version)
         removes = [RemoveAction(relative, True, _now_ms(), file.size, _log_values(table, file.values))]
         if store.add_files(table, [], app_id=app_id, app_version=version, removes=removes,
-                           operation=f"quarantine {relative}"):
+                           operation=f"quarantine {relative}", also=_withdrawn(store, table, file.values,
+                                                                               [file.shard_id])):
             return [*done, f"quarantined {table}/{relative} -> {target} (removed from the table)"]
     raise StoreError(f"{table}/{relative}: other processes kept rewriting its partition; run the repair again")
 
@@ -338,7 +357,8 @@ def drop_orphan_groups(store: Store, values: dict[str, Any], leaving: Iterable[s
         removes = [RemoveAction(f.relative, True, _now_ms(), f.size, _log_values("groups", values)) for f in affected]
         app_id, version = _partition_commit(store, "groups", values, snap.version)
         if store.add_files("groups", adds, app_id=app_id, app_version=version, removes=removes,
-                           operation=f"drop group rows of {len(drop)} shard(s) without rollouts"):
+                           operation=f"drop group rows of {len(drop)} shard(s) without rollouts",
+                           also=_withdrawn(store, "groups", values, drop), data_change=True):
             return [f"removed the group summary of shard(s) {', '.join(sorted(drop))} from groups/{name} (their "
                     f"rollouts are gone; the files it was in are kept in {QUARANTINE}/groups/{name})"]
     raise StoreError(f"groups {values}: other processes kept rewriting the partition ({app_id}); run the repair again")
@@ -348,7 +368,8 @@ def restore_shard(store: Store, table: str, rows: pa.Table, values: dict[str, An
     """Add rows of a shard whose rows were lost (or never committed), under the shard's application
     transaction at its next version; False if another process restored it first."""
     key = store.shard_key(table, values, shard_id)
-    version = (store.delta(table).transaction_version(key) or 0) + 1
+    state = store.shard_state(table, key)
+    version = state + 1 if state % 2 == 0 else state + 2  # the next "committed" (odd) version
     relative = f"{partition_name(table, values)}/{shard_id}~{uuid.uuid4().hex[:12]}.parquet".lstrip("/")
     return store.add_files(table, [(relative, rows.drop_columns(list(table_spec(table).partition_by)), values)],
                            app_id=key, app_version=version, operation=f"restore shard {shard_id} (doctor)")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from recpipe.schema import SCHEMA_VERSION, conform
+from recpipe.store.files import StoreWriteError
 
 if TYPE_CHECKING:
     from recpipe.store import Store
@@ -109,7 +110,13 @@ class Lease:
                     f"run {self.run!r} is being written by another process ({self.purpose} lease held by pid "
                     f"{row['pid']} on {row['host']}, renewed until {row['expires_at']:%Y-%m-%d %H:%M:%S} UTC); "
                     "wait for it to finish or stop it")
-            if self._commit(self.store, epoch + 1, released=False):
+            try:
+                taken = self._commit(self.store, epoch + 1, released=False)
+            except StoreWriteError as exc:  # a read-only mount, no permission, a full disk: say which store
+                reason = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise StoreWriteError(exc.errno, f"cannot take the {self.purpose} lease of run {self.run!r} in "
+                                      f"{self.store.uri}: {reason}; nothing was written") from None
+            if taken:
                 self.epoch = epoch + 1
                 self._start_heartbeat()
                 return self

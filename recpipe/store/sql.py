@@ -17,6 +17,7 @@ Defence in depth, each layer tested in tests/store/test_sql.py:
 from __future__ import annotations
 
 import os
+import re
 import threading
 from typing import Any
 
@@ -69,7 +70,10 @@ def scan_failure(exc: duckdb.Error) -> str | None:
     """The message of an error raised inside a table's Python scan (a damaged file: recpipe.store.datasets
     names it and the doctor command), without the Python traceback DuckDB appends; None for other errors."""
     text = str(exc)
-    return text.split(". Detail: Python exception")[0] if "Detail: Python exception" in text else None
+    if "Detail: Python exception" in text:
+        return text.split(". Detail: Python exception")[0]
+    stream = re.search(r"exporting a stream from the object registered as '\w+' failed: \w+: (.*)", text, re.S)
+    return stream.group(1).strip() if stream else None
 
 
 def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:

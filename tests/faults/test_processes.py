@@ -75,7 +75,7 @@ def test_second_loop_on_the_same_run_is_refused(tmp_path, tiny_model, prefect_ap
                             timeout=600)
     assert first.poll() is None, "the first loop should still be running"
     assert second.returncode == 2
-    assert f"run 'default' is being written by another process (pid {first.pid}" in second.stderr
+    assert f"run 'default' is being written by another process (loop lease held by pid {first.pid} " in second.stderr
     # Another run in the same store is independent of the first run's lock.
     other = subprocess.run(recpipe_cmd(*args, "--run", "other", "--steps", "1"), env=env, capture_output=True,
                            text=True, timeout=600)
