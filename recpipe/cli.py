@@ -455,8 +455,12 @@ def select(
     set_: SetOpt = None,
     store: StoreOpt = None,
     run: RunOpt = None,
+    as_of: AsOfOpt = None,
+    rerun: Annotated[bool, typer.Option("--rerun", help="Run the step's recorded selection again as of the table "
+                                        "versions it read, and compare with what was recorded.")] = False,
 ) -> None:
-    """Select and record one step's batch. Example: recpipe select --store store --query schedule --step 0"""
+    """Select and record one step's batch (with --as-of or --rerun: select on the archive as it was, record
+    nothing). Example: recpipe select --store store --query schedule --step 0"""
     at_least("--step", step, 0)
     from recpipe.config import apply_overrides
 
@@ -466,8 +470,21 @@ def select(
     cfg.select.params = {**cfg.select.params, **params}
     from recpipe import pipeline
 
-    with pipeline.open_run(cfg) as ctx:
-        summary = pipeline.batch_summary(pipeline.select_batch(ctx, step))
+    if rerun and as_of:
+        raise ValueError("--rerun uses the versions the step recorded; give --rerun or --as-of, not both")
+    if rerun or as_of:
+        from recpipe.select import replay_lineage, rerun_recorded
+        from recpipe.store import parse_as_of
+
+        st = open_store(cfg)
+        batch = rerun_recorded(st, cfg.run, step) if rerun else pipeline.select_as_of(st, cfg, step, parse_as_of(as_of))
+        summary = pipeline.batch_summary(batch)
+        summary["read_versions"] = batch.read_versions
+        if rerun:
+            summary["same_as_recorded"] = batch.rollout_ids == replay_lineage(st, cfg.run, step).rollout_ids
+    else:
+        with pipeline.open_run(cfg) as ctx:
+            summary = pipeline.batch_summary(pipeline.select_batch(ctx, step))
     for key, value in summary.items():
         out.print(f"{key}: {value}", highlight=False)
 

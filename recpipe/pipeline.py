@@ -284,15 +284,30 @@ def prompts_needed(ctx: RunContext, version: int) -> int:
 
 def select_params(ctx: RunContext, query: str, step: int) -> dict[str, Any]:
     """The loop's settings for the parameters ``query`` declares, then the user's select.params."""
+    return query_params(ctx.cfg, query, ctx.trainer.current_version)
+
+
+def query_params(cfg: RecpipeConfig, query: str, current_version: int) -> dict[str, Any]:
     from recpipe.select import load_query
 
-    loop = ctx.cfg.loop
+    loop = cfg.loop
     declared = load_query(query).params
     offered = {"sync_interval": loop.sync_interval, "sync_offset": loop.sync_offset,
-               "current_version": ctx.trainer.current_version}
+               "current_version": current_version}
     params = {k: v for k, v in offered.items() if k in declared}
-    params.update(ctx.cfg.select.params)
+    params.update(cfg.select.params)
     return params
+
+
+def select_as_of(store: Store, cfg: RecpipeConfig, step: int, as_of: Any) -> Any:
+    """Step ``step``'s selection on the archive as it was at ``as_of``; nothing is recorded (a read)."""
+    from recpipe.select import select
+
+    query = cfg.select.query
+    policies = store.read("policies", "run = $run", {"run": cfg.run}, as_of=as_of).column("version").to_pylist()
+    return select(store, query, query_params(cfg, query, max([0, *policies])), step=step, run=cfg.run,
+                  groups=cfg.select.groups_per_step, loss_config=cfg.loss.build(), seed=cfg.train.seed,
+                  as_of=as_of)
 
 
 def select_batch(ctx: RunContext, step: int, query: str | None = None, params: dict[str, Any] | None = None,

@@ -15,7 +15,7 @@ synthetic  synthetic_shard: fast fake rollouts for tests and bench/bench_select.
 
 from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard
 from recpipe.select.queries import Param, Query, QueryError, load_query, query_names
-from recpipe.select.selection import compose, recorded_steps, replay_lineage, select
+from recpipe.select.selection import compose, recorded_steps, replay_lineage, rerun_recorded, select
 from recpipe.select.validate import EmptySelection, QueryResultError, SelectionError
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "load_query",
     "query_names",
     "recorded_steps",
+    "rerun_recorded",
     "replay_lineage",
     "select",
 ]

@@ -374,6 +374,31 @@ def replay_lineage(
     return _from_lineage(store, recorded, run=source_run, step=step, timeout_s=timeout_s, recompute=recompute)
 
 
+def rerun_recorded(store: Store, run: str, step: int, *, timeout_s: float | None = 60.0) -> Batch:
+    """Run the selection recorded for (run, step) again, as of the table versions it read: the same query
+    and parameters on the same archive state, so it returns the same rollouts. Nothing is recorded.
+
+    Raises SelectionError if the step has no recorded batch, or recorded no versions (written before
+    the archive kept them), or its query file has changed since.
+    """
+    recorded = _recorded(store, run, step)
+    if recorded is None:
+        raise SelectionError(f"run {run!r} has no recorded batch for step {step}")
+    first = recorded.slice(0, 1).to_pylist()[0]
+    versions = json.loads(first.get("read_versions") or "{}")
+    if not versions:
+        raise SelectionError(f"run {run!r} step {step}: its lineage records no table versions (selected before "
+                             "the archive recorded them), so it cannot be re-run as of them")
+    query = load_query(first["query_name"])
+    if query.sha256 != first["query_hash"]:
+        raise SelectionError(f"run {run!r} step {step}: query {first['query_name']!r} has changed since it was "
+                             "recorded (sha256 differs); re-running it would not be the recorded selection")
+    values = json.loads(first["params"])
+    params = {k: v for k, v in values.items() if k not in CONTEXT}
+    return select(store, first["query_name"], params, run=run, step=step, groups=values["groups"],
+                  seed=values["seed"], timeout_s=timeout_s, as_of=versions)
+
+
 def recorded_steps(store: Store, run: str) -> list[int]:
     """Steps of ``run`` with recorded lineage."""
     rows = store.read("batches", "run = $run", {"run": run}).column("step")

@@ -70,18 +70,21 @@ def test_second_loop_on_the_same_run_is_refused(tmp_path, tiny_model, prefect_ap
     # The first loop has far more steps than the test needs: it is surely still running when the second starts.
     first = subprocess.Popen(recpipe_cmd(*args, "--steps", "500"), env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    assert wait_until(lambda: count(store, "SELECT count(*) FROM steps") >= 1, first, timeout=300)
-    second = subprocess.run(recpipe_cmd(*args, "--steps", "500"), env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert first.poll() is None, "the first loop should still be running"
-    assert second.returncode == 2
-    assert f"run 'default' is being written by another process (loop lease held by pid {first.pid} " in second.stderr
-    # Another run in the same store is independent of the first run's lock.
-    other = subprocess.run(recpipe_cmd(*args, "--run", "other", "--steps", "1"), env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert other.returncode == 0, other.stderr[-3000:]
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    try:
+        assert wait_until(lambda: count(store, "SELECT count(*) FROM steps") >= 1, first, timeout=300)
+        second = subprocess.run(recpipe_cmd(*args, "--steps", "500"), env=env, capture_output=True, text=True,
+                                timeout=600)
+        assert first.poll() is None, "the first loop should still be running"
+        assert second.returncode == 2
+        assert (f"run 'default' is being written by another process (loop lease held by pid {first.pid} "
+                in second.stderr)
+        # Another run in the same store is independent of the first run's lock.
+        other = subprocess.run(recpipe_cmd(*args, "--run", "other", "--steps", "1"), env=env, capture_output=True,
+                               text=True, timeout=600)
+        assert other.returncode == 0, other.stderr[-3000:]
+    finally:  # a failed assertion must not leave a 500-step loop running
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
     # Nothing is corrupted: the archive checks clean, and the run continues where the first loop stopped.
     done = count(store, "SELECT count(*) FROM steps WHERE run = 'default'")
     doctor = subprocess.run(recpipe_cmd("doctor", "--store", str(store), "--repair"), env=env, capture_output=True,

@@ -42,11 +42,11 @@ def recpipe_cmd(*args: str) -> list[str]:
 
 
 
-def sql_rows(store: Path, sql: str) -> list[tuple]:
-    """Rows of a query over the store (a fresh read-only connection each call)."""
+def sql_rows(store: Path | str | object, sql: str) -> list[tuple]:
+    """Rows of a query over the store (a path, URI or Store; a fresh read-only connection each call)."""
     from recpipe.store import Store
 
-    con = Store(store).connect(read_only=True)
+    con = (store if isinstance(store, Store) else Store(store)).connect(read_only=True)
     try:
         return con.execute(sql).fetchall()
     finally:
