@@ -61,17 +61,18 @@ class StoreError(ValueError):
 class Store:
     """A set of Delta tables plus checkpoints, under one local path or S3 URI."""
 
-    def __init__(self, uri: str | Path, storage_options: dict[str, str] | None = None):
+    def __init__(self, uri: str | Path, storage_options: dict[str, str] | None = None, *, converting: bool = False):
+        """converting: open a store whose marker still names the old format (recpipe.store.migrate only)."""
         try:
             self.location = Location.parse(uri, storage_options)
         except LocationError as exc:
             raise StoreError(str(exc)) from None
         self.uri = self.location.uri
         self.root = self.location.cache_dir()  # the local folder: the store itself, or its cache
-        marker = self._read_marker()
+        marker = read_marker(self.location)
         if marker is None:
             raise StoreError(f"{self.uri} is not a recpipe store (run `recpipe init --store {uri}`)")
-        if marker.get("format") != FORMAT:
+        if marker.get("format") != FORMAT and not converting:
             raise StoreError(f"{self.uri} holds an archive in the old Parquet-folder format; convert it with "
                              f"`recpipe doctor --store {uri} --migrate` (every row is kept and verified)")
         self._tables: dict[str, DeltaTable] = {}
@@ -117,15 +118,6 @@ class Store:
         """Every run with rows in the archive."""
         return sorted({v["run"] for table in ("policies", "groups", "batches", "steps")
                        for v in self.snapshot(table).partitions()})
-
-    def _read_marker(self) -> dict[str, Any] | None:
-        try:
-            with self.location.fs.open_input_stream(self.location.path(MARKER)) as f:
-                return json.loads(f.read().decode() or "{}")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{self.uri}: cannot read the store marker {MARKER}: {exc}") from None
 
     # ---- tables ------------------------------------------------------------------------------
     def table_uri(self, table: str) -> str:
@@ -359,6 +351,17 @@ class Store:
 
     def damaged(self, path: str, exc: BaseException) -> str:
         return damaged(path, exc, self.uri)
+
+
+def read_marker(location: Location) -> dict[str, Any] | None:
+    """The store marker's JSON (None: no marker, not a store)."""
+    try:
+        with location.fs.open_input_stream(location.path(MARKER)) as f:
+            return json.loads(f.read().decode() or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{location.uri}: cannot read the store marker {MARKER}: {exc}") from None
 
 
 def parse_as_of(text: str) -> AsOf:

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from deltalake.transaction import AddAction, CommitProperties, Transaction
 
 from recpipe.schema import SCHEMA_VERSION, conform, migrations, table_names, table_schema, table_spec
-from recpipe.store import FORMAT, MARKER, Store, StoreError
+from recpipe.store import FORMAT, MARKER, Store, StoreError, read_marker
 from recpipe.store.datasets import DataFile, file_stats, read_table
 from recpipe.store.files import fsync_dir, write_parquet
 from recpipe.store.location import Location, LocationError
@@ -65,31 +65,10 @@ class MigrationError(StoreError):
     """The conversion could not be verified; nothing old was deleted."""
 
 
-class _ConvertingStore(Store):
-    """A Store over a directory whose marker still names the old format (which ``Store()`` refuses), for the
-    conversion only: it creates and writes the new Delta tables before the marker may say so."""
-
-    def __init__(self, location: Location):  # deliberately not Store.__init__: that refuses the old marker
-        self.location = location
-        self.uri = location.uri
-        self.root = location.cache_dir()
-        self._tables = {}
-
-
-def _read_marker(location: Location) -> dict[str, Any] | None:
-    try:
-        with location.fs.open_input_stream(location.path(MARKER)) as f:
-            return json.loads(f.read().decode() or "{}")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{location.uri}: cannot read the store marker {MARKER}: {exc}") from None
-
-
 def needs_migration(uri: str | Path, storage_options: dict[str, str] | None = None) -> bool:
     """Whether ``uri`` holds a store in the old Parquet-folder format (a marker without ``format``)."""
     try:
-        marker = _read_marker(Location.parse(uri, storage_options))
+        marker = read_marker(Location.parse(uri, storage_options))
     except LocationError:
         return False
     return marker is not None and marker.get("format") != FORMAT
@@ -304,7 +283,7 @@ def migrate_legacy(uri: str | Path, storage_options: dict[str, str] | None = Non
         location = Location.parse(uri, storage_options)
     except LocationError as exc:
         raise StoreError(str(exc)) from None
-    marker = _read_marker(location)
+    marker = read_marker(location)
     if marker is None:
         raise StoreError(f"{location.uri} is not a recpipe store (run `recpipe init --store {uri}`)")
     if marker.get("format") == FORMAT:
@@ -315,7 +294,7 @@ def migrate_legacy(uri: str | Path, storage_options: dict[str, str] | None = Non
                          "convert the local copy, then upload the converted store")
     root = Path(location.uri)
     default_version = int(marker.get("schema_version", OLD_SCHEMA_VERSION))
-    store = _ConvertingStore(location)
+    store = Store(location.uri, location.storage_options or None, converting=True)
     tables: dict[str, Any] = {}
     quarantined: list[dict[str, str]] = []
     for table in table_names():
