@@ -75,7 +75,7 @@ def run_experiment(base: RecpipeConfig, presets: list[str], grid: dict[str, tupl
         started = time.perf_counter()
         run_one(cfg)
         wall[cfg.run] = time.perf_counter() - started
-    store = Store(base.store)
+    store = Store(base.store, base.storage_options or None)
     runs = [c.run for c in configs]
     con = store.connect(read_only=True)
     rows = con.sql(COMPARISON, params={"threshold": threshold, "runs": runs}).to_arrow_table().to_pylist()
