@@ -27,7 +27,12 @@ def as_task(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a pipeline stage function as a Prefect task named after it."""
     retries = RETRIES.get(fn.__name__, 0)
     return task(fn, name=fn.__name__, cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=2,
-                log_prints=False)
+                log_prints=False, retry_condition_fn=_not_stopping)
+
+
+def _not_stopping(*_: Any) -> bool:
+    """No retry once the user asked the process to stop (the failure may be the stop itself, disguised)."""
+    return not pipeline.STOP.is_set()
 
 
 def _config(config: RecpipeConfig | dict[str, Any]) -> RecpipeConfig:

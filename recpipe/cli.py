@@ -120,6 +120,9 @@ def _stop_on_signals() -> Iterator[list[int]]:
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
+        pipeline = sys.modules.get("recpipe.pipeline")
+        if pipeline is not None:  # every later stage refuses to start, whatever swallowed the Stopped below
+            pipeline.STOP.set()
         if len(received) > 1:
             os._exit(_exit_code(received[0]))
         # What the pipeline's libraries log while they unwind ("Crash detected!" from Prefect...) is
@@ -406,17 +409,70 @@ def loop(
     model: ModelOpt = None,
     task: TaskOpt = None,
     summary: Annotated[bool, typer.Option(help="Print the SQL summary at the end.")] = True,
+    generators: Annotated[int, typer.Option(help="Generator processes beside the trainer (0: one process does "
+                                            "everything in turn).")] = 0,
+    generator_devices: Annotated[str | None, typer.Option(help="CPU cores (or CUDA devices) the generators share "
+                                                          "out, e.g. 0,1.")] = None,
+    trainer_devices: Annotated[str | None, typer.Option(help="CPU cores (or CUDA devices) of the trainer.")] = None,
 ) -> None:
-    """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store"""
+    """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store
+
+    With --generators N, N generator processes sample while the trainer trains (recpipe.roles)."""
+    at_least("--generators", generators, 0)
     cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
     _preflight(cfg)
-    from flows.pipeline_flows import loop as loop_flow
     from recpipe.progress import LoopProgress
+
+    if generators:
+        from recpipe.roles import launch_local
+
+        with LoopProgress(cfg.loop.steps, console) as progress:
+            launch_local(cfg, generators, generator_devices=_devices("--generator-devices", generator_devices),
+                         trainer_devices=_devices("--trainer-devices", trainer_devices), progress=progress)
+        if summary:
+            _summarise(cfg)
+        return
+    from flows.pipeline_flows import loop as loop_flow
 
     with LoopProgress(cfg.loop.steps, console) as progress:
         loop_flow(to_params(cfg), progress=progress)
     if summary:
         _summarise(cfg)
+
+
+def _devices(option: str, text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} must be comma-separated device numbers, e.g. 0,1 (got {text!r})") from None
+
+
+@app.command()
+@friendly_errors
+@stoppable
+def generator(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    model: ModelOpt = None,
+    exit_when_idle: Annotated[bool, typer.Option(help="Stop when no shard can be generated now, instead of "
+                                                 "waiting for the trainer's next version.")] = False,
+) -> None:
+    """A generator worker: samples the shards a run's schedule needs, beside a trainer, on this or another
+    machine sharing the archive. Example: recpipe generator --store s3://bucket/runs --run r1"""
+    cfg = make_config(config, set_, store, run, {"model.name": model})
+    _preflight(cfg)
+    from recpipe import pipeline
+    from recpipe.progress import LoopProgress
+    from recpipe.roles import pin_to_cpus, run_generator
+
+    pin_to_cpus()
+    with LoopProgress(0, console) as progress, pipeline.open_run(cfg, progress=progress, lease=None) as ctx:
+        rows = run_generator(ctx, exit_when_idle=exit_when_idle)
+    console.print(f"{rows} rollouts written")
 
 
 @app.command()

@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,17 @@ Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 def plain(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
+
+
+# Set when the user asks the process to stop (SIGINT / SIGTERM, recpipe.cli). Each stage checks it before it
+# starts: a library that turned the stop into an ordinary error (a callback run from Rust or DuckDB) must
+# not let a retry or the next stage carry on.
+STOP = threading.Event()
+
+
+def check_stop() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt("stop requested")
 
 
 def _quiet(event: str, info: dict[str, Any]) -> None:
@@ -91,12 +103,13 @@ class RunContext:
             return self.model_path
         from recpipe.train import checkpoint as ckpt
 
-        path = self.trainer.checkpoint_path(version)
+        # No trainer here: a generator worker samples from versions another process trains.
+        path = self.store.checkpoint_dir(self.cfg.run, version)
         if not self.store.location.is_local and version in ckpt.version_dirs(self.store, self.cfg.run):
             path = ckpt.local_version(self.store, self.cfg.run, version)  # fetched into this machine's cache
         if not ckpt.is_complete(path):
             on_disk = sorted(ckpt.version_dirs(self.store, self.cfg.run))
-            current = self.trainer.current_version
+            current = self.latest_version()
             why = (f"not trained yet, the run is at v{current:06d}" if version > current else
                    "deleted" if not path.exists() else "incomplete, a file of it was deleted")
             raise ckpt.CheckpointError(
@@ -104,6 +117,11 @@ class RunContext:
                 f"{path.parent} ({why}; versions on disk: {', '.join(f'v{v:06d}' for v in on_disk) or 'none'}). "
                 f"{ckpt.what_to_do(path)}")
         return path
+
+    def latest_version(self) -> int:
+        """The newest policy version of the run committed to the archive (0: only the base model)."""
+        versions = self.store.read("policies", "run = $run", {"run": self.cfg.run}).column("version").to_pylist()
+        return max([0, *versions])
 
     def close(self) -> None:
         if self._trainer is not None:
@@ -175,11 +193,13 @@ def close_engines() -> None:
 
 
 @contextlib.contextmanager
-def open_run(cfg: RecpipeConfig, *, progress: Progress | None = None) -> Iterator[RunContext]:
-    """Open (creating if needed) the store, take the run's writer lock, resolve task and model."""
+def open_run(cfg: RecpipeConfig, *, progress: Progress | None = None,
+             lease: str | None = "loop") -> Iterator[RunContext]:
+    """Open (creating if needed) the store, take the run's ``lease`` (None: a generator worker, of which a
+    run may have many), resolve task and model."""
     task, model_path = preflight(cfg)
     store = Store.create(cfg.store, cfg.storage_options or None)
-    lock = store.lock(cfg.run, "loop").acquire()
+    lock = store.lock(cfg.run, lease).acquire() if lease else None
     ctx = RunContext(cfg=cfg, store=store, task=task, model_path=model_path, lock=lock,
                      progress=progress or _quiet)
     try:
@@ -240,6 +260,7 @@ def shard_committed(ctx: RunContext, version: int, plan: ShardPlan) -> bool:
 
 def generate_shard(ctx: RunContext, version: int, plan: ShardPlan) -> int:
     """Generate and commit one shard; returns rows written (0 if it was committed already)."""
+    check_stop()
     from recpipe.generate import generate_rollouts
 
     if shard_committed(ctx, version, plan):
@@ -313,6 +334,7 @@ def select_as_of(store: Store, cfg: RecpipeConfig, step: int, as_of: Any) -> Any
 def select_batch(ctx: RunContext, step: int, query: str | None = None, params: dict[str, Any] | None = None,
                  groups: int | None = None) -> Any:
     """Select (and record) step ``step``'s batch; a recorded step returns its recorded batch."""
+    check_stop()
     from recpipe.select import select
 
     query = query or ctx.cfg.select.query
@@ -339,6 +361,7 @@ def needed_versions(ctx: RunContext, from_step: int) -> set[int]:
 
 
 def train_step(ctx: RunContext, step: int, batch: Any) -> Any:
+    check_stop()
     started = time.perf_counter()
     result = ctx.trainer.step(step, batch)
     ctx.record_time("train", f"step-{step:06d}", time.perf_counter() - started, result.row.get("tokens"),
@@ -348,6 +371,7 @@ def train_step(ctx: RunContext, step: int, batch: Any) -> Any:
 
 def evaluate(ctx: RunContext, version: int) -> dict[str, Any]:
     """Greedy accuracy of ``version`` on held-out prompts; one `evals` row (idempotent per version)."""
+    check_stop()
     from recpipe.generate import evaluate_greedy
 
     shard = f"v{version:06d}-{ctx.task.name}-test"

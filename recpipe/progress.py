@@ -36,6 +36,9 @@ class LoopProgress:
                           f"{info['tokens_per_s'] or 0:.0f} tok/s -> policy v{info['policy_version']}")
             else:
                 status = f"step {info['step']}: skipped ({info.get('skip_reason')})"
+        elif event == "wait":
+            status = (f"step {info['step']}: waiting for generators, {info['missing']} of {info['shards']} shards "
+                      f"of v{info['version']} to go")
         elif event == "eval":
             status = f"eval v{info['version']}: accuracy {info['accuracy']:.3f} (n={info['n']})"
         else:

@@ -6,10 +6,11 @@
     ...
     con.close()
 
-Every table is a recpipe.store.datasets.TableDataset pinned to one Delta version, taken when the
-connection is made (``versions``, which lineage records): both stages of a selection read one
-consistent state of the archive however many writers commit meanwhile, and re-running the
-selection as of those versions reads exactly the same rows. Nothing is read until a statement scans
+Every table is a recpipe.store.datasets.TableDataset read at one Delta version, fixed when the
+selection first reads it (``Pins``; lineage records them): every read of a table in the selection
+sees the same state however many writers commit meanwhile (rollouts are committed before their
+groups summary, so the rollouts a chosen summary names are always in the later-pinned rollouts
+version), and re-running the selection as of those versions reads exactly the same rows. Nothing is read until a statement scans
 a table, then only the files whose partition values the statement's filters keep, and only the
 columns it names. A query whose header says ``-- scope: run`` (schedule, fresh) gets tables holding
 its run's files only. The big ``rollouts`` table is registered only when the statement may need it
@@ -29,6 +30,7 @@ archive, read from the groups table's partition values in the log instead of its
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import duckdb
 import pyarrow as pa
@@ -58,20 +60,38 @@ def _database() -> duckdb.DuckDBPyConnection:
         return _database_con.cursor()
 
 
-def selection_connection(store: Store, *, rollouts: bool, run: str | None = None,
-                         as_of: AsOf = None) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
+class Pins:
+    """The version of each table a selection reads: fixed when the selection first needs the table (or given
+    by ``as_of``), then the same for every later read. ``read`` lists those it read, as lineage records."""
+
+    def __init__(self, store: Store, as_of: AsOf = None, fresh_since: float | None = None):
+        self.store, self.as_of, self.fresh_since, self.read = store, as_of, fresh_since, {}
+
+    def version(self, table: str) -> int:
+        if table not in self.read:
+            pinned = self.store.resolve_as_of(table, self.as_of)
+            self.read[table] = pinned if pinned is not None else \
+                self.store.delta(table, fresh_since=self.fresh_since).version()
+        return self.read[table]
+
+    def of(self, table: str) -> Callable[[], int]:
+        return lambda: self.version(table)
+
+
+def selection_connection(store: Store, *, rollouts: bool, run: str | None = None, as_of: AsOf = None,
+                         fresh_since: float | None = None) -> tuple[duckdb.DuckDBPyConnection, Pins]:
     """A locked-down connection with one table per archive table (rollouts only if ``rollouts``) and the
-    ``versions`` relation, each pinned to one version; and those versions. Close the connection after use.
+    ``versions`` relation, each read at one version (``Pins``), and the pins. Close the connection after use.
 
     run: only that run's files (the caller checked the name: letters, digits, ``_ . -``).
-    as_of: the versions to read (default: the latest of each table, now).
+    as_of: the versions to read (default: the latest of each table when the selection first reads it).
+    fresh_since: see Store.delta (a table's log read since then, e.g. by the same selection, is not read again).
     """
-    pinned = {table: store.resolve_as_of(table, as_of) for table in table_names()}
-    versions = {table: v if v is not None else store.delta(table).version() for table, v in pinned.items()}
+    pins = Pins(store, as_of, fresh_since)
     con = _database()
     for table in table_names():
         if table == "rollouts" and not rollouts:
             continue
-        con.register(table, TableDataset(store, table, run=run, version=versions[table]))
-    con.register("versions", archive_versions(store, run, versions["groups"]))
-    return con, versions
+        con.register(table, TableDataset(store, table, run=run, version=pins.of(table)))
+    con.register("versions", archive_versions(store, run, pins.version("groups")))
+    return con, pins

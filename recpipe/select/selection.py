@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -304,7 +305,8 @@ def select(
     groups = _check_int("groups", groups, 1)
     min_groups = _check_int("min_groups", min_groups, 1)
     seed = _check_int("seed", seed, 0)
-    recorded = _recorded(store, run, step) if as_of is None else None
+    since = time.monotonic()  # each table's log is read once in this selection
+    recorded = _recorded(store, run, step, since) if as_of is None else None
     if recorded is not None:
         return _from_lineage(store, recorded, run=run, step=step, timeout_s=timeout_s)
 
@@ -316,8 +318,8 @@ def select(
     values = _bind(_param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name)
 
     # The rollouts view costs a footer read per file: only for user SQL and the truncation filter.
-    con, versions = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],
-                                         run=run if q.scope == "run" else None, as_of=as_of)
+    con, pins = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],
+                                     run=run if q.scope == "run" else None, as_of=as_of, fresh_since=since)
     try:
         if not q.builtin:
             _one_select(con, q)
@@ -327,7 +329,7 @@ def select(
         chosen = _chosen_groups(con, choice, trust=q.builtin, query=q.name, timeout_s=timeout_s)
         if chosen.num_rows < min_groups:
             raise EmptySelection(f"{q.name}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
-        found = _advantages(con, store, chosen, values, q.name, timeout_s, versions["rollouts"])
+        found = _advantages(con, store, chosen, values, q.name, timeout_s, pins.version("rollouts"))
     finally:
         con.close()
     expected = dict(zip(zip(chosen.column("run").to_pylist(), chosen.column("group_id").to_pylist(), strict=True),
@@ -335,10 +337,10 @@ def select(
     check_complete(choice, found, expected, q.name)
     found = _override(found, choice)
     batch = Batch(run=run, step=step, query_name=q.name, query_hash=q.sha256, params=values,
-                  rollouts=_assemble(found), read_versions=versions)
+                  rollouts=_assemble(found), read_versions=dict(sorted(pins.read.items())))
     if as_of is not None:
         return batch
-    if not store.append("batches", lineage_rows(batch), shard_id=lineage_shard(step)):
+    if not store.append("batches", lineage_rows(batch), shard_id=lineage_shard(step), fresh_since=since):
         # Another process recorded this step first: train on what it recorded, not on our choice.
         return _from_lineage(store, _recorded(store, run, step), run=run, step=step, timeout_s=timeout_s)
     return batch
@@ -406,9 +408,9 @@ def recorded_steps(store: Store, run: str) -> list[int]:
 
 
 # ---- lineage read-back ---------------------------------------------------------------------------
-def _recorded(store: Store, run: str, step: int) -> pa.Table | None:
+def _recorded(store: Store, run: str, step: int, fresh_since: float | None = None) -> pa.Table | None:
     shard = lineage_shard(step)
-    if not store.is_committed("batches", {"run": run}, shard):
+    if not store.is_committed("batches", {"run": run}, shard, fresh_since):
         return None
     try:
         rows = store.read_shard("batches", {"run": run}, shard)
@@ -437,9 +439,9 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
         "position": pa.array(range(len(keys)), pa.int32()),  # the recorded batch order
     })
     where = f"lineage of run {run!r} step {step}"
-    con, versions = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
+    con, pins = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
     try:
-        found = _advantages(con, store, chosen, values, where, timeout_s, versions["rollouts"])
+        found = _advantages(con, store, chosen, values, where, timeout_s, pins.version("rollouts"))
     finally:
         con.close()
     recorded = {(r, x): i for i, (r, x) in enumerate(zip(lineage.column("source_run").to_pylist(),

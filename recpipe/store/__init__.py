@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -76,6 +77,8 @@ class Store:
             raise StoreError(f"{self.uri} holds an archive in the old Parquet-folder format; convert it with "
                              f"`recpipe doctor --store {uri} --migrate` (every row is kept and verified)")
         self._tables: dict[str, DeltaTable] = {}
+        self._refreshed: dict[str, float] = {}  # when each table's log was last read (time.monotonic)
+        self._txns: dict[str, tuple[int, dict[str, int]]] = {}  # table: (version, {app id: txn version})
 
     @classmethod
     def create(cls, uri: str | Path, storage_options: dict[str, str] | None = None) -> Store:
@@ -124,11 +127,19 @@ class Store:
         table_spec(table)  # unknown table -> KeyError listing the tables
         return self.location.table_uri(table)
 
-    def delta(self, table: str, as_of: int | dt.datetime | None = None) -> DeltaTable:
-        """The Delta table, at its latest version (created if this store predates it) or ``as_of``."""
+    def delta(self, table: str, as_of: int | dt.datetime | None = None, *,
+              fresh_since: float | None = None) -> DeltaTable:
+        """The Delta table, at its latest version (created if this store predates it) or ``as_of``.
+
+        fresh_since: a ``time.monotonic()`` value; the log is read again only if it was last read before
+        then (one selection reads each table's log once). Default: always read again.
+        """
         spec = table_spec(table)
         options = self.location.storage_options or None
         if as_of is not None:
+            cached = self._tables.get(table)
+            if isinstance(as_of, int) and cached is not None and cached.version() == as_of:
+                return cached  # the version this process last read: no second load of the log
             pinned = DeltaTable(self.table_uri(table), storage_options=options)
             try:
                 pinned.load_as_version(as_of if isinstance(as_of, int) or as_of.tzinfo else
@@ -139,7 +150,9 @@ class Store:
             return pinned
         cached = self._tables.get(table)
         if cached is not None:
-            cached.update_incremental()
+            if fresh_since is None or self._refreshed.get(table, -math.inf) < fresh_since:
+                cached.update_incremental()
+                self._refreshed[table] = time.monotonic()
             return cached
         try:
             table_obj = DeltaTable(self.table_uri(table), storage_options=options)
@@ -152,6 +165,7 @@ class Store:
                 raise StoreWriteError(getattr(exc, "errno", None) or 5,
                                       f"cannot create table {table!r} in {self.uri}: {exc}") from exc
         self._tables[table] = table_obj
+        self._refreshed[table] = time.monotonic()
         return table_obj
 
     def versions(self, tables: list[str] | None = None) -> dict[str, int]:
@@ -191,15 +205,28 @@ class Store:
         spec = table_spec(table)
         return "/".join([*(f"{c}={values[c]}" for c in spec.partition_by), shard_id])
 
-    def shard_state(self, table: str, key: str) -> int:
+    def shard_state(self, table: str, key: str, fresh_since: float | None = None) -> int:
         """The application transaction version of shard ``key``: 0 never committed, odd committed, even
         withdrawn (its rows quarantined by ``recpipe doctor --repair``: a re-run may commit it again)."""
-        return self.delta(table).transaction_version(key) or 0
+        return self.transaction_version(self.delta(table, fresh_since=fresh_since), table, key)
 
-    def is_committed(self, table: str, values: dict[str, Any], shard_id: str) -> bool:
-        return self.shard_state(table, self.shard_key(table, values, shard_id)) % 2 == 1
+    def transaction_version(self, delta: DeltaTable, table: str, key: str) -> int:
+        """``delta.transaction_version(key) or 0``, remembered for the table version (delta-rs scans the log
+        for it: ~10 ms with a few hundred commits)."""
+        version = delta.version()
+        memo = self._txns.get(table)
+        if memo is None or memo[0] != version:
+            memo = self._txns[table] = (version, {})
+        if key not in memo[1]:
+            memo[1][key] = delta.transaction_version(key) or 0
+        return memo[1][key]
 
-    def append(self, table: str, rows: pa.Table | list[dict[str, Any]], *, shard_id: str) -> bool:
+    def is_committed(self, table: str, values: dict[str, Any], shard_id: str,
+                     fresh_since: float | None = None) -> bool:
+        return self.shard_state(table, self.shard_key(table, values, shard_id), fresh_since) % 2 == 1
+
+    def append(self, table: str, rows: pa.Table | list[dict[str, Any]], *, shard_id: str,
+               fresh_since: float | None = None) -> bool:
         """Commit ``rows`` as one transaction named by ``shard_id``; False if that shard is already committed.
 
         All rows must belong to one partition. Rows are checked against the table's schema first, so a
@@ -218,17 +245,20 @@ class Store:
                 raise StoreError(f"{table}: shard {shard_id!r} spans {len(distinct)} values of {column!r}; one expected")
             values[column] = distinct[0]
         key = self.shard_key(table, values, shard_id)
-        state = self.shard_state(table, key)
+        delta = self.delta(table, fresh_since=fresh_since)
+        state = self.transaction_version(delta, table, key)
         if state % 2 == 1:
             return False
         relative = "/".join([*(f"{c}={values[c]}" for c in spec.partition_by),
                              f"{shard_id}~{uuid.uuid4().hex[:12]}.parquet"])
         return self.add_files(table, [(relative, data.drop_columns(list(spec.partition_by)), values)],
-                              app_id=key, app_version=state + 1, operation=f"append shard {shard_id}")
+                              app_id=key, app_version=state + 1, operation=f"append shard {shard_id}",
+                              checked_at=delta.version(), fresh_since=fresh_since)
 
     def add_files(self, table: str, files: list[tuple[str, pa.Table, dict[str, Any]]], *, app_id: str,
                   app_version: int = 1, removes: list[Any] | None = None, operation: str = "append",
-                  also: Sequence[tuple[str, int]] = (), data_change: bool | None = None) -> bool:
+                  also: Sequence[tuple[str, int]] = (), data_change: bool | None = None,
+                  checked_at: int | None = None, fresh_since: float | None = None) -> bool:
         """Write each (relative path, rows without partition columns, partition values) file, then commit
         them (and ``removes``) in one transaction carrying ``app_id`` at ``app_version`` (and the
         application transactions ``also``, e.g. shards a repair withdraws).
@@ -236,7 +266,8 @@ class Store:
         data_change: whether the added files change the table's rows (default: unless there are removes,
         i.e. a rewrite of the same rows, as compaction does). Returns False, deleting the files written,
         if that application transaction is already in the log (another writer committed it first);
-        raises StoreWriteError if commits keep failing.
+        raises StoreWriteError if commits keep failing. checked_at: the table version at which the caller
+        saw ``app_id`` below ``app_version`` (its check is not repeated at that version).
         """
         spec = table_spec(table)
         fs = self.location.fs
@@ -251,15 +282,19 @@ class Store:
         props = CommitProperties(app_transactions=txns,
                                  custom_metadata={"recpipe.operation": operation})
         error: Exception | None = None
-        for _ in range(COMMIT_ATTEMPTS):
-            delta = self.delta(table)
-            done = delta.transaction_version(app_id)
-            if done is not None and done >= app_version:
-                break
+        for attempt in range(COMMIT_ATTEMPTS):
+            delta = self.delta(table, fresh_since=fresh_since if attempt == 0 else None)
+            # A commit of this application transaction before the version we read would not conflict with
+            # ours: it must be looked for. One after it makes delta-rs fail ours (a conflict), then we look.
+            if attempt or checked_at != delta.version():
+                done = delta.transaction_version(app_id)
+                if done is not None and done >= app_version:
+                    break
             try:
                 delta.create_write_transaction([*adds, *(removes or [])], mode="append", schema=spec.schema,
                                                partition_by=list(spec.partition_by) or None,
                                                commit_properties=props)
+                self._refreshed.pop(table, None)  # our own commit: the next read sees it
                 return True
             except CommitFailedError as exc:  # a concurrent commit of the same app id: re-read, then decide
                 error = exc

@@ -29,7 +29,7 @@ import json
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -85,14 +85,17 @@ _snapshots_lock = threading.Lock()
 
 
 def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
-    """The data files of ``table`` at ``version`` (default: the latest), from the Delta log."""
-    delta = store.delta(table, version)
-    key = (store.uri, table, delta.version())
+    """The data files of ``table`` at ``version`` (default: the latest), from the Delta log. A version's
+    files never change, so each is read from the log once per process."""
+    if version is None:
+        version = store.delta(table).version()
+    key = (store.uri, table, version)
     with _snapshots_lock:
         hit = _snapshots.get(key)
         if hit is not None:
             _snapshots.move_to_end(key)
             return hit
+    delta = store.delta(table, version)
     spec = table_spec(table)
     actions = pa.table(delta.get_add_actions(flatten=True))
     paths = actions.column("path").to_pylist()
@@ -209,8 +212,10 @@ def file_schema(table: str) -> pa.Schema:
 class TableDataset(ds.FileSystemDataset):
     """One table of the store as a dataset whose scans read its Delta snapshot and open its files."""
 
-    def __init__(self, store: Store, table: str, run: str | None = None, version: int | None = None,
-                 files: Sequence[DataFile] | None = None):
+    def __init__(self, store: Store, table: str, run: str | None = None,
+                 version: int | Callable[[], int] | None = None, files: Sequence[DataFile] | None = None):
+        """version: a table version, None for the latest at each scan, or a callable giving the version
+        when the first scan needs it (a selection pins only the tables it reads)."""
         self.store, self.table, self.run, self.version = store, table, run, version
         self.pinned_files = None if files is None else list(files)
         self.spec = table_spec(table)
@@ -219,7 +224,8 @@ class TableDataset(ds.FileSystemDataset):
     def data_files(self) -> list[DataFile]:
         if self.pinned_files is not None:
             return self.pinned_files
-        files = snapshot(self.store, self.table, self.version).files
+        version = self.version() if callable(self.version) else self.version
+        files = snapshot(self.store, self.table, version).files
         return [f for f in files if self.run is None or f.values.get("run") == self.run]
 
     def scanner(self, columns: Sequence[str] | None = None, filter: ds.Expression | None = None,  # noqa: A002
