@@ -457,13 +457,18 @@ def generator(
     set_: SetOpt = None,
     store: StoreOpt = None,
     run: RunOpt = None,
+    steps: StepsOpt = None,
+    preset_: PresetOpt = None,
+    sync_interval: Annotated[int | None, typer.Option("--sync-interval", help="k (algorithms.md).")] = None,
+    sync_offset: Annotated[int | None, typer.Option("--sync-offset", help="o (algorithms.md).")] = None,
     model: ModelOpt = None,
+    task: TaskOpt = None,
     exit_when_idle: Annotated[bool, typer.Option(help="Stop when no shard can be generated now, instead of "
                                                  "waiting for the trainer's next version.")] = False,
 ) -> None:
-    """A generator worker: samples the shards a run's schedule needs, beside a trainer, on this or another
-    machine sharing the archive. Example: recpipe generator --store s3://bucket/runs --run r1"""
-    cfg = make_config(config, set_, store, run, {"model.name": model})
+    """A generator worker: samples the shards a run's schedule needs (the loop's settings), beside a trainer,
+    on this or another machine sharing the archive. Example: recpipe generator --store s3://bucket/runs --run r1"""
+    cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
     _preflight(cfg)
     from recpipe import pipeline
     from recpipe.progress import LoopProgress
