@@ -386,6 +386,8 @@ ModelOpt = Annotated[str | None, typer.Option("--model", help="tiny | smollm2 | 
 TaskOpt = Annotated[str | None, typer.Option("--task", help="arithmetic | gsm8k | a plugin task.")]
 PresetOpt = Annotated[str | None, typer.Option("--preset", help="Loss preset (algorithms.md).")]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Training steps.")]
+SyncIntervalOpt = Annotated[int | None, typer.Option("--sync-interval", help="k (algorithms.md).")]
+SyncOffsetOpt = Annotated[int | None, typer.Option("--sync-offset", help="o (algorithms.md).")]
 
 
 def _loop_overrides(steps: int | None, preset_: str | None, sync_interval: int | None, sync_offset: int | None,
@@ -404,8 +406,8 @@ def loop(
     run: RunOpt = None,
     steps: StepsOpt = None,
     preset_: PresetOpt = None,
-    sync_interval: Annotated[int | None, typer.Option("--sync-interval", help="k (algorithms.md).")] = None,
-    sync_offset: Annotated[int | None, typer.Option("--sync-offset", help="o (algorithms.md).")] = None,
+    sync_interval: SyncIntervalOpt = None,
+    sync_offset: SyncOffsetOpt = None,
     model: ModelOpt = None,
     task: TaskOpt = None,
     summary: Annotated[bool, typer.Option(help="Print the SQL summary at the end.")] = True,
@@ -459,8 +461,8 @@ def generator(
     run: RunOpt = None,
     steps: StepsOpt = None,
     preset_: PresetOpt = None,
-    sync_interval: Annotated[int | None, typer.Option("--sync-interval", help="k (algorithms.md).")] = None,
-    sync_offset: Annotated[int | None, typer.Option("--sync-offset", help="o (algorithms.md).")] = None,
+    sync_interval: SyncIntervalOpt = None,
+    sync_offset: SyncOffsetOpt = None,
     model: ModelOpt = None,
     task: TaskOpt = None,
     exit_when_idle: Annotated[bool, typer.Option(help="Stop when no shard can be generated now, instead of "
