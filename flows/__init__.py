@@ -10,15 +10,13 @@ dies, even by kill -9, so none is ever left behind.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
-import threading
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from recpipe.subprocesses import die_with_parent
 
 EPHEMERAL_STARTUP_TIMEOUT_S = 300
 
@@ -37,33 +35,6 @@ def _configure_prefect() -> None:
     home.mkdir(parents=True, exist_ok=True)
 
 
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` (runs in the child between fork and exec) asking the kernel to SIGKILL the child
-    when its parent dies. None where there is no prctl (not Linux).
-
-    The kernel sends it when the *thread* that forked the child ends, so it is only armed from the main
-    thread, which lives as long as the process (Prefect starts the server from the flow engine's first
-    client, in the main thread). libc is resolved here, in the parent: the child of a threaded process
-    must not dlopen."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before the line above: nobody would send it
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return arm
-
-
 class _ServerSubprocess(types.ModuleType):
     """``subprocess`` as Prefect's server module sees it: the same, except that Popen starts the child in
     its own session (no terminal signals) and tied to this process's life."""
@@ -77,7 +48,7 @@ class _ServerSubprocess(types.ModuleType):
     @staticmethod
     def Popen(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:  # noqa: N802 (subprocess's name)
         kwargs.setdefault("start_new_session", True)
-        kwargs.setdefault("preexec_fn", _die_with_parent())
+        kwargs.setdefault("preexec_fn", die_with_parent())
         return subprocess.Popen(*args, **kwargs)
 
 

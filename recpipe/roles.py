@@ -40,6 +40,7 @@ import yaml
 from recpipe import pipeline
 from recpipe.config import RecpipeConfig
 from recpipe.store.lease import Lease, RunLocked
+from recpipe.subprocesses import die_with_parent
 
 CLAIM_TTL_S = 60.0
 
@@ -163,9 +164,9 @@ def _placement(devices: list[int]) -> dict[str, str]:
     return {"RECPIPE_CPUS": ",".join(map(str, devices)), "OMP_NUM_THREADS": str(len(devices))}
 
 
-def pin_to_cpus() -> None:
-    """Apply RECPIPE_CPUS (set by the launcher) to this process: its cores and torch's thread count."""
-    cpus = os.environ.get("RECPIPE_CPUS")
+def pin_to_cpus(cpus: str | None = None) -> None:
+    """Pin this process to the cores ``cpus`` names ("0,1"; default RECPIPE_CPUS, set by the launcher)."""
+    cpus = cpus if cpus is not None else os.environ.get("RECPIPE_CPUS")
     if cpus:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
@@ -183,12 +184,10 @@ def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list
         with pipeline.open_run(cfg, progress=progress) as ctx:  # the loop lease: one launcher per run
             workers = [subprocess.Popen([sys.executable, "-m", "recpipe.cli", "generator", "--config", str(config)],
                                         env={**os.environ, **_placement(part)}, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+                                        preexec_fn=die_with_parent(signal.SIGTERM))
                        for part in parts]
             try:
-                placement = _placement(list(trainer_devices or []))
-                if "RECPIPE_CPUS" in placement:
-                    os.sched_setaffinity(0, {int(c) for c in placement["RECPIPE_CPUS"].split(",")})
+                pin_to_cpus(_placement(list(trainer_devices or [])).get("RECPIPE_CPUS", ""))
                 return run_trainer(ctx, wait_timeout_s=wait_timeout_s)
             finally:
                 for worker in workers:
@@ -200,10 +199,3 @@ def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list
                     except subprocess.TimeoutExpired:
                         os.killpg(worker.pid, signal.SIGKILL)
                         worker.wait()
-
-
-def _die_with_parent() -> None:
-    """A generator dies with its launcher, even by kill -9 (Linux PR_SET_PDEATHSIG)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import functools
 import json
 import os
 import shutil
@@ -29,7 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from recpipe.subprocesses import die_with_parent
+
 _SERVICES = ("master", "volume", "filer", "s3")
 
 
@@ -57,14 +56,6 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
-
-
-def _die_with_parent(parent: int, prctl) -> None:
-    """preexec_fn: the kernel sends SIGKILL to the child when its parent dies (strictly: when the thread
-    that started it exits, so start the server from a thread that outlives it, e.g. the main thread)."""
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 class S3Server:
@@ -149,12 +140,11 @@ class S3Server:
         self.grpc_ports = dict(zip(_SERVICES, ports[len(_SERVICES):], strict=True))
         # HOME and the working directory are the temp dir, so no user's ~/.seaweedfs/*.toml applies.
         env = {**os.environ, "HOME": str(self.dir), "TMPDIR": str(self.dir)}  # TMPDIR: glog's files
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded before the fork: little to do after it
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=functools.partial(_die_with_parent, os.getpid(), prctl))
+                preexec_fn=die_with_parent())  # start it from the main thread: see die_with_parent
 
     def _wait_ready(self, deadline: float) -> None:
         """Until the S3 gateway answers HTTP and the master has the volume server (so writes can land)."""
