@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import csv
-import io
 import json
 import logging
 import os
@@ -28,7 +26,6 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from recpipe.config import ConfigError, RecpipeConfig, load_config, to_params
 
@@ -214,33 +211,16 @@ def at_least(option: str, value: int | None, low: int) -> None:
 
 
 def print_table(table: Any, fmt: str = "table", title: str | None = None) -> None:
-    """Print a pyarrow table as a rich table, CSV or JSON lines."""
-    rows = table.to_pylist()
+    """Print a pyarrow table as a rich table, CSV or JSON lines (recpipe.output)."""
+    from recpipe import output
+
     if fmt == "json":
-        for row in rows:
-            out.print_json(json.dumps(row, default=str), indent=None)
-        return
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=table.column_names)
-        writer.writeheader()
-        writer.writerows(rows)
-        sys.stdout.write(buf.getvalue())
-        return
-    view = Table(title=title, show_lines=False)
-    for name in table.column_names:
-        view.add_column(name, overflow="fold")
-    for row in rows:
-        view.add_row(*(_cell(row[name]) for name in table.column_names))
-    out.print(view)
-    console.print(f"{len(rows)} row(s)")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    text = str(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+        output.write_json_lines(table, sys.stdout)
+    elif fmt == "csv":
+        output.write_csv(table, sys.stdout)
+    else:
+        out.print(output.rich_table(table, title=title))
+        console.print(f"{table.num_rows} row(s)")
 
 
 @app.command()
@@ -260,19 +240,29 @@ def sql(
     store: StoreOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json")] = "table",
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json (JSON lines) | parquet "
+                                     "(needs --output)")] = "table",
+    output_path: Annotated[str | None, typer.Option("--output", "-o", help="Write the result to this file "
+                                                    "(outside the archive) instead of stdout.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds before the query is interrupted.")] = 60.0,
     as_of: AsOfOpt = None,
 ) -> None:
     """Query the archive with SQL (read-only). Example: recpipe sql --store store "SELECT count(*) FROM rollouts" """
+    from recpipe import output
     from recpipe.store import parse_as_of
     from recpipe.store.sql import run_read_only
 
-    if fmt not in ("table", "csv", "json"):
-        raise ValueError(f"--format must be one of table, csv, json (got {fmt!r})")
+    if fmt not in output.FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(output.FORMATS)} (got {fmt!r})")
     cfg = make_config(config, set_, store)
+    target = output.output_target(output_path, fmt, cfg.store) if fmt == "parquet" or output_path else None
     con = open_store(cfg).connect(read_only=True, as_of=parse_as_of(as_of) if as_of else None)
-    print_table(run_read_only(con, query, timeout_s=timeout), fmt)
+    result = run_read_only(con, query, timeout_s=timeout)
+    if target is None:
+        print_table(result, fmt)
+    else:
+        output.write_file(result, fmt, target)
+        console.print(f"{result.num_rows} row(s) written to {target}")
 
 
 @app.command()

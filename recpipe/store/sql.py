@@ -96,8 +96,11 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> list[Any]:
 
 def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None,
                   timeout_s: float | None = 60.0) -> pa.Table:
-    """Run a read-only query on a locked-down connection; return the last statement's result."""
+    """Run one read-only statement on a locked-down connection; return its result."""
     statements = check_read_only(con, sql)
+    if len(statements) > 1:  # each would need its own result; a second used to fail with ResourceInUseException
+        raise QueryRefused(f"one statement at a time: found {len(statements)} statements separated by ';'; "
+                           "run each on its own")
     timer = None
     timed_out = threading.Event()
     if timeout_s:
@@ -108,9 +111,7 @@ def run_read_only(con: duckdb.DuckDBPyConnection, sql: str, params: dict[str, An
         timer = threading.Timer(timeout_s, stop)
         timer.start()
     try:
-        for statement in statements[:-1]:
-            con.execute(statement.query)
-        return con.sql(statements[-1].query, params=params or None).to_arrow_table()
+        return con.sql(statements[0].query, params=params or None).to_arrow_table()
     except duckdb.PermissionException as exc:
         first = str(exc).split("\n")[0]
         if "disabled by configuration" in first and "file" in first:
