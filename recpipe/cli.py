@@ -653,6 +653,28 @@ def report(
 
 @app.command()
 @friendly_errors
+def export(
+    to: Annotated[Path, typer.Option("--to", help="New folder for the Hugging Face model (config, safetensors, "
+                                     "tokenizer; no optimizer state).")],
+    version: Annotated[int, typer.Option("--version", help="Policy version (0: the base model).")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="float32 (as trained) | bfloat16 | float16.")] = None,
+) -> None:
+    """Write a policy version as a Hugging Face folder that from_pretrained and `vllm serve` load.
+    Example: recpipe export --store store --run r1 --version 3 --to r1-v3 --dtype bfloat16"""
+    at_least("--version", version, 0)
+    from recpipe.export import export_version
+
+    cfg = make_config(config, set_, store, run)
+    path = export_version(open_store(cfg), cfg.run, version, to, dtype=dtype)
+    out.print(f"run {cfg.run} v{version} exported to {path}", highlight=False)
+
+
+@app.command()
+@friendly_errors
 @stoppable
 def experiment(
     config: ConfigOpt = None,
