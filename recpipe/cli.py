@@ -627,6 +627,12 @@ def evaluate(
     at_least("--version", version, 0)
     cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
     _preflight(cfg)
+    from recpipe.store import Store
+
+    if version and Store.exists(cfg.store, cfg.storage_options or None):
+        from recpipe.status import require_version
+
+        require_version(open_store(cfg), cfg.run, version)  # says so when retention removed it
     from flows.pipeline_flows import evaluate as evaluate_flow
 
     row = evaluate_flow(to_params(cfg), version=version)
@@ -724,6 +730,47 @@ def serve(
 
     cfg = make_config(config, set_, store)
     serve_deployments(cfg, flow_name or ["loop"], cron=cron, interval=interval)
+
+
+@app.command()
+@friendly_errors
+def status(
+    store: StoreOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json (one object per run and line)")] = "table",
+) -> None:
+    """The runs in a store: steps, versions (and those on disk), rollouts, last eval, model, lag, who holds
+    the run. Example: recpipe status --store store"""
+    from recpipe import output
+    from recpipe.status import runs_status, table_rows
+
+    if fmt not in ("table", "json"):
+        raise ValueError(f"--format must be table or json (got {fmt!r})")
+    cfg = make_config(config, set_, store)
+    st = open_store(cfg)
+    runs = runs_status(st)
+    if fmt == "json":
+        output.write_json_lines(runs, sys.stdout)
+        return
+    out.print(output.rich_table(table_rows(runs), title=f"runs in {st.uri}"))
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from recpipe import __version__
+
+        out.print(f"recpipe {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print recpipe's version and exit.")] = False,
+) -> None:
+    # Options before the command; the help text stays the app's.
+    del version
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from recpipe.status import missing_version_message, recorded_versions, require_version
 from recpipe.store import Store
 from recpipe.train import checkpoint as ckpt
 
@@ -25,41 +26,10 @@ class ExportError(ValueError):
     """The version cannot be exported (not there, or the target is not a place to write it)."""
 
 
-def versions_on_disk(store: Store, run: str) -> list[int]:
-    """The run's committed checkpoint versions (on a remote store: complete on its storage)."""
-    return sorted(ckpt.version_dirs(store, run))
-
-
-def recorded_versions(store: Store, run: str) -> dict[int, dict]:
-    """The run's ``policies`` rows by version (the history: rows stay when retention removes a folder)."""
-    return {row["version"]: row for row in store.read("policies", "run = $run", {"run": run}).to_pylist()}
-
-
-def missing_version_message(store: Store, run: str, version: int) -> str:
-    """Why ``version`` of ``run`` has no checkpoint folder, and which versions do: what a user asking for it
-    (evaluate, export) needs to hear instead of a loader's "no config.json"."""
-    recorded = recorded_versions(store, run)
-    on_disk = versions_on_disk(store, run)
-    listing = ", ".join(str(v) for v in on_disk) or "none"
-    if not recorded:
-        return f"run {run!r} has no policy versions in {store.uri} (runs: {', '.join(store_runs(store)) or 'none'})"
-    if version not in recorded:
-        return (f"run {run!r} has no version {version}: it is at version {max(recorded)} "
-                f"(checkpoints on disk: {listing})")
-    return (f"run {run!r}: version {version} was trained (step {recorded[version]['step']}) but retention "
-            f"removed its checkpoint (train.keep_every keeps every k-th version and the latest two); "
-            f"versions still on disk: {listing}")
-
-
-def store_runs(store: Store) -> list[str]:
-    return sorted(set(store.read("policies").column("run").to_pylist()))
-
-
 def version_dir(store: Store, run: str, version: int) -> Path:
     """The local folder of a store version >= 1 (fetched from an S3 store), checked against its manifest;
-    ExportError saying why when it is not there."""
-    if version not in versions_on_disk(store, run):
-        raise ExportError(missing_version_message(store, run, version))
+    VersionMissing saying why when it is not there."""
+    require_version(store, run, version)
     path = ckpt.local_version(store, run, version)
     ckpt.check_checkpoint(path, version, optimizer="skip")
     return path
