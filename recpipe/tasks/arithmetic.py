@@ -3,16 +3,22 @@
     from recpipe.tasks import get_task
     task = get_task("arithmetic")                              # a + b, a and b in 1..10
     task = get_task("arithmetic", operation="mul", low=2, high=12)
+    task = get_task("arithmetic", operation="add-add", low=1, high=20, n_train=4000, n_test=400)  # a + b + c
     task.prompts("train", limit=8, seed=0)
 
 Why these defaults: with SmolLM2-135M-Instruct at temperature 1.0, a + b over 1..10 is right in
 21-24% of samples and 76-80% of 8-sample groups are mixed (design.md): the reward varies inside
 groups, which is what group-relative RL learns from. Wider ranges are harder (1..99: 6% right).
 
-Splits: the task draws n_test + n_train distinct ordered pairs (a, b) from [low, high]^2 with a fixed
-`split_seed`; the first n_test are "test", the rest "train". So the splits never share a pair (b + a
-may still be in train when a + b is in test: the prompt text differs) and do not depend on the
-`seed` that `prompts` uses to order and sub-sample a split.
+Two operations: `operation` may chain operators with "-", e.g. "add-add" asks "What is a + b + c?"
+and "mul-add" "What is a * b + c?" (the usual precedence: * before + and -). The defaults have only
+100 problems and SmolLM2 solves most held-out ones greedily; the paper-style study (EXPERIMENTS.md)
+needs thousands of problems and headroom, which a chain gives (20^3 = 8000 triples for 1..20).
+
+Splits: the task draws n_test + n_train distinct ordered operand tuples from [low, high]^operands
+with a fixed `split_seed`; the first n_test are "test", the rest "train". So the splits never share
+a tuple (b + a may still be in train when a + b is in test: the prompt text differs) and do not
+depend on the `seed` that `prompts` uses to order and sub-sample a split.
 
 Reward (RewardResult.from_parts): correctness 1.0 when the response's answer equals the gold number,
 plus format +0.1 when the whole response is the bare number (spaces and a final "." allowed: "7", "7.",
@@ -36,8 +42,9 @@ from typing import ClassVar
 from recpipe.tasks import answers
 from recpipe.tasks.base import Prompt, RewardResult, check_prompts_args, check_response
 
-OPERATIONS = {"add": ("+", lambda a, b: a + b), "mul": ("*", lambda a, b: a * b)}
+OPERATIONS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
 PROMPT_TEMPLATE = "What is {a} {symbol} {b}? Answer with just the number."
+MAX_OPERATIONS = 3  # four operands: beyond that SmolLM2 is right almost never, and ids grow long
 
 _ANSWER_CUE = re.compile(r"answer(?:\s+is)?[\s:=*]*$", re.IGNORECASE | re.ASCII)
 _RESULT_CUE = re.compile(
@@ -60,13 +67,27 @@ def extract_answer(text: str) -> str | None:
     return answers.canonical(found[-1])
 
 
+def evaluate_chain(values: tuple[int, ...], operations: tuple[str, ...]) -> int:
+    """``values[0] op0 values[1] op1 ...`` with * before + and - (as the prompt reads), no eval()."""
+    terms, signs = [values[0]], [1]
+    for op, value in zip(operations, values[1:], strict=True):
+        if op == "mul":
+            terms[-1] *= value
+        else:
+            terms.append(value)
+            signs.append(1 if op == "add" else -1)
+    return sum(sign * term for sign, term in zip(signs, terms, strict=True))
+
+
 @dataclass(frozen=True)
 class ArithmeticTask:
     """Seeded arithmetic prompts "What is a <op> b?" with a, b in [low, high].
 
-    operation: "add" (a + b) or "mul" (a * b). Default "add".
+    operation: "add" (a + b), "sub" (a - b) or "mul" (a * b), or up to three of them chained with "-"
+        ("add-add": a + b + c, "mul-add": a * b + c). Default "add".
     low, high: inclusive operand range. Default 1..10 (100 ordered pairs).
-    n_train, n_test: distinct pairs per split; n_train + n_test <= (high - low + 1) ** 2. Default 80 / 20.
+    n_train, n_test: distinct operand tuples per split; n_train + n_test <= (high - low + 1) ** operands
+        (operands = operations + 1). Default 80 / 20.
     split_seed: seed of the train/test partition; change it only to get a different partition.
     """
 
@@ -80,8 +101,10 @@ class ArithmeticTask:
     split_seed: int = 20250101
 
     def __post_init__(self) -> None:
-        if self.operation not in OPERATIONS:
-            raise ValueError(f"operation={self.operation!r}: expected one of {sorted(OPERATIONS)}")
+        ops = self.operation.split("-") if isinstance(self.operation, str) else [None]
+        if not all(op in OPERATIONS for op in ops) or len(ops) > MAX_OPERATIONS:
+            raise ValueError(f"operation={self.operation!r}: expected one of {sorted(OPERATIONS)}, or up to "
+                             f"{MAX_OPERATIONS} of them joined by '-' (e.g. 'add-add', 'mul-add')")
         for field in ("low", "high", "n_train", "n_test", "split_seed"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -92,20 +115,30 @@ class ArithmeticTask:
             raise ValueError(f"n_train={self.n_train}, n_test={self.n_test}: expected both >= 0")
         if self.n_train + self.n_test > self._n_pairs:
             raise ValueError(
-                f"n_train + n_test = {self.n_train + self.n_test} > {self._n_pairs} distinct pairs in "
-                f"[{self.low}, {self.high}]^2: lower n_train/n_test or widen low..high"
+                f"n_train + n_test = {self.n_train + self.n_test} > {self._n_pairs} distinct operand tuples "
+                f"in [{self.low}, {self.high}]^{self.operands}: lower n_train/n_test or widen low..high"
             )
 
     @property
-    def _n_pairs(self) -> int:
-        return (self.high - self.low + 1) ** 2
+    def operations(self) -> tuple[str, ...]:
+        return tuple(self.operation.split("-"))
 
-    def _split_pairs(self, split: str) -> list[tuple[int, int]]:
+    @property
+    def operands(self) -> int:
+        return len(self.operations) + 1
+
+    @property
+    def _n_pairs(self) -> int:
+        return (self.high - self.low + 1) ** self.operands
+
+    def _split_pairs(self, split: str) -> list[tuple[int, ...]]:
         # random.sample over a range never materialises it, so huge operand ranges are fine.
         picked = random.Random(self.split_seed).sample(range(self._n_pairs), self.n_test + self.n_train)
         chosen = picked[: self.n_test] if split == "test" else picked[self.n_test :]
         width = self.high - self.low + 1
-        return [(self.low + i // width, self.low + i % width) for i in sorted(chosen)]
+        # Index -> base-`width` digits, most significant first (for two operands: i // width, i % width).
+        return [tuple(self.low + i // width ** (self.operands - 1 - d) % width for d in range(self.operands))
+                for i in sorted(chosen)]
 
     def prompts(self, split: str, limit: int | None = None, seed: int | None = 0) -> list[Prompt]:
         """The split's prompts, shuffled by `seed` (None: sorted by (a, b)), the first `limit` of them."""
@@ -113,15 +146,18 @@ class ArithmeticTask:
         pairs = self._split_pairs(split)
         if seed is not None:
             random.Random(seed).shuffle(pairs)
-        symbol, fn = OPERATIONS[self.operation]
-        return [
-            Prompt(
-                prompt_id=f"{self.operation}_{a}_{b}",  # content-based: stable across seeds and limits
-                messages=[{"role": "user", "content": PROMPT_TEMPLATE.format(a=a, symbol=symbol, b=b)}],
-                answer=str(fn(a, b)),
-            )
-            for a, b in pairs[:limit]
-        ]
+        return [self._prompt(values) for values in pairs[:limit]]
+
+    def _prompt(self, values: tuple[int, ...]) -> Prompt:
+        ops = self.operations
+        # "a + b", "a + b * c": the template's "{a} {symbol} {b}" with b standing for the rest of the chain.
+        rest = " ".join(f"{OPERATIONS[op][0]} {v}" for op, v in zip(ops[1:], values[2:], strict=True))
+        b = f"{values[1]} {rest}" if rest else str(values[1])
+        return Prompt(
+            prompt_id="_".join([self.operation, *map(str, values)]),  # content-based: stable across seeds
+            messages=[{"role": "user", "content": PROMPT_TEMPLATE.format(a=values[0], symbol=OPERATIONS[ops[0]][0], b=b)}],
+            answer=str(evaluate_chain(values, ops)),
+        )
 
     def score(self, prompt: Prompt, response: str) -> RewardResult:
         """1.0 for the right number anywhere the rules find it, +0.1 for the bare-number form, else -0.1."""

@@ -52,10 +52,42 @@ def test_mul_and_wide_range():
     assert len({p.prompt_id for p in wide.prompts("train")}) == 1000
 
 
+def test_chained_operations_follow_precedence_and_split_without_overlap():
+    task = ArithmeticTask(operation="mul-add", low=1, high=20, n_train=4000, n_test=400)
+    test = task.prompts("test", seed=None)
+    train = task.prompts("train", seed=0)
+    assert len(test) == 400 and len(train) == 4000
+    assert not {p.prompt_id for p in test} & {p.prompt_id for p in train}
+    for p in test[:50] + train[:50]:
+        op, a, b, c = p.prompt_id.split("_")
+        assert op == "mul-add" and all(1 <= int(x) <= 20 for x in (a, b, c))
+        assert p.messages[0]["content"] == f"What is {a} * {b} + {c}? Answer with just the number."
+        assert p.answer == str(int(a) * int(b) + int(c))
+    assert task.prompts("train", limit=7, seed=3) == ArithmeticTask(
+        operation="mul-add", low=1, high=20, n_train=4000, n_test=400).prompts("train", limit=7, seed=3)
+    # * binds tighter wherever it stands; - subtracts (answers may be negative).
+    for operation, values, text, answer in [
+        ("add-mul", (2, 3, 4), "What is 2 + 3 * 4?", "14"),
+        ("sub-mul", (2, 3, 4), "What is 2 - 3 * 4?", "-10"),
+        ("add-add", (1, 2, 3), "What is 1 + 2 + 3?", "6"),
+        ("sub-add-mul", (9, 3, 2, 5), "What is 9 - 3 + 2 * 5?", "16"),
+        ("sub", (3, 7), "What is 3 - 7?", "-4"),
+    ]:
+        prompt = ArithmeticTask(operation=operation, n_train=0, n_test=1)._prompt(values)
+        assert prompt.messages[0]["content"].startswith(text) and prompt.answer == answer, operation
+    # A three-operand space is width ** 3: 1..10 holds 1000 triples, sorted like tuples when unshuffled.
+    small = ArithmeticTask(operation="add-add", n_train=990, n_test=10)
+    ids = [tuple(map(int, p.prompt_id.split("_")[1:])) for p in small.prompts("train", seed=None)]
+    assert ids == sorted(ids) and len(set(ids)) == 990
+
+
 @pytest.mark.parametrize(
     ("options", "field"),
     [
         ({"operation": "div"}, "operation"),
+        ({"operation": "add-div"}, "operation"),
+        ({"operation": "add-add-add-add"}, "operation"),
+        ({"operation": "add-add", "n_train": 1000, "n_test": 1}, "n_train"),
         ({"low": 5, "high": 1}, "low"),
         ({"n_train": 100, "n_test": 1}, "n_train"),
         ({"n_test": -1}, "n_test"),
