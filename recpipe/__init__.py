@@ -5,7 +5,15 @@
     con.sql("SELECT policy_version, avg(reward) FROM rollouts GROUP BY 1").show()
 """
 
-from recpipe.store import Store, connect
-
 __version__ = "0.1.0"
 __all__ = ["Store", "__version__", "connect"]
+
+
+def __getattr__(name: str) -> object:
+    # The store (DuckDB, Delta Lake) loads on first use: recpipe.train.compute and recpipe.models import
+    # with torch and transformers alone (bench/bench_gpu.py on a GPU machine).
+    if name in ("Store", "connect"):
+        from recpipe import store
+
+        return getattr(store, name)
+    raise AttributeError(f"module 'recpipe' has no attribute {name!r}")

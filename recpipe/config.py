@@ -101,6 +101,28 @@ class TrainConfig(_Section):
         "(one per core, or OMP_NUM_THREADS). Pinned for every step: float sums depend on how the work is split, "
         "so the same count gives the same weights in `loop`, `train` and `retrain`, with or without a sampling "
         "engine in the process.")
+    logprob_chunk_tokens: Int = Field(
+        1024, ge=0, description="Response tokens per LM-head chunk when computing log-probs and entropy: "
+        "the (tokens, vocab) float32 logits exist one chunk at a time (backward recomputes each chunk), so "
+        "their memory no longer grows with the micro-batch (Qwen2.5, 151k vocab: 0.6 GB per 1024 tokens, "
+        "instead of 9.9 GB per copy for 16k tokens). Same values and gradients; 0 = all at once.")
+    activation_checkpointing: bool = Field(
+        False, description="Keep only each decoder layer's input for backward and recompute the layer "
+        "there: ~1/3 more compute for activation memory of about one layer instead of all. Turn on when a "
+        "micro-batch of train.micro_batch_tokens does not fit (long responses, big models), or to fit larger "
+        "micro-batches on a GPU.")
+    precision: Literal["auto", "float32", "bf16"] = Field(
+        "auto", description="Compute dtype of the decoder layers. auto = bf16 on CUDA, float32 on CPU. bf16 "
+        "(CUDA only): bfloat16 matmuls with float32 master weights, gradients, reductions (FSDP2 "
+        "MixedPrecisionPolicy across ranks, autocast on one) and AdamW state; the LM head and the softmax "
+        "behind the log-probs always run in float32, so the importance ratios are not rounded.")
+    nproc: Int = Field(
+        1, ge=1, description="Trainer ranks (`recpipe train --nproc N` starts them with torchrun): the model "
+        "is sharded with FSDP2, each rank takes micro-batches worth a share of the batch's tokens, the loss "
+        "stays the token mean over the whole batch. One per GPU; on CPU (gloo) mostly for tests.")
+    devices: list[Int] | None = Field(
+        None, description="CUDA devices of the trainer's ranks (CUDA_VISIBLE_DEVICES), one per rank; None = "
+        "the first train.nproc devices. Keep them apart from generate.devices, or see generate.sleep_mode.")
     max_bad_steps: Int = Field(3, ge=1, description="Consecutive NaN/Inf steps before the trainer stops.")
     keep_every: Int = Field(10, ge=1, description="Retention: keep every N-th policy version besides the latest and those still needed.")
     seed: Int = Field(0, description="Trainer seed (RED-Drop choices, dropout).")

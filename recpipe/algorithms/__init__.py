@@ -11,8 +11,6 @@ losses      policy_loss, masked_mean, token_entropy, CLIP_MASKS, WEIGHTS, REGULA
 staleness   behaviour_version, staleness, PAPER_SYNC_SETTINGS
 """
 
-from recpipe.algorithms.advantages import STD_EPS, balance_drop, batch_group_advantages, group_advantages
-from recpipe.algorithms.config import PRESETS, LossConfig, preset
 from recpipe.algorithms.losses import (
     CLIP_MASKS,
     REGULARIZERS,
@@ -22,6 +20,22 @@ from recpipe.algorithms.losses import (
     token_entropy,
 )
 from recpipe.algorithms.staleness import PAPER_SYNC_SETTINGS, behaviour_version, staleness
+
+# LossConfig (config.py, and advantages.py through it) needs pydantic: loaded on first use (PEP 562), so
+# the loss itself imports with torch alone (bench/bench_gpu.py on a GPU machine without pydantic).
+_WHERE = {
+    **dict.fromkeys(("STD_EPS", "balance_drop", "batch_group_advantages", "group_advantages"), "advantages"),
+    **dict.fromkeys(("PRESETS", "LossConfig", "preset"), "config"),
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "CLIP_MASKS",

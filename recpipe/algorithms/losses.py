@@ -13,10 +13,12 @@ Each of c, w and R is a small function registered by name below, so each can be 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from recpipe.algorithms.config import LossConfig
+if TYPE_CHECKING:  # only a type here: the loss runs without pydantic (bench/bench_gpu.py on a bare GPU box)
+    from recpipe.algorithms.config import LossConfig
 
 Tensor = torch.Tensor
 

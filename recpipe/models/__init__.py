@@ -2,7 +2,7 @@
 
 from recpipe.models.cache import cache_root
 from recpipe.models.load import BUILTIN_MODELS, load_policy, resolve_model
-from recpipe.models.logprobs import apply_top_p, recompute_logprobs, token_logprobs
+from recpipe.models.logprobs import apply_top_p, recompute_logprobs, response_logprobs, sampled_token_logprobs
 from recpipe.models.smollm2 import smollm2_checkpoint, smollm2_gguf_path
 from recpipe.models.tiny import build_tiny_model
 
@@ -13,8 +13,9 @@ __all__ = [
     "cache_root",
     "load_policy",
     "recompute_logprobs",
+    "response_logprobs",
     "resolve_model",
+    "sampled_token_logprobs",
     "smollm2_checkpoint",
     "smollm2_gguf_path",
-    "token_logprobs",
 ]

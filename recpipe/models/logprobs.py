@@ -1,13 +1,23 @@
-"""Per-token log-probs of response tokens under the temperature-scaled policy.
+"""Per-token log-probs of response tokens under the temperature-scaled policy: the one implementation.
 
-The generator records the log-prob of each sampled token under the distribution
-it sampled from (logits / temperature, then top-p); the trainer must compute
-the same quantity with the current weights for the importance ratio
-exp(l - l_old) to mean anything. Both use the functions here.
+The generator records the log-prob of each sampled token under the distribution it sampled from
+(softmax(top_p(logits / T))); the trainer must compute the same quantity with the current weights for
+the importance ratio exp(l - l_old) to mean anything. Both the trainer (``response_logprobs`` on the
+tensors of ``recpipe.train.batching.collate``) and checks against a sampler (``recompute_logprobs`` on
+token id lists) go through ``sampled_token_logprobs`` here.
 
-    >>> logp, mask = recompute_logprobs(model, [[1, 5, 9]], [[7, 2]], temperature=0.7)  # doctest: +SKIP
-    >>> logp.shape                                    # (B, R): one row per sequence
-    torch.Size([1, 2])
+    logp, entropy_sum = response_logprobs(model, tensors, chunk_tokens=1024)
+    logp, mask = recompute_logprobs(model, [[1, 5, 9]], [[7, 2]], temperature=0.7)
+
+Memory: only the hidden states at response positions go through the LM head, and they go through it
+``chunk_tokens`` rows at a time under activation checkpointing: the (tokens, vocab) float32 logits
+never exist whole (16k tokens of a 151k-vocab Qwen model would be 9.9 GB per copy, and the unchunked
+backward keeps several copies). Backward recomputes one chunk's logits at a time. Values and gradients
+equal the unchunked path up to float summation order (tests/models/test_recompute_logprobs.py).
+This assumes the usual causal-LM layout, logits = lm_head(decoder(x)) (Llama, Qwen, Mistral, SmolLM2;
+not models with logit soft-capping or scaling).
+
+Imports torch only (no store, no config): the GPU benchmark runs where only torch + transformers are.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 
 def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -34,17 +45,71 @@ def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def token_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, top_p: float = 1.0
-) -> torch.Tensor:
-    """log softmax(top_p(logits / temperature))[target]; temperature 0 means greedy (raw log-probs).
+def _sampling_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """logits (N, V) / T per row, then the nucleus of each row's top_p (usually one value per batch)."""
+    logits = logits / temperature[:, None]
+    if bool((top_p < 1).any()):
+        for p in top_p.unique().tolist():
+            if p < 1:
+                rows = top_p == p
+                logits = torch.where(rows[:, None], apply_top_p(logits, p), logits)
+    return logits
 
-    logits (..., V), targets (...) -> (...), float32.
+
+def _chunk(head: torch.nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: torch.Tensor,
+           top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each target (n,), summed entropy (no gradient)) for n rows of hidden states."""
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        # float32 head and softmax: bf16 logits would round log-prob differences near 0 and make rho noisy.
+        bias = None if head.bias is None else head.bias.float()
+        logits = torch.nn.functional.linear(h.float(), head.weight.float(), bias)  # (n, V)
+        logp_all = _sampling_logits(logits, temperature, top_p).log_softmax(dim=-1)  # (n, V)
+        token_logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)  # (n,)
+        with torch.no_grad():
+            entropy = torch.special.entr(logp_all.exp()).sum()  # entr(0) = 0: -inf logits are fine
+    return token_logp, entropy
+
+
+def sampled_token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                           temperature: torch.Tensor, top_p: torch.Tensor, chunk_tokens: int | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(top_p(head(hidden) / T))[target] per row, and the rows' summed entropy.
+
+    hidden (N, H) at the positions that predict ``targets`` (N,); temperature, top_p (N,) per row.
+    chunk_tokens: rows per LM-head chunk (None or 0: all at once, the whole (N, V) logits kept for
+    backward). Returns (token_logp (N,) float32 with a gradient, entropy_sum scalar without).
     """
-    logits = logits.float()
-    if temperature > 0:
-        logits = apply_top_p(logits / temperature, top_p)
-    return logits.log_softmax(dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not chunk_tokens:
+        return _chunk(head, hidden, targets, temperature, top_p)
+    parts, entropy = [], hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        args = (head, hidden[rows], targets[rows], temperature[rows], top_p[rows])
+        if torch.is_grad_enabled():
+            # Keep only the chunk's inputs for backward; its logits are recomputed there, one chunk at a time.
+            logp, ent = checkpoint(_chunk, *args, use_reentrant=False)
+        else:
+            logp, ent = _chunk(*args)
+        parts.append(logp)
+        entropy = entropy + ent
+    return torch.cat(parts), entropy
+
+
+def response_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                      chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp (B, R), entropy summed over the micro-batch's response tokens (scalar, no gradient)).
+
+    tensors: from ``recpipe.train.batching.collate`` (input_ids, positions, targets, temperature, top_p,
+    response_mask). The decoder runs under whatever precision the caller set; the LM head and the
+    softmax run in float32.
+    """
+    hidden = model.get_decoder()(input_ids=tensors["input_ids"]).last_hidden_state  # (B, W, H)
+    h = hidden[tensors["positions"]]  # (N, H), row-major: the order of tensors["targets"]
+    token_logp, entropy_sum = sampled_token_logprobs(model.get_output_embeddings(), h, tensors["targets"],
+                                                     tensors["temperature"], tensors["top_p"], chunk_tokens)
+    mask = tensors["response_mask"]
+    logp = token_logp.new_zeros(mask.shape).masked_scatter(mask, token_logp)  # (B, R), 0 on padding
+    return logp, entropy_sum
 
 
 def recompute_logprobs(
@@ -54,18 +119,20 @@ def recompute_logprobs(
     temperature: float,
     top_p: float = 1.0,
     pad_token_id: int = 0,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of each response token given its prompt, in one right-padded forward pass.
 
     Differentiable: wrap in ``torch.no_grad()`` when only values are needed.
 
     Args:
-        model: A transformers causal LM (takes input_ids, attention_mask, logits_to_keep).
+        model: A transformers causal LM (get_decoder / get_output_embeddings).
         prompt_ids: B prompts, token ids exactly as the generator saw them.
         response_ids: B responses (may be empty).
         temperature: Sampling temperature of the behaviour policy (> 0).
         top_p: Nucleus mass used when sampling (1.0 = off).
-        pad_token_id: Filler id for padding (masked out, any valid id works).
+        pad_token_id: Filler id for padding (never attended to: right padding, causal model).
+        chunk_tokens: LM-head rows at a time (see ``sampled_token_logprobs``).
 
     Returns:
         (logprobs, mask), both (B, R) with R the longest response; float32 log-probs
@@ -79,36 +146,24 @@ def recompute_logprobs(
         raise ValueError("prompt_ids: every prompt needs at least one token")
     device = next(model.parameters()).device
     batch = len(prompt_ids)
-    prompt_lens = torch.tensor([len(p) for p in prompt_ids])
-    response_lens = torch.tensor([len(r) for r in response_ids])
-    max_resp = int(response_lens.max()) if batch else 0
+    max_resp = max((len(r) for r in response_ids), default=0)
     if batch == 0 or max_resp == 0:
         empty = torch.zeros(batch, max_resp, device=device)
         return empty, empty.clone()
-    total = int((prompt_lens + response_lens).max())
-
-    input_ids = torch.full((batch, total), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, total, dtype=torch.long)
-    targets = torch.full((batch, max_resp), pad_token_id, dtype=torch.long)
+    # The last response token is only ever a target, never an input.
+    width = max(len(p) + len(r) - 1 if r else len(p) for p, r in zip(prompt_ids, response_ids, strict=True))
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    positions = torch.zeros(batch, width, dtype=torch.bool)
+    mask = torch.zeros(batch, max_resp, dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        seq = list(p) + list(r)
-        input_ids[b, : len(seq)] = torch.tensor(seq)
-        attention_mask[b, : len(seq)] = 1
-        targets[b, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-    mask = (torch.arange(max_resp)[None, :] < response_lens[:, None]).float()
-
-    # Response token j of row b sits at prompt_len_b + j and is predicted by the logits one position
-    # earlier. Only positions from the shortest prompt on are needed: logits_to_keep skips the rest of
-    # the (B, T, V) tensor, the biggest allocation here.
-    first = int(prompt_lens.min()) - 1
-    out = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), logits_to_keep=total - first
-    )
-    logits = out.logits  # (B, total - first, V)
-    positions = (prompt_lens[:, None] - 1 - first + torch.arange(max_resp)[None, :]).clamp(
-        max=logits.shape[1] - 1
-    )
-    picked = logits.gather(1, positions.to(device)[..., None].expand(-1, -1, logits.shape[-1]))  # (B, R, V)
-    logp = token_logprobs(picked, targets.to(device), temperature, top_p)
-    mask = mask.to(device)
-    return logp * mask, mask
+        seq = list(p) + list(r)[:-1]
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        # Response token j sits at len(p) + j and is predicted by the hidden state one position earlier.
+        positions[b, len(p) - 1 : len(p) - 1 + len(r)] = True
+        mask[b, : len(r)] = True
+    targets = torch.tensor([t for r in response_ids for t in r], dtype=torch.long)
+    tensors = {"input_ids": input_ids, "positions": positions, "targets": targets, "response_mask": mask,
+               "temperature": torch.full(targets.shape, float(temperature)),
+               "top_p": torch.full(targets.shape, float(top_p))}
+    logp, _ = response_logprobs(model, {k: v.to(device) for k, v in tensors.items()}, chunk_tokens)
+    return logp, mask.to(device).float()

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
 import torch
+
+if TYPE_CHECKING:  # pyarrow only for samples_from_table: planning and collating need torch alone
+    import pyarrow as pa
 
 # Columns every batch must carry (recpipe.select's Batch.rollouts has them all).
 REQUIRED_COLUMNS = (
@@ -82,6 +84,8 @@ def samples_from_table(table: pa.Table, vocab_size: int | None = None) -> list[S
     (ValueError naming the column, the row's rollout id and the value). Non-finite advantages, weights or behaviour log-probs are *not* rejected: the
     trainer skips such a step and records why, rather than crashing the loop.
     """
+    import pyarrow as pa
+
     if not isinstance(table, pa.Table):
         raise ValueError(f"batch must be a pyarrow Table (or have a .rollouts table); got {type(table).__name__}")
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]

@@ -2,9 +2,13 @@
 
 A version v >= 1 is the directory ``store.checkpoint_dir(run, v)``, committed in one rename:
 
-    model.safetensors, config.json, generation_config.json   the weights (float32) for vLLM/transformers
+    model.safetensors, config.json, generation_config.json   the weights (float32) for vLLM/transformers,
+                                                             consolidated (one file whatever the ranks)
     tokenizer files                                          copied from the base model
-    optimizer.pt                                             AdamW state + RNG state (latest version only)
+    optimizer.pt                                             RNG state, ranks (latest version only)
+    .metadata, __<rank>_0.distcp                             AdamW state, sharded by torch.distributed.checkpoint
+                                                             (each rank writes its shard; a resume on any number
+                                                             of ranks reshards it; latest version only)
     trainer_state.json                                       step counters and the policies/steps rows
     manifest.json                                            size and sha256 of every other file
 
@@ -166,28 +170,37 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def write_checkpoint(final: Path, model: torch.nn.Module, tokenizer_dir: Path, optimizer_state: dict[str, Any],
-                     state: dict[str, Any]) -> None:
+                     state: dict[str, Any],
+                     gather: Callable[[Path], dict[str, torch.Tensor] | None] | None = None,
+                     save_optimizer: Callable[[Path], None] | None = None) -> None:
     """Commit one version dir atomically (see the module docstring for its files).
 
-    Raises StoreWriteError (nothing committed) when a file cannot be written, e.g. the disk is full.
+    optimizer_state: what optimizer.pt holds (RNG state, ranks). gather(tmp): the consolidated model
+    state dict when the model is sharded (None: ``model``'s own). save_optimizer(tmp): writes the sharded
+    optimizer state into the temp dir. Under torchrun both are collectives the other ranks join in the
+    same order (``trainer.follow``). Raises StoreWriteError (nothing committed) when a file cannot be
+    written, e.g. the disk is full.
     """
     from transformers.utils import logging as hf_logging
 
     def write(tmp: Path) -> None:
+        full = gather(tmp) if gather is not None else None
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one "Writing model shards" bar per step is noise
         try:
             with _writing(final, tmp, WEIGHTS_FILE):
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=full)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
         with ThreadPoolExecutor(max_workers=1) as hasher:
-            # The weights hash while the optimizer state is serialized (hashlib releases the GIL).
+            # The weights hash while the rest is written (hashlib releases the GIL).
             weights = hasher.submit(_digest, tmp / WEIGHTS_FILE)
             with _writing(final, tmp, "tokenizer files"):
                 _copy_tokenizer(tokenizer_dir, tmp)
             with _writing(final, tmp, OPTIMIZER_FILE):
+                if save_optimizer is not None:
+                    save_optimizer(tmp)
                 torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             with _writing(final, tmp, STATE_FILE):
                 (tmp / STATE_FILE).write_text(json.dumps(_to_json_state(state), indent=1, sort_keys=True) + "\n")
@@ -195,6 +208,42 @@ def write_checkpoint(final: Path, model: torch.nn.Module, tokenizer_dir: Path, o
                 write_manifest(tmp, {WEIGHTS_FILE: weights.result()})  # last: it covers every file above
 
     commit_dir(final, write)
+
+
+def is_optimizer_file(name: str) -> bool:
+    """optimizer.pt and the sharded AdamW state beside it: kept in the latest version only."""
+    return name in (OPTIMIZER_FILE, ".metadata") or name.endswith(".distcp")
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The consolidated weights of an FSDP2-sharded ``compute.PolicyLogprobs``, by the transformers model's
+    names, on rank 0 (CPU; empty elsewhere). Collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("policy."): v for k, v in full.items()}
+
+
+def save_optimizer_shards(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write the optimizer state into ``path`` with torch.distributed.checkpoint (each rank its shard;
+    one process: all of it). Collective under torchrun."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=str(path),
+             no_dist=not torch.distributed.is_initialized())
+
+
+def load_optimizer_shards(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load what ``save_optimizer_shards`` wrote, on any number of ranks (DCP reshards by parameter name)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path / '.metadata'}: the sharded optimizer state is missing")
+    state = {"optimizer": get_optimizer_state_dict(module, optimizer)}  # allocates the state to load into
+    dcp.load(state, checkpoint_id=str(path), no_dist=not torch.distributed.is_initialized())
+    set_optimizer_state_dict(module, optimizer, state["optimizer"])
 
 
 @contextlib.contextmanager
@@ -282,10 +331,10 @@ def verify_checkpoint(path: Path, optimizer: str = "if-present") -> list[str]:
     to_hash = []
     for name, want in sorted(files.items()):
         file = path / name
-        if name == OPTIMIZER_FILE and optimizer == "skip":
+        if is_optimizer_file(name) and optimizer == "skip":
             continue
         if not file.is_file():
-            optional = name == OPTIMIZER_FILE and optimizer != "required"
+            optional = is_optimizer_file(name) and optimizer != "required"
             if not optional and f"{file}: missing" not in problems:
                 problems.append(f"{file}: missing")
             continue
@@ -442,8 +491,10 @@ def apply_retention(store: Store, run: str, latest: int, keep_every: int, needed
                 _remove_dir(path)
             removed.append(version)
         elif version != latest:
-            (path / OPTIMIZER_FILE).unlink(missing_ok=True)
-            if not store.location.is_local:
-                with contextlib.suppress(FileNotFoundError):
-                    store.location.fs.delete_file(store.location.path(_relative(run, version), OPTIMIZER_FILE))
+            names = [p.name for p in path.iterdir() if is_optimizer_file(p.name)] if path.is_dir() else []
+            for name in sorted(set(names) | {OPTIMIZER_FILE}):
+                (path / name).unlink(missing_ok=True)
+                if not store.location.is_local:
+                    with contextlib.suppress(FileNotFoundError):
+                        store.location.fs.delete_file(store.location.path(_relative(run, version), name))
     return removed

@@ -37,16 +37,17 @@ from types import TracebackType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 
-from recpipe.algorithms import LossConfig, policy_loss
+from recpipe.algorithms import LossConfig
 from recpipe.config import LossSection, TrainConfig
 from recpipe.schema import SCHEMA_VERSION
 from recpipe.store import Store
 from recpipe.store.files import remove_stale_temps
 from recpipe.train import checkpoint as ckpt
-from recpipe.train.batching import MicroBatch, Sample, collate, plan_micro_batches, samples_from_table
-from recpipe.train.logprobs import response_logprobs
+from recpipe.train import compute
+from recpipe.train.batching import MicroBatch, Sample, plan_micro_batches, samples_from_table
 
 # Length bucketing: what one more micro-batch costs, in padded tokens (TrainConfig.micro_batch_overhead_tokens).
 # CPU, measured with SmolLM2-135M on one thread: forward+backward costs ~5 ms per token plus ~0.25 s per
@@ -94,15 +95,6 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 @contextmanager
-def _seeded(device: torch.device, seed: int) -> Iterator[None]:
-    """Randomness of one step depends on (seed, step) only, not on what ran before in this process."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-@contextmanager
 def _threads(count: int) -> Iterator[None]:
     """Compute with exactly ``count`` intra-op threads, then put the process's count back (a sampling
     engine in the same process keeps its own)."""
@@ -127,6 +119,120 @@ def _non_finite_inputs(samples: list[Sample]) -> str | None:
     return None
 
 
+class _Policy:
+    """The weights being trained on one rank: model, optimizer and the step's compute (rank 0 and followers).
+
+    Under torchrun every rank holds one (FSDP2 shards); rank 0's Trainer also owns the store side.
+    """
+
+    def __init__(self, cfg: TrainConfig, loss_cfg: LossConfig, device: torch.device):
+        self.cfg, self.loss_cfg, self.device = cfg, loss_cfg, device
+        overhead = cfg.micro_batch_overhead_tokens
+        self.overhead_tokens = overhead if overhead is not None else DEFAULT_OVERHEAD_TOKENS[device.type]
+        self.threads = cfg.threads or torch.get_num_threads()
+        self.bf16 = _bf16(cfg, device)
+        self.model: torch.nn.Module | None = None  # the transformers model (its parameters sharded under FSDP2)
+        self.module: compute.PolicyLogprobs | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return compute.world()[1] > 1
+
+    def load(self, path: Path, base: Path, optimizer_dir: Path | None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        # Float32 master weights on every device (CUDA computes in bf16): checkpoints reload bit-exactly,
+        # which is what makes resume give identical results.
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # these rarely name the file
+            hint = ckpt.what_to_do(path) if path != base else "check the base model directory"
+            where = path / ckpt.WEIGHTS_FILE if isinstance(exc, SafetensorError) else path
+            raise ckpt.CheckpointError(f"{where}: cannot load the model ({type(exc).__name__}: {exc}). {hint}") from exc
+        config = model.config
+        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+        self.pad_id = int(pad[0] if isinstance(pad, list) else pad or 0)  # padding is never attended to
+        self.vocab_size = model.get_input_embeddings().num_embeddings
+        self.model = model
+        self.module = compute.prepare_policy(model, self.device, sharded=self.sharded, bf16=self.bf16,
+                                             activation_checkpointing=self.cfg.activation_checkpointing,
+                                             chunk_tokens=self.cfg.logprob_chunk_tokens or None)
+        self.optimizer = compute.build_optimizer(self.module, lr=self.cfg.lr, betas=self.cfg.betas,
+                                                 weight_decay=self.cfg.weight_decay, device=self.device)
+        if optimizer_dir is not None:
+            self._load_optimizer(optimizer_dir)
+
+    def _load_optimizer(self, path: Path) -> None:
+        file = path / ckpt.OPTIMIZER_FILE
+        if not file.is_file():
+            raise ckpt.CheckpointError(f"{file} is missing: the latest version must keep its optimizer state to "
+                                       f"resume. {ckpt.what_to_do(path)}")
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=True)
+            if "optimizer" in saved:  # written before sharded optimizer state (one process only)
+                self.optimizer.load_state_dict(saved["optimizer"])
+            else:
+                ckpt.load_optimizer_shards(path, self.module, self.optimizer)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ckpt.CheckpointError(f"{file}: cannot load the optimizer state ({type(exc).__name__}: {exc}). "
+                                       f"{ckpt.what_to_do(path)}") from exc
+        for group in self.optimizer.param_groups:  # the config wins over the saved hyper-parameters
+            group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
+        torch.set_rng_state(saved["rng"]["cpu"].cpu())
+        if self.device.type == "cuda" and saved["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), self.device)
+
+    def plan(self, table: Any) -> tuple[list[Sample], list[MicroBatch]]:
+        samples = samples_from_table(table, self.vocab_size)
+        return samples, plan_micro_batches(samples, self.cfg.micro_batch_tokens, self.overhead_tokens)
+
+    def train(self, step: int, samples: list[Sample], plan: list[MicroBatch], version: int
+              ) -> tuple[dict[str, float], str | None]:
+        """Gradients of the batch, clipped, one optimizer step: (metrics, None), or (metrics, why not)."""
+        reason = _non_finite_inputs(samples)  # the same decision on every rank: they all see the batch
+        if reason is not None:
+            return {}, reason
+        try:
+            with _threads(self.threads), compute.seeded(self.device, _step_seed(self.cfg.seed, step)):
+                metrics, reason = self.gradients(plan, version)
+                if reason is None:
+                    grad_norm = compute.clip_and_step(self.module, self.optimizer, self.cfg.grad_clip)
+                    metrics["grad_norm"] = grad_norm
+                    if not math.isfinite(grad_norm):
+                        reason = f"non-finite gradient norm {grad_norm}"
+        finally:  # a skipped or failed step must not leak its gradient into the next one
+            self.optimizer.zero_grad(set_to_none=True)
+        return metrics, reason
+
+    def gradients(self, plan: list[MicroBatch], version: int) -> tuple[dict[str, float], str | None]:
+        return compute.accumulate_gradients(self.module, plan, self.loss_cfg, pad_id=self.pad_id,
+                                            device=self.device, autocast_bf16=self.bf16 and not self.sharded,
+                                            on_policy_version=version)
+
+    def gather(self) -> dict[str, torch.Tensor] | None:
+        """Every rank, sharded: the consolidated weights (on rank 0). One process: None (the model's own)."""
+        return ckpt.full_state_dict(self.module) if self.sharded else None
+
+    def save_optimizer(self, tmp: Path) -> None:
+        """Every rank: its optimizer shard into the version's temp dir ``tmp``."""
+        ckpt.save_optimizer_shards(tmp, self.module, self.optimizer)
+
+
+def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    if cfg.precision == "bf16" and device.type != "cuda":
+        raise ValueError("train.precision='bf16' needs CUDA (bfloat16 matmuls are slower than float32 on CPU); "
+                         "use 'auto' or 'float32'")
+    return device.type == "cuda" and cfg.precision != "float32"
+
+
+def _send(message: Any) -> Any:
+    """Rank 0 -> every rank (pickled); on other ranks returns what rank 0 sent."""
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class Trainer:
     """Owns the policy being trained for one run: its weights, optimizer and versions in the store.
 
@@ -140,6 +246,10 @@ class Trainer:
         preset_name: Written to the ``preset`` column of ``steps`` ("custom" when only loss_cfg is given).
         needed_versions: Retention: versions still in use (e.g. by the generator), or a callable returning
             them at each retention pass. The latest and every ``keep_every``-th version are always kept.
+
+    Under torchrun (WORLD_SIZE > 1) this is rank 0: it alone touches the store; ``setup`` joins the process
+    group and starts the other ranks (running ``follow()``) on the same version, ``step`` sends them each
+    batch, ``close`` lets them exit.
 
     Raises (from ``setup``):
         ValueError: the run was started from another base model; a device that is not there.
@@ -166,19 +276,28 @@ class Trainer:
         self.preset_name = preset_name or "custom"
         self.needed_versions = needed_versions
         self.device = resolve_device(self.cfg.device)
-        overhead = self.cfg.micro_batch_overhead_tokens
-        self._overhead_tokens = overhead if overhead is not None else DEFAULT_OVERHEAD_TOKENS[self.device.type]
-        self._threads = self.cfg.threads or torch.get_num_threads()
-        self.model: torch.nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self._ranks = compute.launched_world_size()
+        self._policy = _Policy(self.cfg, self.loss_cfg, self.device)  # checks train.precision early
         self._version = 0
         self._next_step = 0
         self._bad_streak = 0
         self._lock = None
 
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The transformers model being trained (None before ``setup``)."""
+        return self._policy.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._policy.optimizer
+
     # ---- lifecycle ----------------------------------------------------------------------------------
     def setup(self) -> Trainer:
         """Take the run's trainer lock, heal rows lost in a crash, load the latest version (or register v0)."""
+        if self._ranks > 1:
+            device = compute.init_distributed(self.device.type)
+            self.device = self._policy.device = device or self.device
         self._lock = self.store.lock(self.run, purpose="trainer").acquire()  # one trainer per run, across machines
         try:
             self._resume()
@@ -189,6 +308,8 @@ class Trainer:
 
     def close(self) -> None:
         if self._lock is not None:
+            if self._ranks > 1 and self._policy.model is not None:
+                _send(("close",))
             self._lock.release()
             self._lock = None
 
@@ -244,10 +365,10 @@ class Trainer:
         self._next_step = max([last_applied] + [r["step"] for r in steps]) + 1
         self._bad_streak = len(later)  # rows after the last applied step are all skipped steps, in a row
 
-        self.model = self._load_model(self.checkpoint_path(latest))
-        self.optimizer = self._build_optimizer()
-        if latest:
-            self._load_optimizer(committed[latest])
+        path, optimizer_dir = self.checkpoint_path(latest), committed[latest] if latest else None
+        if self._ranks > 1:  # the other ranks load the same files (one machine, or a shared file system)
+            _send(("setup", self.cfg, self.loss_cfg, path, self.model_path, optimizer_dir, latest))
+        self._policy.load(path, self.model_path, optimizer_dir)
 
     def _register_base(self, policies: list[dict[str, Any]]) -> None:
         base = [r for r in policies if r["version"] == 0]
@@ -260,49 +381,6 @@ class Trainer:
             row = ckpt.policies_row(self.run, 0, None, ckpt.relative_to_store(self.store, self.model_path),
                                     None, str(self.model_path))
             self.store.append("policies", [row], shard_id=ckpt.policies_shard(0))
-
-    def _load_model(self, path: Path) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        # Float32 master weights on every device (CUDA computes in bf16 under autocast): checkpoints
-        # reload bit-exactly, which is what makes resume give identical results.
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # these rarely name the file
-            hint = ckpt.what_to_do(path) if path != self.model_path else "check the base model directory"
-            where = path / ckpt.WEIGHTS_FILE if isinstance(exc, SafetensorError) else path
-            raise ckpt.CheckpointError(f"{where}: cannot load the model ({type(exc).__name__}: {exc}). {hint}") from exc
-        model.train()
-        config = model.config
-        pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-        self._pad_id = int(pad[0] if isinstance(pad, list) else pad or 0)  # padding is never attended to
-        self._vocab_size = model.get_input_embeddings().num_embeddings
-        return model
-
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        # Weight decay on matrices only (nanoGPT): decaying norms and biases only hurts.
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": self.cfg.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        fused = True if self.device.type == "cuda" else None
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=tuple(self.cfg.betas), fused=fused)
-
-    def _load_optimizer(self, path: Path) -> None:
-        file = path / ckpt.OPTIMIZER_FILE
-        if not file.is_file():
-            raise ckpt.CheckpointError(f"{file} is missing: the latest version must keep its optimizer state to "
-                                       f"resume. {ckpt.what_to_do(path)}")
-        try:
-            saved = torch.load(file, map_location=self.device, weights_only=True)
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ckpt.CheckpointError(f"{file}: cannot load the optimizer state ({type(exc).__name__}: {exc}). "
-                                       f"{ckpt.what_to_do(path)}") from exc
-        for group in self.optimizer.param_groups:  # the config wins over the saved hyper-parameters
-            group["lr"], group["betas"] = self.cfg.lr, tuple(self.cfg.betas)
-        torch.set_rng_state(saved["rng"]["cpu"].cpu())
-        if self.device.type == "cuda" and saved["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng"]["cuda"].cpu(), self.device)
 
     # ---- one step -----------------------------------------------------------------------------------
     def step(self, step: int, batch: Any) -> StepResult:
@@ -322,25 +400,11 @@ class Trainer:
             raise ValueError(f"step={step}: the next step of run {self.run!r} is {self._next_step}; steps are consecutive")
         start = time.perf_counter()
         table = batch.rollouts if hasattr(batch, "rollouts") else batch
-        samples = samples_from_table(table, self._vocab_size)
-        plan = plan_micro_batches(samples, self.cfg.micro_batch_tokens, self._overhead_tokens)
+        samples, plan = self._policy.plan(table)  # a bad batch raises here, before any other rank is involved
         row = self._batch_stats(step, samples, plan)
-
-        reason = _non_finite_inputs(samples)
-        metrics: dict[str, float] = {}
-        if reason is None:
-            try:
-                with _threads(self._threads), _seeded(self.device, _step_seed(self.cfg.seed, step)):
-                    metrics, reason = self._accumulate_gradients(samples, plan)
-                    if reason is None:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip).item()
-                        metrics["grad_norm"] = grad_norm
-                        if not math.isfinite(grad_norm):
-                            reason = f"non-finite gradient norm {grad_norm}"
-                        else:
-                            self.optimizer.step()
-            finally:  # a skipped or failed step must not leak its gradient into the next one
-                self.optimizer.zero_grad(set_to_none=True)
+        if self._ranks > 1:
+            _send(("step", step, table, self._version))
+        metrics, reason = self._policy.train(step, samples, plan, self._version)
         seconds = time.perf_counter() - start
         row.update({k: metrics.get(k) for k in _LOSS_COLUMNS})
         row.update(seconds=seconds, lr=self.optimizer.param_groups[0]["lr"],
@@ -354,58 +418,24 @@ class Trainer:
         """The batch's loss gradient per parameter name; nothing is stepped or recorded (for checks).
 
         micro_batch_tokens / overhead_tokens override the config's bucketing (e.g. to compare plans).
+        One process only (under torchrun the gradients are sharded).
         """
         if self._lock is None:
             raise ValueError("call setup() before gradients()")
-        samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch, self._vocab_size)
+        if self._ranks > 1:
+            raise ValueError("gradients() runs in one process only; the gradients of several ranks are sharded")
+        samples = samples_from_table(batch.rollouts if hasattr(batch, "rollouts") else batch, self._policy.vocab_size)
         plan = plan_micro_batches(samples, micro_batch_tokens or self.cfg.micro_batch_tokens,
-                                  self._overhead_tokens if overhead_tokens is None else overhead_tokens)
+                                  self._policy.overhead_tokens if overhead_tokens is None else overhead_tokens)
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            with _threads(self._threads):
-                _, reason = self._accumulate_gradients(samples, plan)
+            with _threads(self._policy.threads):
+                _, reason = self._policy.gradients(plan, self._version)
             if reason is not None:
                 raise ValueError(f"batch gives no gradient: {reason}")
             return {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         finally:
             self.optimizer.zero_grad(set_to_none=True)
-
-    def _accumulate_gradients(self, samples: list[Sample], plan: list[MicroBatch]
-                              ) -> tuple[dict[str, float], str | None]:
-        """Forward/backward over length-bucketed micro-batches; the loss is the whole batch's token mean."""
-        total_tokens = sum(len(s.response) for s in samples)
-        total_responses = sum(1 for s in samples if s.response)
-        if total_tokens == 0:
-            raise ValueError("batch has no response tokens; nothing to train on")
-        cuda = self.device.type == "cuda"
-        sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "regularizer_loss": 0.0, "entropy": 0.0,
-                                  "clip_fraction": 0.0, "ratio_mean": 0.0, "mismatch": 0.0,
-                                  "seq_ratio_mean": 0.0, "ratio_max": 0.0, "seq_ratio_max": 0.0}
-        for mb in plan:
-            tensors = collate(mb, self._pad_id, self.device)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cuda):
-                logp, entropy = response_logprobs(self.model, tensors)
-            loss, m = policy_loss(logp, tensors["old_logprobs"], tensors["advantages"], tensors["response_mask"],
-                                  self.loss_cfg, tensors["weights"], total_tokens=total_tokens,
-                                  total_responses=total_responses)
-            if not math.isfinite(m["loss"]):
-                return {"loss": m["loss"]}, f"non-finite loss {m['loss']}"
-            loss.backward()
-            # Micro-batch losses are already scaled to the whole batch: they add up. Means are token- or
-            # response-weighted, maxima are maxima.
-            n_tok, n_resp = m["tokens"], len(mb.samples)
-            for key in ("loss", "policy_loss", "regularizer_loss"):
-                sums[key] += m[key]
-            for key in ("clip_fraction", "ratio_mean", "mismatch"):
-                sums[key] += m[key] * n_tok
-            sums["seq_ratio_mean"] += m["seq_ratio_mean"] * n_resp
-            sums["entropy"] += entropy.item()
-            sums["ratio_max"] = max(sums["ratio_max"], m["ratio_max"])
-            sums["seq_ratio_max"] = max(sums["seq_ratio_max"], m["seq_ratio_max"])
-        for key in ("clip_fraction", "ratio_mean", "mismatch", "entropy"):
-            sums[key] /= total_tokens
-        sums["seq_ratio_mean"] /= total_responses
-        return sums, None
 
     def _batch_stats(self, step: int, samples: list[Sample], plan: list[MicroBatch]) -> dict[str, Any]:
         """The steps-row columns that describe the batch itself (known before any compute)."""
@@ -461,8 +491,14 @@ class Trainer:
                  "next_step": step + 1, "seed": self.cfg.seed, "base_model": str(self.model_path),
                  "policies_row": policy, "steps_row": row}
         self._lock.check()  # LeaseLost if another trainer took the run over: it owns the next versions
-        ckpt.write_checkpoint(final, self.model, self.model_path,
-                              {"optimizer": self.optimizer.state_dict(), "rng": rng}, state)
+
+        def gather(tmp: Path) -> dict[str, torch.Tensor] | None:
+            if self._ranks > 1:
+                _send(("save", tmp))  # every rank writes its optimizer shard into the same temp dir
+            return self._policy.gather()
+
+        ckpt.write_checkpoint(final, self.model, self.model_path, {"rng": rng, "world_size": self._ranks},
+                              state, gather, self._policy.save_optimizer)
         ckpt.publish_version(self.store, self.run, version)  # beside the tables, before the row that names it
         if not self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version)):
             raise ckpt.CheckpointError(f"run {self.run!r}: version {version} was committed by another trainer; "
@@ -483,11 +519,45 @@ class Trainer:
                           _log_metrics(row, {}), path, replayed=True)
 
 
+def follow() -> None:
+    """Ranks 1..N-1 under torchrun: train with rank 0's Trainer until it closes; no store access.
+
+    Rank 0 sends the config and version to load at ``setup``, then each step's batch; a rank computes its
+    share of the micro-batches and, for an applied step, writes its optimizer shard into the version dir
+    rank 0 is writing (one machine, or a file system every rank shares).
+    """
+    rank, ranks = compute.world()
+    if ranks == 1 and compute.launched_world_size() > 1:
+        compute.init_distributed("cuda" if torch.cuda.is_available() else "cpu")
+    message = _send(None)
+    if message[0] == "close":  # rank 0 failed before it loaded anything
+        return
+    _, cfg, loss_cfg, path, base, optimizer_dir, version = message
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    policy = _Policy(cfg, loss_cfg, device)
+    policy.load(path, base, optimizer_dir)
+    while True:
+        message = _send(None)
+        if message[0] == "close":
+            return
+        _, step, table, version = message
+        samples, plan = policy.plan(table)
+        _, reason = policy.train(step, samples, plan, version)
+        if reason is None:
+            message = _send(None)
+            if message[0] == "close":  # rank 0 could not commit (e.g. it lost the run's lease)
+                return
+            policy.gather()
+            policy.save_optimizer(message[1])
+
+
 # Columns of the steps row that come from the loss computation (the rest describe the batch).
 _LOSS_COLUMNS = ("loss", "clip_fraction", "ratio_mean", "ratio_max", "mismatch", "entropy", "grad_norm")
 _SLASH = {"loss": "loss/total", "policy_loss": "loss/policy", "regularizer_loss": "loss/regularizer",
           "clip_fraction": "clip/fraction", "ratio_mean": "is_ratio/mean", "ratio_max": "is_ratio/max",
-          "mismatch": "mismatch/abs_mean", "entropy": "entropy/mean", "grad_norm": "grad/norm",
+          "mismatch": "mismatch/abs_mean", "on_policy_mismatch": "mismatch/on_policy", "entropy": "entropy/mean", "grad_norm": "grad/norm",
           "reward_mean": "reward/mean", "reward_std": "reward/std", "drop_fraction": "drop/fraction",
           "staleness_mean": "staleness/mean", "padding_fraction": "tokens/padding_fraction",
           "tokens_per_second": "perf/tokens_per_second", "seconds": "perf/seconds", "lr": "optim/lr"}
