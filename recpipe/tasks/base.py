@@ -44,12 +44,15 @@ class RewardResult:
     correctness: 1.0 for the right final answer, else 0.0.
     format: +0.1 when the response has the task's expected answer format, else -0.1.
     error: "ExcType: message" or "timeout after Xs" when scoring failed; then all three numbers are 0.0.
+    parts: with several weighted reward functions (recpipe.tasks.rewards), each one's unweighted value
+        by name; reward is then their weighted sum.
     """
 
     reward: float
     correctness: float
     format: float
     error: str | None = None
+    parts: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         # A NaN reward would silently poison group means and advantages downstream.
@@ -57,6 +60,9 @@ class RewardResult:
             value = getattr(self, field)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"RewardResult.{field}={value!r}: expected a finite float")
+        for name, value in (self.parts or {}).items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"RewardResult.parts[{name!r}]={value!r}: expected a finite float")
 
     @classmethod
     def from_parts(cls, correct: bool, formatted: bool) -> RewardResult:

@@ -43,29 +43,47 @@ def task_names() -> list[str]:
     return sorted(set(_FACTORIES) | set(_entry_points()))
 
 
-def _import_callable(spec: str) -> Callable[..., Task]:
-    module_name, _, attr_path = spec.partition(":")
+def import_callable(spec: str, what: str = "task") -> Callable[..., Any]:
+    """The callable a "module:callable" string names (a task factory, a reward function); ValueError saying
+    what is wrong with it."""
+    module_name, _, attr_path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module_name or not attr_path:
-        raise ValueError(f"task={spec!r}: expected 'module:callable', e.g. 'my_package.tasks:MyTask'")
+        raise ValueError(f"{what}={spec!r}: expected 'module:callable', e.g. 'my_package.tasks:MyTask'")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"task={spec!r}: cannot import module {module_name!r} ({e})") from e
+        raise ValueError(f"{what}={spec!r}: cannot import module {module_name!r} ({e})") from e
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
-            raise ValueError(f"task={spec!r}: {module_name!r} has no attribute {attr_path!r}")
+            raise ValueError(f"{what}={spec!r}: {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise ValueError(f"task={spec!r}: {attr_path!r} is not callable")
+        raise ValueError(f"{what}={spec!r}: {attr_path!r} is not callable")
     return obj
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """Build the task `name` with keyword `options` (e.g. get_task("arithmetic", operation="mul"))."""
+    """Build the task `name` with keyword `options` (e.g. get_task("arithmetic", operation="mul")).
+
+    `reward_funcs` / `reward_weights` options, for any task, replace its reward by a weighted sum of
+    reward functions (recpipe.tasks.rewards)."""
+    reward_funcs = options.pop("reward_funcs", None)
+    reward_weights = options.pop("reward_weights", None)
+    if reward_weights is not None and reward_funcs is None:
+        raise ValueError("reward_weights given without reward_funcs")
+    task = _build_task(name, **options)
+    if reward_funcs is None:
+        return task
+    from recpipe.tasks.rewards import WeightedRewards, resolve_rewards
+
+    return WeightedRewards(task, tuple(resolve_rewards(task, reward_funcs, reward_weights)))
+
+
+def _build_task(name: str, **options: Any) -> Task:
     if name in _FACTORIES:
         factory = _FACTORIES[name]
     elif isinstance(name, str) and ":" in name:
-        factory = _import_callable(name)
+        factory = import_callable(name)
     else:
         eps = _entry_points()
         if name not in eps:
