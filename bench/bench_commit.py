@@ -175,8 +175,8 @@ def _phase(version: int) -> str:
 # ---- the loop ------------------------------------------------------------------------------------
 def measure_loop(name: str, uri: str, steps: int, env: dict[str, str]) -> dict[str, Any]:
     """``steps`` steps of the real loop (tiny model) with every commit timed."""
-    from recpipe import pipeline
     from recpipe.config import build_config
+    from recpipe.recipe import LoopRecipe
 
     old_env = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the S3 settings, as a user's environment gives them
@@ -185,12 +185,12 @@ def measure_loop(name: str, uri: str, steps: int, env: dict[str, str]) -> dict[s
                                       "task.eval_prompts=4", f"loop.steps={steps}"])
         recorder = Recorder()
         per_step = []
-        with recorder.installed(), pipeline.open_run(cfg) as ctx:
-            ctx.trainer  # noqa: B018 - set up (version 0, its lease) before the first timed step
+        with recorder.installed(), LoopRecipe(cfg) as recipe:
+            recipe.trainer  # noqa: B018 - set up (version 0, its lease) before the first timed step
             for step in range(steps):
                 before = len(recorder.commits)
                 start = time.perf_counter()
-                pipeline.loop_step(ctx, step)
+                recipe.step(step)
                 wall = time.perf_counter() - start
                 commits = recorder.commits[before:]
                 tables: dict[str, int] = {}

@@ -30,8 +30,9 @@ def main() -> None:
     store = Path(args.store or tempfile.mkdtemp(prefix="recpipe-bench-")) / "store"
 
     import flows  # noqa: F401  (sets PREFECT_HOME etc. before prefect imports)
-    from recpipe import pipeline
     from recpipe.config import build_config
+    from recpipe.generate.pool import EnginePool
+    from recpipe.recipe import LoopRecipe
 
     small = ["select.groups_per_step=2", "generate.group_size=4", "generate.max_tokens=16", "task.eval_prompts=4",
              "generate.shard_size=2"] if args.model == "tiny" else ["select.groups_per_step=4", "task.eval_prompts=8"]
@@ -40,13 +41,14 @@ def main() -> None:
     def cfg(run: str):
         return build_config(overrides=[*base, f"run={run}"])
 
+    engines = EnginePool()  # one engine for all three runs, as an experiment's runs share one
     # Warm everything that is paid once per process: model build/convert, engine start, imports.
-    with pipeline.open_run(cfg("warmup")) as ctx:
-        pipeline.evaluate(ctx, 0)
+    with LoopRecipe(cfg("warmup"), engines=engines) as recipe:
+        recipe.evaluate(0)
 
     started = time.perf_counter()
-    with pipeline.open_run(cfg("plain")) as ctx:
-        pipeline.run_loop(ctx)
+    with LoopRecipe(cfg("plain"), engines=engines) as recipe:
+        recipe.run()
     plain = time.perf_counter() - started
 
     from flows.pipeline_flows import loop
@@ -62,8 +64,9 @@ def main() -> None:
     server_start = time.perf_counter() - t0
 
     started = time.perf_counter()
-    loop(cfg("prefect").model_dump(mode="json"))
+    loop(cfg("prefect").model_dump(mode="json"), engines=engines)
     prefect = time.perf_counter() - started
+    engines.close()
 
     per_plain, per_prefect = plain / args.steps, prefect / args.steps
     share = (prefect - plain) / prefect

@@ -1,4 +1,4 @@
-"""Prefect flows: thin wrappers over recpipe.pipeline (see flows/pipeline_flows.py).
+"""Prefect flows: thin wrappers over recpipe.recipe (see flows/pipeline_flows.py).
 
 Importing this package points Prefect's state at recpipe's cache folder
 (unless PREFECT_HOME is already set) and runs Prefect in its ephemeral mode

@@ -4,6 +4,7 @@
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     recpipe serve --flow generate --interval 3600 --store store       # hourly generation
     recpipe serve --flow retrain --cron "0 3 * * *" --set select.query=replay --store store
+    recpipe serve --flow generator --interval 60 --store s3://bucket/runs   # a generator role per machine
 
 Each deployment carries the whole validated config as its parameter, so a
 scheduled run is exactly the command line that registered it.
@@ -19,7 +20,9 @@ from prefect import serve
 from flows.pipeline_flows import FLOWS
 from recpipe.config import RecpipeConfig, to_params
 
-SCHEDULABLE = ("loop", "generate", "train", "evaluate", "retrain")
+# The roles too: served on separate machines sharing an S3 archive, a schedule restarts a role that ended
+# (limit=1 below: never two of one deployment at once; a generator's deployment per machine).
+SCHEDULABLE = ("loop", "generate", "train", "evaluate", "retrain", "generator", "trainer")
 
 
 def build_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None = None,

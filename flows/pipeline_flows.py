@@ -1,12 +1,12 @@
-"""The recpipe flows. Each is a few lines: the logic lives in recpipe.pipeline.
+"""The recpipe flows. Each is a few lines: the logic lives in recpipe.recipe.
 
     python -m flows.pipeline_flows          # runs `loop` with the default config
 
-Stage functions become Prefect tasks through ``as_task``; generation shards get
-retries (a flaky engine or disk is retried; a committed shard is skipped, so a
-retry never writes twice). Engines and trainers are passed between tasks in
-process, so tasks use ``NO_CACHE``: the archive, not Prefect's result store,
-is where results persist.
+Each recipe verb a flow calls becomes a Prefect task named by what it does ("generate v3 shard 2",
+"train step 7"); generation shards get retries (a flaky engine or disk is retried; a committed shard is
+skipped, so a retry never writes twice). A task's arguments are plain values (a step, a version, a shard
+plan, a batch): the engine and the trainer stay inside the recipe. Tasks use ``NO_CACHE``: the archive,
+not Prefect's result store, is where results persist.
 """
 
 from __future__ import annotations
@@ -17,33 +17,39 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from recpipe import pipeline
+from recpipe import recipe as recipes
 from recpipe.config import RecpipeConfig
+from recpipe.generate.pool import EnginePool
 
 RETRIES = {"generate_shard": 2}
+TASK_RUN_NAMES = {"generate_shard": "generate v{version} shard {plan.index}", "select": "select step {step}",
+                  "train_step": "train step {step}", "evaluate": "evaluate v{version}"}
 
 
 def as_task(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a pipeline stage function as a Prefect task named after it."""
-    retries = RETRIES.get(fn.__name__, 0)
-    return task(fn, name=fn.__name__, cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=2,
-                log_prints=False, retry_condition_fn=_not_stopping)
+    """Wrap a recipe verb (a bound method) as a Prefect task named after what it does."""
+    name = fn.__name__
+    return task(fn, name=name, task_run_name=TASK_RUN_NAMES.get(name, name), cache_policy=NO_CACHE,
+                retries=RETRIES.get(name, 0), retry_delay_seconds=2, log_prints=False,
+                retry_condition_fn=_not_stopping)
 
 
 def _not_stopping(*_: Any) -> bool:
     """No retry once the user asked the process to stop (the failure may be the stop itself, disguised)."""
-    return not pipeline.STOP.is_set()
+    return not recipes.STOP.is_set()
 
 
-def _config(config: RecpipeConfig | dict[str, Any]) -> RecpipeConfig:
-    return config if isinstance(config, RecpipeConfig) else RecpipeConfig.model_validate(config)
+def _recipe(config: RecpipeConfig | dict[str, Any], progress: Any, engines: EnginePool | None = None,
+            lease: str | None = "loop") -> recipes.LoopRecipe:
+    cfg = config if isinstance(config, RecpipeConfig) else RecpipeConfig.model_validate(config)
+    return recipes.LoopRecipe(cfg, progress=progress, lease=lease, engines=engines, stage=as_task)
 
 
 @flow(name="loop", validate_parameters=False)
-def loop(config: dict[str, Any], progress: Any = None) -> int:
+def loop(config: dict[str, Any], progress: Any = None, engines: EnginePool | None = None) -> int:
     """generate -> select -> train for loop.steps steps (resumes from the archive)."""
-    with pipeline.open_run(_config(config), progress=progress) as ctx:
-        return len(pipeline.run_loop(ctx, stage=as_task))
+    with _recipe(config, progress, engines) as recipe:
+        return len(recipe.run())
 
 
 @flow(name="generate", validate_parameters=False)
@@ -52,40 +58,52 @@ def generate(config: dict[str, Any], version: int | None = None, prompts: int | 
     """Generate rollouts with a policy version (default: the latest) into the archive."""
     if prompts is not None and prompts < 1:  # 0 is not "the default": refuse it before the store is touched
         raise ValueError(f"prompts must be an integer >= 1 (got {prompts})")
-    with pipeline.open_run(_config(config), progress=progress) as ctx:
-        return pipeline.generate_stage(ctx, version, prompts, stage=as_task)
-
-
-@flow(name="select", validate_parameters=False)
-def select(config: dict[str, Any], step: int, progress: Any = None) -> dict[str, Any]:
-    """Select (and record) the batch of one training step."""
-    with pipeline.open_run(_config(config), progress=progress) as ctx:
-        return pipeline.batch_summary(as_task(pipeline.select_batch)(ctx, step))
+    with _recipe(config, progress) as recipe:
+        version = recipe.latest_version() if version is None else version
+        return recipe.generate(version, prompts or recipe.cfg.select.groups_per_step)
 
 
 @flow(name="train", validate_parameters=False)
 def train(config: dict[str, Any], steps: int = 1, progress: Any = None) -> int:
     """Train the next ``steps`` steps on batches selected from the archive (no generation)."""
-    with pipeline.open_run(_config(config), progress=progress) as ctx:
-        return len(pipeline.run_training(ctx, steps=steps, stage=as_task))
+    with _recipe(config, progress) as recipe:
+        return len(recipe.train(steps))
 
 
 @flow(name="evaluate", validate_parameters=False)
 def evaluate(config: dict[str, Any], version: int | None = None, progress: Any = None) -> dict[str, Any]:
     """Greedy held-out accuracy of a policy version into `evals`."""
-    with pipeline.open_run(_config(config), progress=progress) as ctx:
-        return as_task(pipeline.evaluate)(ctx, ctx.trainer.current_version if version is None else version)
+    with _recipe(config, progress) as recipe:
+        return recipe.stage(recipe.evaluate)(recipe.latest_version() if version is None else version)
 
 
 @flow(name="retrain", validate_parameters=False)
 def retrain(config: dict[str, Any], source_run: str | None = None, progress: Any = None) -> int:
     """Train a new run from archived rollouts only: replay ``source_run``'s batches, or select with the query."""
-    with pipeline.open_run(_config(config), progress=progress) as ctx:
-        return len(pipeline.run_retrain(ctx, source_run=source_run, stage=as_task))
+    with _recipe(config, progress) as recipe:
+        return len(recipe.retrain(source_run))
 
 
-FLOWS = {"loop": loop, "generate": generate, "select": select, "train": train, "evaluate": evaluate,
-         "retrain": retrain}
+@flow(name="generator", validate_parameters=False)
+def generator(config: dict[str, Any], exit_when_idle: bool = False, progress: Any = None) -> int:
+    """A generator worker (recpipe.roles): samples the shards the run's schedule needs, beside a trainer."""
+    from recpipe.roles import run_generator
+
+    with _recipe(config, progress, lease=None) as recipe:
+        return run_generator(recipe, exit_when_idle=exit_when_idle)
+
+
+@flow(name="trainer", validate_parameters=False)
+def trainer(config: dict[str, Any], wait_timeout_s: float = 3600.0, progress: Any = None) -> int:
+    """The trainer role (recpipe.roles): trains each step once generators committed its rollouts."""
+    from recpipe.roles import run_trainer
+
+    with _recipe(config, progress) as recipe:
+        return len(run_trainer(recipe, wait_timeout_s=wait_timeout_s))
+
+
+FLOWS = {"loop": loop, "generate": generate, "train": train, "evaluate": evaluate, "retrain": retrain,
+         "generator": generator, "trainer": trainer}
 
 
 if __name__ == "__main__":

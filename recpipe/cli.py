@@ -30,7 +30,7 @@ from rich.console import Console
 from recpipe.config import ConfigError, RecpipeConfig, load_config, to_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline off-policy RL pipeline: generate -> select -> train over a Parquet archive.")
+                  help="Offline off-policy RL pipeline: generate -> select -> train over a Delta Lake archive.")
 console = Console(stderr=True, soft_wrap=True)
 out = Console()
 
@@ -59,11 +59,12 @@ class _ExpectedErrorFilter(logging.Filter):
 
 def friendly_errors(fn: F) -> F:
     """Turn expected errors into one red line and exit code 2 (no traceback)."""
+    from recpipe.errors import RecpipeError
     from recpipe.store import RunLocked, StoreError, StoreWriteError
     from recpipe.store.sql import QueryRefused, QueryTimeout
 
     # OSError (FileNotFoundError, PermissionError, a read-only file system...) names its path: one line.
-    expected = (ConfigError, StoreError, StoreWriteError, RunLocked, QueryRefused, QueryTimeout,
+    expected = (RecpipeError, ConfigError, StoreError, StoreWriteError, RunLocked, QueryRefused, QueryTimeout,
                 ValueError, KeyError, OSError)
     quiet = _ExpectedErrorFilter(expected)
 
@@ -117,9 +118,9 @@ def _stop_on_signals() -> Iterator[list[int]]:
 
     def handler(signum: int, frame: Any) -> None:
         received.append(signum)
-        pipeline = sys.modules.get("recpipe.pipeline")
-        if pipeline is not None:  # every later stage refuses to start, whatever swallowed the Stopped below
-            pipeline.STOP.set()
+        recipe = sys.modules.get("recpipe.recipe")
+        if recipe is not None:  # every later verb refuses to start, whatever swallowed the Stopped below
+            recipe.STOP.set()
         if len(received) > 1:
             os._exit(_exit_code(received[0]))
         # What the pipeline's libraries log while they unwind ("Crash detected!" from Prefect...) is
@@ -367,7 +368,7 @@ def _summarise(cfg: RecpipeConfig) -> None:
 
 
 def _preflight(cfg: RecpipeConfig) -> None:
-    from recpipe.pipeline import preflight
+    from recpipe.recipe import preflight
 
     preflight(cfg)
 
@@ -406,21 +407,33 @@ def loop(
     generator_devices: Annotated[str | None, typer.Option(help="CPU cores (or CUDA devices) the generators share "
                                                           "out, e.g. 0,1.")] = None,
     trainer_devices: Annotated[str | None, typer.Option(help="CPU cores (or CUDA devices) of the trainer.")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Run the --generators as Ray actors: local (a Ray "
+                                            "instance for this run), auto (this machine's cluster) or ADDRESS.")]
+    = None,
 ) -> None:
     """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store
 
-    With --generators N, N generator processes sample while the trainer trains (recpipe.roles)."""
+    With --generators N, N generator processes (or Ray actors, --ray) sample while the trainer trains
+    (recpipe.roles)."""
     at_least("--generators", generators, 0)
+    if ray is not None and not generators:
+        raise ValueError("--ray runs the generators as Ray actors: give --generators N (N >= 1) too")
+    if ray is not None and generator_devices:
+        raise ValueError("--generator-devices places local processes; with --ray, Ray places the actors")
     cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
     _preflight(cfg)
     from recpipe.progress import LoopProgress
 
     if generators:
-        from recpipe.roles import launch_local
+        from recpipe.roles import launch_local, launch_ray
 
         with LoopProgress(cfg.loop.steps, console) as progress:
-            launch_local(cfg, generators, generator_devices=_devices("--generator-devices", generator_devices),
-                         trainer_devices=_devices("--trainer-devices", trainer_devices), progress=progress)
+            if ray is not None:
+                launch_ray(cfg, generators, address=ray, progress=progress,
+                           trainer_devices=_devices("--trainer-devices", trainer_devices))
+            else:
+                launch_local(cfg, generators, generator_devices=_devices("--generator-devices", generator_devices),
+                             trainer_devices=_devices("--trainer-devices", trainer_devices), progress=progress)
         if summary:
             _summarise(cfg)
         return
@@ -462,14 +475,47 @@ def generator(
     on this or another machine sharing the archive. Example: recpipe generator --store s3://bucket/runs --run r1"""
     cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
     _preflight(cfg)
-    from recpipe import pipeline
     from recpipe.progress import LoopProgress
+    from recpipe.recipe import LoopRecipe
     from recpipe.roles import pin_to_cpus, run_generator
 
     pin_to_cpus()
-    with LoopProgress(0, console) as progress, pipeline.open_run(cfg, progress=progress, lease=None) as ctx:
-        rows = run_generator(ctx, exit_when_idle=exit_when_idle)
+    with LoopProgress(0, console) as progress, LoopRecipe(cfg, progress=progress, lease=None) as recipe:
+        rows = run_generator(recipe, exit_when_idle=exit_when_idle)
     console.print(f"{rows} rollouts written")
+
+
+@app.command()
+@friendly_errors
+@stoppable
+def trainer(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    run: RunOpt = None,
+    steps: StepsOpt = None,
+    preset_: PresetOpt = None,
+    sync_interval: SyncIntervalOpt = None,
+    sync_offset: SyncOffsetOpt = None,
+    model: ModelOpt = None,
+    task: TaskOpt = None,
+    wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for a step's rollouts before giving up.")]
+    = 3600.0,
+) -> None:
+    """The trainer role: trains each step once generator workers (`recpipe generator`) committed its rollouts;
+    one per run. Example: recpipe trainer --store s3://bucket/runs --run r1 --steps 20"""
+    if wait_timeout <= 0:
+        raise ValueError(f"--wait-timeout must be > 0 seconds (got {wait_timeout})")
+    cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
+    _preflight(cfg)
+    from recpipe.progress import LoopProgress
+    from recpipe.recipe import LoopRecipe
+    from recpipe.roles import pin_to_cpus, run_trainer
+
+    pin_to_cpus()
+    with LoopProgress(cfg.loop.steps, console) as progress, LoopRecipe(cfg, progress=progress) as recipe:
+        results = run_trainer(recipe, wait_timeout_s=wait_timeout)
+    console.print(f"{len(results)} step(s) trained")
 
 
 @app.command()
@@ -521,7 +567,7 @@ def select(
     extra: dict[str, Any] = {"select.query": query}
     cfg = make_config(config, set_, store, run, extra)
     cfg.select.params = {**cfg.select.params, **params}
-    from recpipe import pipeline
+    from recpipe import recipe as recipes
 
     if rerun and as_of:
         raise ValueError("--rerun uses the versions the step recorded; give --rerun or --as-of, not both")
@@ -530,14 +576,14 @@ def select(
         from recpipe.store import parse_as_of
 
         st = open_store(cfg)
-        batch = rerun_recorded(st, cfg.run, step) if rerun else pipeline.select_as_of(st, cfg, step, parse_as_of(as_of))
-        summary = pipeline.batch_summary(batch)
+        batch = rerun_recorded(st, cfg.run, step) if rerun else recipes.select_as_of(st, cfg, step, parse_as_of(as_of))
+        summary = recipes.batch_summary(batch)
         summary["read_versions"] = batch.read_versions
         if rerun:
             summary["same_as_recorded"] = batch.rollout_ids == replay_lineage(st, cfg.run, step).rollout_ids
     else:
-        with pipeline.open_run(cfg) as ctx:
-            summary = pipeline.batch_summary(pipeline.select_batch(ctx, step))
+        with recipes.LoopRecipe(cfg) as recipe:
+            summary = recipes.batch_summary(recipe.select(step))
     for key, value in summary.items():
         out.print(f"{key}: {value}", highlight=False)
 
@@ -583,7 +629,7 @@ def retrain(
     cfg = make_config(config, set_, store, run, extra)
     recorded: list[int] = []
     if source_run is not None:
-        from recpipe.pipeline import recorded_base_model
+        from recpipe.recipe import recorded_base_model
         from recpipe.select import recorded_steps
         from recpipe.store import Store
 

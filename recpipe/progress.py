@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class LoopProgress:
-    """A ``progress(event, info)`` callable for recpipe.pipeline: steps bar plus the latest numbers."""
+    """A ``progress(event, info)`` callable for recpipe.recipe: steps bar plus the latest numbers."""
 
     def __init__(self, total_steps: int, console: Console | None = None):
         self.console = console or Console(stderr=True)

@@ -1,15 +1,15 @@
 """Generators and the trainer as separate workers that meet only in the archive.
 
-    with pipeline.open_run(cfg, lease=None) as ctx:   # any number of these, on any machines
-        run_generator(ctx)
-    with pipeline.open_run(cfg) as ctx:               # one per run (the loop lease)
-        run_trainer(ctx)
-    launch_local(cfg, generators=2)                    # both on this machine: `recpipe loop --generators 2`
+    with LoopRecipe(cfg, lease=None) as recipe:   # any number of these, on any machines
+        run_generator(recipe)
+    with LoopRecipe(cfg) as recipe:               # one per run (the loop lease)
+        run_trainer(recipe)
+    launch_local(cfg, generators=2)                # both on this machine: `recpipe loop --generators 2`
 
 The off-policy schedule (docs/algorithms.md) is what makes this safe: step s trains on rollouts of
 version v(s) <= s, so while the trainer works on step s, generators can already sample the shards of
 any later step whose version is committed. Shard ids and seeds are the single-process loop's
-(recpipe.pipeline.plan_generation), so the archive holds the same rollouts whichever worker made them.
+(recpipe.generate.plan), so the archive holds the same rollouts whichever worker made them.
 
 - A **generator** repeatedly picks the next shard the schedule needs: of the steps not trained yet,
   those whose version v(s) is committed, oldest version first - never a version that is not
@@ -19,8 +19,9 @@ any later step whose version is committed. Shard ids and seeds are the single-pr
 - The **trainer**, for each step, waits (with a progress line, up to ``wait_timeout_s``) until every
   shard of v(s) is committed, then selects and trains as the loop does, committing version s + 1.
 
-Each role restarts where the archive says: the trainer from its latest version, a generator by
-planning again. The single-process ``recpipe loop`` stays the default.
+Each role is a short loop over the recipe's verbs (recpipe.recipe) and restarts where the archive says:
+the trainer from its latest version, a generator by planning again. The single-process ``recpipe loop``
+stays the default.
 """
 
 from __future__ import annotations
@@ -37,37 +38,37 @@ from typing import Any
 
 import yaml
 
-from recpipe import pipeline
 from recpipe.config import RecpipeConfig
+from recpipe.errors import RecpipeError
+from recpipe.generate.plan import ShardPlan, generation_version
+from recpipe.recipe import LoopRecipe, Progress
 from recpipe.store.lease import Lease, RunLocked
 from recpipe.subprocesses import die_with_parent
 
 CLAIM_TTL_S = 60.0
 
 
-class WaitTimeout(TimeoutError):
+class WaitTimeout(RecpipeError, TimeoutError):
     """The trainer waited longer than its timeout for the rollouts a step needs."""
 
 
-def trained_steps(ctx: pipeline.RunContext) -> int:
-    """The number of steps the run has recorded (the trainer's next step)."""
-    steps = ctx.store.read("steps", "run = $run", {"run": ctx.cfg.run}).column("step").to_pylist()
-    return max([-1, *steps]) + 1
+class GeneratorFailed(RecpipeError):
+    """A generator worker the launcher started ended with an error while the trainer waited for it."""
 
 
-def pending_shards(ctx: pipeline.RunContext, next_step: int, committed: int) -> Iterator[tuple[int, Any]]:
+def pending_shards(recipe: LoopRecipe, next_step: int, committed: int) -> Iterator[tuple[int, ShardPlan]]:
     """(version, shard plan) of every uncommitted shard that a step from ``next_step`` on will train on and
     whose version is committed (<= ``committed``), oldest version first."""
-    versions = sorted({pipeline.schedule_version(ctx, s) for s in range(next_step, ctx.cfg.loop.steps)})
-    for version in versions:
+    loop = recipe.cfg.loop
+    for version in sorted({generation_version(loop, s) for s in range(next_step, loop.steps)}):
         if version > committed:
             return
-        for plan in pipeline.plan_generation(ctx, version, pipeline.prompts_needed(ctx, version)):
-            if not pipeline.shard_committed(ctx, version, plan):
+        for plan in recipe.plan(version):
+            if not recipe.shard_committed(version, plan):
                 yield version, plan
 
 
-def run_generator(ctx: pipeline.RunContext, *, poll_s: float = 1.0, exit_when_idle: bool = False,
+def run_generator(recipe: LoopRecipe, *, poll_s: float = 1.0, exit_when_idle: bool = False,
                   claim_ttl_s: float = CLAIM_TTL_S, should_stop: Callable[[], bool] = lambda: False) -> int:
     """Generate shards for the run until it has trained ``loop.steps`` steps; returns rollouts written.
 
@@ -75,18 +76,18 @@ def run_generator(ctx: pipeline.RunContext, *, poll_s: float = 1.0, exit_when_id
     """
     written = 0
     while not should_stop():
-        next_step = trained_steps(ctx)
-        if next_step >= ctx.cfg.loop.steps:
+        next_step = recipe.trained_steps()
+        if next_step >= recipe.cfg.loop.steps:
             break
         work = False
-        for version, plan in pending_shards(ctx, next_step, ctx.latest_version()):
-            claim = Lease(ctx.store, ctx.cfg.run, f"shard-{plan.shard_id}", ttl_s=claim_ttl_s)
+        for version, plan in pending_shards(recipe, next_step, recipe.latest_version()):
+            claim = Lease(recipe.store, recipe.cfg.run, f"shard-{plan.shard_id}", ttl_s=claim_ttl_s)
             try:
                 claim.acquire()
             except RunLocked:  # another worker has it
                 continue
             try:
-                written += pipeline.generate_shard(ctx, version, plan)
+                written += recipe.stage(recipe.generate_shard)(version, plan)
             finally:
                 claim.release()
             work = True
@@ -98,40 +99,39 @@ def run_generator(ctx: pipeline.RunContext, *, poll_s: float = 1.0, exit_when_id
     return written
 
 
-def wait_for_rollouts(ctx: pipeline.RunContext, step: int, *, timeout_s: float, poll_s: float = 0.5) -> None:
+def wait_for_rollouts(recipe: LoopRecipe, step: int, *, timeout_s: float, poll_s: float = 0.5,
+                      check: Callable[[], None] = lambda: None) -> None:
     """Block until every shard of the version step ``step`` trains on is committed (WaitTimeout after
-    ``timeout_s``), reporting how many are still missing."""
-    version = pipeline.schedule_version(ctx, step)
-    plans = pipeline.plan_generation(ctx, version, pipeline.prompts_needed(ctx, version))
+    ``timeout_s``), reporting how many are still missing; ``check`` is called at each poll (a launcher's
+    test that its generators are still alive: it raises if not)."""
+    version = generation_version(recipe.cfg.loop, step)
+    plans = recipe.plan(version)
     deadline = time.monotonic() + timeout_s
     shown = None
     while True:
-        missing = [p for p in plans if not pipeline.shard_committed(ctx, version, p)]
+        missing = [p for p in plans if not recipe.shard_committed(version, p)]
         if not missing:
             return
+        check()
         if len(missing) != shown:  # a line when the count changes, not every poll
             shown = len(missing)
-            ctx.progress("wait", {"step": step, "version": version, "missing": shown, "shards": len(plans)})
+            recipe.progress("wait", {"step": step, "version": version, "missing": shown, "shards": len(plans)})
         if time.monotonic() > deadline:
-            raise WaitTimeout(f"run {ctx.cfg.run!r} step {step}: {len(missing)} of {len(plans)} shards of "
+            raise WaitTimeout(f"run {recipe.cfg.run!r} step {step}: {len(missing)} of {len(plans)} shards of "
                               f"v{version:06d} still missing after {timeout_s:g} s; are generators running "
                               "(`recpipe generator`)?")
         time.sleep(poll_s)
 
 
-def run_trainer(ctx: pipeline.RunContext, *, wait_timeout_s: float = 3600.0) -> list[Any]:
+def run_trainer(recipe: LoopRecipe, *, wait_timeout_s: float = 3600.0,
+                check: Callable[[], None] = lambda: None) -> list[Any]:
     """Train the run to ``loop.steps`` steps on rollouts generators commit; returns the step results."""
     results = []
-    for step in range(ctx.trainer.next_step, ctx.cfg.loop.steps):
-        wait_for_rollouts(ctx, step, timeout_s=wait_timeout_s)
-        batch = pipeline.select_batch(ctx, step)
-        result = pipeline.train_step(ctx, step, batch)
-        ctx.progress("step", {"step": step, "loss": result.row.get("loss"), "policy_version": result.policy_version,
-                              "applied": result.applied, "skip_reason": result.skip_reason,
-                              "reward": result.row.get("reward_mean"),
-                              "tokens_per_s": result.row.get("tokens_per_second")})
-        results.append(result)
-    pipeline.compact_run(ctx)
+    for step in range(recipe.trainer.next_step, recipe.cfg.loop.steps):
+        wait_for_rollouts(recipe, step, timeout_s=wait_timeout_s, check=check)
+        batch = recipe.stage(recipe.select)(step)
+        results.append(recipe.stage(recipe.train_step)(step, batch))
+    recipe.compact()
     return results
 
 
@@ -172,7 +172,7 @@ def pin_to_cpus(cpus: str | None = None) -> None:
 
 
 def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list[int] | None = None,
-                 trainer_devices: list[int] | None = None, progress: pipeline.Progress | None = None,
+                 trainer_devices: list[int] | None = None, progress: Progress | None = None,
                  wait_timeout_s: float = 3600.0) -> list[Any]:
     """Run ``generators`` generator processes and the trainer (this process) for one run on this machine."""
     if generators < 1:
@@ -181,14 +181,20 @@ def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list
     with tempfile.TemporaryDirectory(prefix="recpipe-roles-") as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        with pipeline.open_run(cfg, progress=progress) as ctx:  # the loop lease: one launcher per run
+        with LoopRecipe(cfg, progress=progress) as recipe:  # the loop lease: one launcher per run
             workers = [subprocess.Popen([sys.executable, "-m", "recpipe.cli", "generator", "--config", str(config)],
                                         env={**os.environ, **_placement(part)}, start_new_session=True,
                                         preexec_fn=die_with_parent(signal.SIGTERM))
                        for part in parts]
+            def check() -> None:
+                failed = [(i, w.returncode) for i, w in enumerate(workers) if w.poll() not in (None, 0)]
+                if failed:
+                    raise GeneratorFailed(f"generator process(es) {', '.join(f'#{i} (exit {rc})' for i, rc in failed)} "
+                                          "ended with an error; their output is above")
+
             try:
                 pin_to_cpus(_placement(list(trainer_devices or [])).get("RECPIPE_CPUS", ""))
-                return run_trainer(ctx, wait_timeout_s=wait_timeout_s)
+                return run_trainer(recipe, wait_timeout_s=wait_timeout_s, check=check)
             finally:
                 for worker in workers:
                     if worker.poll() is None:
@@ -199,3 +205,78 @@ def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list
                     except subprocess.TimeoutExpired:
                         os.killpg(worker.pid, signal.SIGKILL)
                         worker.wait()
+
+
+# ---- a Ray cluster ---------------------------------------------------------------------------------
+# What a generator actor needs from the driver's environment on another machine (S3 keys, caches).
+FORWARDED_ENV = ("AWS_", "RECPIPE_", "HF_", "VLLM_", "OMP_NUM_THREADS")
+
+
+class GeneratorActor:
+    """A generator worker as a Ray actor: one recipe (and so one loaded engine) for the actor's life, so
+    an engine is started once and only swaps weights between shards and versions."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.recipe = LoopRecipe(RecpipeConfig.model_validate(config), lease=None).setup()
+
+    def run(self, exit_when_idle: bool = False) -> int:
+        try:
+            return run_generator(self.recipe, exit_when_idle=exit_when_idle)
+        finally:
+            self.recipe.cleanup()
+
+
+def portable_config(cfg: RecpipeConfig) -> dict[str, Any]:
+    """``cfg`` as plain data with local paths made absolute: a Ray worker does not start in this directory."""
+    data = cfg.model_dump(mode="json")
+    if "://" not in data["store"]:
+        data["store"] = str(Path(data["store"]).resolve())
+    if Path(data["model"]["name"]).exists():
+        data["model"]["name"] = str(Path(data["model"]["name"]).resolve())
+    return data
+
+
+def launch_ray(cfg: RecpipeConfig, generators: int, *, address: str = "local",
+               progress: Progress | None = None, wait_timeout_s: float = 3600.0,
+               trainer_devices: list[int] | None = None) -> list[Any]:
+    """Run ``generators`` generator actors on a Ray cluster and the trainer in this process.
+
+    address: "local" starts a Ray instance on this machine for the run (and stops it after); "auto" joins
+    the cluster this machine belongs to (`ray start`); anything else is a cluster address. Each actor asks
+    for one GPU when the cluster has GPUs, else one CPU core.
+    """
+    import ray
+
+    if generators < 1:
+        raise ValueError(f"--generators must be >= 1 with --ray (got {generators})")
+    started_here = not ray.is_initialized()
+    if started_here:
+        if address == "local":
+            ray.init(num_cpus=max(generators, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                     object_store_memory=256 * 2**20)
+        else:
+            ray.init(address=address, log_to_driver=False)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        actor_class = ray.remote(num_cpus=0 if gpus else 1, num_gpus=gpus, max_restarts=0)(GeneratorActor)
+        with LoopRecipe(cfg, progress=progress) as recipe:  # the loop lease: one launcher per run
+            config = portable_config(cfg)
+            actors = [actor_class.options(runtime_env={"env_vars": env}).remote(config) for _ in range(generators)]
+            runs = [actor.run.remote() for actor in actors]
+
+            def check() -> None:  # a failed actor's error, raised here, instead of waiting for its shards
+                ready, _ = ray.wait(runs, num_returns=len(runs), timeout=0)
+                ray.get(ready)
+
+            try:
+                pin_to_cpus(_placement(list(trainer_devices or [])).get("RECPIPE_CPUS", ""))
+                results = run_trainer(recipe, wait_timeout_s=wait_timeout_s, check=check)
+                ray.get(runs)  # each ends by itself once the run has all its steps; raises what one raised
+                return results
+            finally:
+                for actor in actors:
+                    ray.kill(actor)
+    finally:
+        if started_here:
+            ray.shutdown()

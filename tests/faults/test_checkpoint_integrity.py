@@ -11,7 +11,7 @@ import torch
 from mounts import small_disk
 
 from recpipe.config import load_config
-from recpipe.pipeline import _engine_with
+from recpipe.recipe import LoopRecipe
 from recpipe.store import Store, StoreWriteError
 from recpipe.train import Trainer
 from recpipe.train import checkpoint as ckpt
@@ -81,10 +81,11 @@ def test_a_damaged_latest_version_is_never_resumed_from(tmp_path, tiny_model, na
 
 def test_the_sampling_engine_refuses_a_damaged_version(tmp_path, tiny_model):
     store = trained(tmp_path / "store", tiny_model)
-    cfg = load_config(overrides=["generate.backend=hf"])
+    cfg = load_config(overrides=["generate.backend=hf", f"store={store.root}", "run=r", f"model.name={tiny_model}"])
     overwrite_weights(store.checkpoint_dir("r", 1) / "model.safetensors")
-    with pytest.raises(ckpt.CheckpointError, match=r"v000001.*model\.safetensors.*sha256.*recpipe doctor"):
-        _engine_with(cfg, tiny_model, store.checkpoint_dir("r", 1), version=1)
+    with LoopRecipe(cfg, lease=None) as recipe, pytest.raises(
+            ckpt.CheckpointError, match=r"v000001.*model\.safetensors.*sha256.*recpipe doctor"):
+        recipe.engine_for(1)
     # v1 lost its optimizer state to retention: that is not damage, and the engine never reads it.
     assert not (store.checkpoint_dir("r", 1) / "optimizer.pt").exists()
     assert ckpt.verify_checkpoint(store.checkpoint_dir("r", 2), optimizer="skip") == []

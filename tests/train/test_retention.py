@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from recpipe.algorithms import behaviour_version
-from recpipe.pipeline import needed_versions
+from recpipe.config import load_config
+from recpipe.recipe import needed_versions
 from recpipe.train.checkpoint import future_versions, versions_to_keep
-
-
-def fake_run(steps: int, k: int, o: int, current: int, query: str = "schedule") -> SimpleNamespace:
-    """The parts of a RunContext that needed_versions reads."""
-    cfg = SimpleNamespace(loop=SimpleNamespace(steps=steps, sync_interval=k, sync_offset=o),
-                          select=SimpleNamespace(query=query))
-    return SimpleNamespace(cfg=cfg, trainer=SimpleNamespace(current_version=current))
 
 
 def test_a_3_step_run_keeps_the_version_its_4th_step_would_sample_from():
     # v(s) for k=2, o=1: 0 0 0 2 2 4. After 3 steps the run is at v3; `loop --steps 6` then needs v2.
-    assert needed_versions(fake_run(steps=3, k=2, o=1, current=3), from_step=3) == {2}
-    assert needed_versions(fake_run(steps=3, k=2, o=1, current=3, query="fresh"), from_step=3) == {2}
+    for query in ("schedule", "fresh"):  # every query samples on the same schedule
+        cfg = load_config(overrides=["loop.steps=3", "loop.sync_interval=2", "loop.sync_offset=1",
+                                     f"select.query={query}"])
+        assert needed_versions(cfg, from_step=3, current_version=3) == {2}
 
 
 @pytest.mark.parametrize("k,o", [(1, 0), (2, 1), (3, 0), (4, 7), (20, 0), (1, 10), (300, 199)])
