@@ -1,33 +1,58 @@
-"""The paper's study in one command: loss presets x off-policy settings, one archive.
+"""The paper's study in one command: loss presets x off-policy settings x seeds, one archive.
 
-Each (preset, setting) pair is a run named ``<preset>.<setting>`` in the same
-store, so every comparison is one SQL query away. Settings follow
-algorithms.md: on-policy (k=1, o=0), periodic sync (k, 0), fixed lag (1, o),
-fully offline (every step trains on version-0 rollouts); ``k:o`` for any other.
+    recpipe experiment --store runs/study --model smollm2 --steps 24 --seeds 0,1 --workers 2 \\
+        --presets reinforce,grpo,rec-oneside-nois,rec-oneside-nois:0.6,2.0,red-weight \\
+        --settings onpolicy,sync,offline --eval-every 4
+
+Each (preset, setting, seed) is a run named ``<preset>.<setting>.s<seed>`` in the same store, so every
+comparison is one SQL query away. A preset may carry overrides: ``rec-oneside-nois:0.6,2.0`` is the
+paper's wider one-side band (eps_low 0.6, eps_high 2.0), ``red-weight:temp=0.5`` any LossConfig field
+(see ``parse_presets``). Settings follow algorithms.md, scaled to the run length (``parse_settings``).
+The seed is both the sampling seed (which prompts, which samples) and the trainer's.
+
+Runs are independent: ``workers`` processes take them in turn, each run held by its loop lease (a
+worker skips a run another one holds), and a run already finished in the archive is not run again, so
+a killed study rerun with the same command finishes only what is missing, then writes the whole table
+(recpipe.study).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import pyarrow as pa
+import yaml
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pyarrow as pa  # noqa: E402
+from recpipe.algorithms import PRESETS, LossConfig
+from recpipe.config import RecpipeConfig
+from recpipe.store import Store
 
-from recpipe.config import RecpipeConfig  # noqa: E402
-from recpipe.store import Store  # noqa: E402
+# Off-policy settings as (k, o) = (sync_interval, sync_offset) for a run of `steps` steps. The paper's
+# are for ~300 steps (k=20; o=10; offline k=300, o=199); at a few dozen steps, k=20/300 of the run would
+# be on-policy in all but name, so periodic sync and the lag take a third of the run: staleness up to
+# steps/3 - 1 (sync) or exactly steps/3 (lag), between on-policy (0) and offline (up to steps - 1).
+SETTING_NAMES = ("onpolicy", "sync", "syncoffset", "lag", "offline")
 
 
 def parse_settings(text: str, steps: int) -> dict[str, tuple[int, int]]:
-    """Named sync settings scaled to a run of ``steps`` steps (the paper's are for 300+ steps)."""
+    """Named sync settings scaled to a run of ``steps`` steps, or ``k:o`` for any other."""
     third = max(1, steps // 3)
-    named = {"onpolicy": (1, 0), "sync": (max(2, third), 0), "lag": (1, third), "offline": (steps + 1, steps - 1)}
-    grid = {}
+    named = {
+        "onpolicy": (1, 0),                      # v(s) = s
+        "sync": (max(2, third), 0),              # periodic sync: the paper's k=20, o=0
+        "syncoffset": (max(2, third), max(1, third // 2)),  # the paper's k=20, o=10
+        "lag": (1, third),                       # fixed lag: the paper's k=1, o=10
+        "offline": (steps + 1, steps - 1),       # every step trains on version-0 rollouts
+    }
+    grid: dict[str, tuple[int, int]] = {}
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
@@ -39,6 +64,8 @@ def parse_settings(text: str, steps: int) -> dict[str, tuple[int, int]]:
                 grid[f"k{int(k)}o{int(o)}"] = (int(k), int(o))
             except ValueError:
                 raise ValueError(f"--settings item {item!r}: expected k:o with integers") from None
+            if int(k) < 1 or int(o) < 0:
+                raise ValueError(f"--settings item {item!r}: expected k >= 1 and o >= 0")
         else:
             raise ValueError(f"--settings item {item!r}: expected one of {', '.join(named)} or k:o")
     if not grid:
@@ -46,59 +73,296 @@ def parse_settings(text: str, steps: int) -> dict[str, tuple[int, int]]:
     return grid
 
 
-def experiment_configs(base: RecpipeConfig, presets: list[str], grid: dict[str, tuple[int, int]]) -> list[RecpipeConfig]:
-    configs = []
-    for preset in presets:
-        for name, (k, o) in grid.items():
-            data = base.model_dump()
-            data["run"] = f"{preset}.{name}"
-            data["loss"] = {"preset": preset, "overrides": base.loss.overrides}
-            data["loop"].update(sync_interval=k, sync_offset=o)
-            configs.append(RecpipeConfig.model_validate(data))  # bad preset names fail before any run starts
-    return configs
+@dataclass(frozen=True)
+class PresetSpec:
+    """A loss preset with overrides, as one grid entry: ``label`` names it in run names and tables."""
+
+    label: str
+    preset: str
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
-COMPARISON = """
-SELECT e.run, max_by(e.accuracy, e.policy_version) AS final_accuracy, max(e.accuracy) AS best_accuracy,
-       min(e.policy_version) FILTER (WHERE e.accuracy >= $threshold) AS steps_to_threshold
-FROM evals e WHERE list_contains($runs, e.run) GROUP BY e.run ORDER BY e.run
-"""
+def _positional_fields(preset: str) -> tuple[str, ...]:
+    """What bare numbers after ``preset:`` mean: the clip band, RED-Weight's temperature, or beta."""
+    row = PRESETS[preset]
+    if row["clip_mode"] != "none":
+        return ("epsilon_low", "epsilon_high")
+    if row["weight"] == "advantage":
+        return ("temp",)
+    if row["regularizer"] != "none":
+        return ("regularizer_coef",)
+    return ()
 
 
-def run_experiment(base: RecpipeConfig, presets: list[str], grid: dict[str, tuple[int, int]],
-                   run_one: Callable[[RecpipeConfig], Any], *, threshold: float = 0.5,
-                   out_dir: str | Path | None = None) -> tuple[pa.Table, Path]:
-    """Run every (preset, setting) with ``run_one`` (the loop flow); write the table and the plot."""
-    configs = experiment_configs(base, presets, grid)
-    wall = {}
-    for cfg in configs:
-        started = time.perf_counter()
-        run_one(cfg)
-        wall[cfg.run] = time.perf_counter() - started
+def _number(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--presets item {where!r}: {text!r} is not a number") from None
+
+
+def parse_preset(spec: str) -> PresetSpec:
+    """``name``, ``name:v1[,v2]`` (positional: eps_low[,eps_high] for a clipped preset, one value for
+    both; temp for red-weight; beta for asymre/opmd) or ``name:field=value[,field=value]``."""
+    name, sep, rest = spec.strip().partition(":")
+    if name not in PRESETS:
+        raise ValueError(f"--presets item {spec!r}: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+    if not sep:
+        return PresetSpec(name, name)
+    items = [t.strip() for t in rest.split(",")]
+    if not rest.strip() or not all(items):
+        raise ValueError(f"--presets item {spec!r}: nothing after ':' (e.g. {name}:0.6,2.0 or {name}:temp=0.5)")
+    overrides: dict[str, Any] = {}
+    if all("=" in t for t in items):
+        for item in items:
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in LossConfig.model_fields:
+                raise ValueError(f"--presets item {spec!r}: unknown field {key!r}; allowed: "
+                                 f"{', '.join(LossConfig.model_fields)}")
+            overrides[key] = yaml.safe_load(value) if value.strip() else ""  # 0.5, true, one-side
+    elif any("=" in t for t in items):
+        raise ValueError(f"--presets item {spec!r}: mix of positional values and field=value; use one form")
+    else:
+        fields = _positional_fields(name)
+        if not fields:
+            raise ValueError(f"--presets item {spec!r}: preset {name!r} takes no positional values; "
+                             f"use field=value (fields: {', '.join(LossConfig.model_fields)})")
+        values = [_number(t, spec) for t in items]
+        if len(values) > len(fields):
+            raise ValueError(f"--presets item {spec!r}: {name!r} takes at most {len(fields)} value(s) "
+                             f"({', '.join(fields)}), got {len(values)}")
+        if len(values) == 1 and len(fields) == 2:
+            values = values * 2  # "rec-oneside-nois:0.2": the symmetric band eps_low = eps_high
+        overrides = dict(zip(fields, values, strict=False))
+    try:
+        LossConfig(**{**PRESETS[name], **overrides})
+    except ValueError as exc:  # pydantic's message names the field and the allowed values
+        raise ValueError(f"--presets item {spec!r}: {' '.join(str(exc).split())}") from None
+    label = name + "_" + "-".join(_short(v) for v in overrides.values())
+    return PresetSpec(label, name, overrides)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _short(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value).lower()
+
+
+def parse_presets(text: str) -> list[PresetSpec]:
+    """A comma-separated grid of presets; the values of ``name:v1,v2`` continue past the comma
+    ("reinforce,rec-oneside-nois:0.6,2.0,grpo" is three presets): an item that is a number or
+    field=value belongs to the preset before it."""
+    entries: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        continues = entries and ":" in entries[-1] and (_is_number(item) or ("=" in item and ":" not in item))
+        if continues:
+            entries[-1] += "," + item
+        else:
+            entries.append(item)
+    if not entries:
+        raise ValueError("--presets is empty")
+    specs = [parse_preset(e) for e in entries]
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--presets lists a preset twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+    return specs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1,2`` or a range ``0-3`` (inclusive)."""
+    seeds: list[int] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        low, dash, high = item.partition("-")
+        try:
+            seeds.extend(range(int(low), int(high) + 1) if dash and low else [int(item)])
+        except ValueError:
+            raise ValueError(f"--seeds item {item!r}: expected an integer >= 0 or a range like 0-3") from None
+    if not seeds or min(seeds) < 0:
+        raise ValueError(f"--seeds {text!r}: expected integers >= 0, e.g. 0,1")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the study."""
+
+    preset: PresetSpec
+    setting: str
+    sync: tuple[int, int]
+    seed: int
+
+    @property
+    def run(self) -> str:
+        return f"{self.preset.label}.{self.setting}.s{self.seed}"
+
+
+def study_cells(presets: list[PresetSpec], grid: dict[str, tuple[int, int]], seeds: list[int]) -> list[Cell]:
+    # Seed-major: with a study cut short, every cell already has its first seed.
+    return [Cell(p, name, sync, seed) for seed in seeds for name, sync in grid.items() for p in presets]
+
+
+def cell_config(base: RecpipeConfig, cell: Cell) -> RecpipeConfig:
+    data = base.model_dump()
+    data["run"] = cell.run
+    data["loss"] = {"preset": cell.preset.preset, "overrides": {**base.loss.overrides, **cell.preset.overrides}}
+    data["loop"].update(sync_interval=cell.sync[0], sync_offset=cell.sync[1])
+    data["generate"]["seed"] = cell.seed
+    data["train"]["seed"] = cell.seed
+    cfg = RecpipeConfig.model_validate(data)  # a bad override fails before any run starts
+    if len(cfg.run) > 64:
+        raise ValueError(f"run name {cfg.run!r} is longer than 64 characters: shorten the preset overrides")
+    return cfg
+
+
+def experiment_configs(base: RecpipeConfig, presets: list[PresetSpec], grid: dict[str, tuple[int, int]],
+                       seeds: list[int] | None = None) -> list[RecpipeConfig]:
+    return [cell_config(base, c) for c in study_cells(presets, grid, seeds or [base.generate.seed])]
+
+
+# ---- running ------------------------------------------------------------------------------------
+def run_loop(cfg: RecpipeConfig, progress: Any = None, engines: Any = None) -> None:
+    """One run through the loop recipe (resumes what the archive holds); ``engines``: a
+    recpipe.generate.pool.EnginePool shared by the runs of one process (vLLM started once)."""
+    from recpipe.recipe import LoopRecipe
+
+    with LoopRecipe(cfg, progress=progress, engines=engines) as recipe:
+        recipe.run()
+
+
+def finished_runs(configs: list[RecpipeConfig]) -> set[str]:
+    """Runs of ``configs`` (one store) that trained all their steps and evaluated the version they ended at."""
+    if not configs or not Store.exists(configs[0].store, configs[0].storage_options or None):
+        return set()
+    steps = {c.run: c.loop.steps for c in configs}
+    con = Store(configs[0].store, configs[0].storage_options or None).connect(read_only=True)
+    try:
+        rows = con.execute(
+            "WITH s AS (SELECT run, count(DISTINCT step) AS n, max_by(policy_version, step) AS final "
+            "           FROM steps WHERE list_contains($runs, run) GROUP BY run) "
+            "SELECT s.run, s.n FROM s JOIN evals e ON e.run = s.run AND e.policy_version = s.final",
+            {"runs": list(steps)}).fetchall()
+    finally:
+        con.close()
+    return {run for run, n in rows if n >= steps[run]}
+
+
+def run_pending(configs: list[RecpipeConfig], progress: Any = None) -> list[str]:
+    """Run, one after another, every run not finished and not held by another process, with one engine
+    pool for all of them (vLLM starts once per engine settings); returns the runs it ran."""
+    from recpipe.generate.pool import EnginePool
+    from recpipe.store import RunLocked
+
+    done = []
+    with EnginePool() as engines:
+        for cfg in configs:
+            if cfg.run in finished_runs([cfg]):  # asked again each time: another worker may have finished it
+                continue
+            try:
+                run_loop(cfg, progress=progress, engines=engines)
+            except RunLocked:  # another worker runs it now
+                continue
+            done.append(cfg.run)
+    return done
+
+
+def _worker_env(index: int, workers: int) -> dict[str, str]:
+    """Worker ``index`` of ``workers`` on its share of this process's cores (threads = cores)."""
+    from recpipe.roles import split_devices
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < workers:
+        return {"OMP_NUM_THREADS": "1"}
+    share = split_devices(cpus, workers)[index]
+    return {"RECPIPE_CPUS": ",".join(map(str, share)), "OMP_NUM_THREADS": str(len(share)),
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share))}
+
+
+def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path) -> None:
+    """``workers`` processes (``python -m recpipe.experiment PLAN``) over the same list of runs, each
+    taking the next run no other holds; they die with this process."""
+    from recpipe.subprocesses import die_with_parent
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="study-plan-", delete=False) as plan:
+        json.dump([c.model_dump(mode="json") for c in configs], plan)
+    procs = []
+    try:
+        for i in range(workers):
+            log = open(log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - closed below
+            argv = [sys.executable, "-m", "recpipe.experiment", plan.name, str(i), str(workers)]
+            procs.append((subprocess.Popen(argv,
+                                           env={**os.environ, **_worker_env(i, workers)}, stdout=log,
+                                           stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGKILL)),
+                          log))
+        failed = []
+        for i, (proc, _) in enumerate(procs):
+            if proc.wait() != 0:
+                path = log_dir / f"worker-{i}.log"
+                tail = " | ".join(path.read_text(errors="replace").strip().splitlines()[-3:])
+                failed.append(f"worker {i} exited with {proc.returncode} (log {path}: ... {tail})")
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+        os.unlink(plan.name)
+    if failed:
+        raise RuntimeError("; ".join(failed))
+
+
+def _worker_main(plan: str, index: int, workers: int) -> None:
+    from recpipe.roles import pin_to_cpus
+
+    pin_to_cpus()
+    configs = [RecpipeConfig.model_validate(c) for c in json.loads(Path(plan).read_text())]
+    # Workers start at different runs so two of them rarely race for the same lease.
+    start = index * len(configs) // workers
+    ran = run_pending(configs[start:] + configs[:start])
+    print(f"worker {index}: ran {len(ran)} run(s): {', '.join(ran)}", flush=True)
+
+
+def run_experiment(base: RecpipeConfig, presets: list[PresetSpec], grid: dict[str, tuple[int, int]],
+                   seeds: list[int] | None = None, *, workers: int = 1, threshold: float = 0.5,
+                   out_dir: str | Path | None = None, progress: Any = None) -> tuple[pa.Table, Path]:
+    """Run every (preset, setting, seed) not yet finished, then write the study's tables and figure.
+
+    One worker runs them in this process (``progress`` sees its events); more run in their own
+    processes (their output goes to ``<out>/logs/worker-<i>.log``)."""
+    from recpipe.study import write_study
+
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {workers})")
+    cells = study_cells(presets, grid, seeds or [base.generate.seed])
+    configs = [cell_config(base, c) for c in cells]
+    Store.create(base.store, base.storage_options or None)  # before workers race to create it
     store = Store(base.store, base.storage_options or None)
-    runs = [c.run for c in configs]
-    con = store.connect(read_only=True)
-    rows = con.sql(COMPARISON, params={"threshold": threshold, "runs": runs}).to_arrow_table().to_pylist()
-    curves = con.sql("SELECT run, policy_version, accuracy FROM evals WHERE list_contains($runs, run) "
-                     "ORDER BY run, policy_version", params={"runs": runs}).to_arrow_table().to_pylist()
-    for row in rows:
-        row["wall_seconds"] = round(wall.get(row["run"], float("nan")), 1)
-    table = pa.Table.from_pylist(rows)
     out = Path(out_dir) if out_dir else store.root / "reports" / "experiment"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.csv").write_text(
-        ",".join(table.column_names) + "\n" + "\n".join(",".join(str(v) for v in r.values()) for r in rows) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in runs:
-        pts = [(c["policy_version"], c["accuracy"]) for c in curves if c["run"] == run]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=run)
-    ax.set_xlabel("policy version (= training steps)")
-    ax.set_ylabel("greedy held-out accuracy")
-    ax.set_title("presets x off-policy settings")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-    return table, out / "comparison.csv"
+    finished = finished_runs(configs)
+    pending = [c for c in configs if c.run not in finished]
+    if workers == 1 or len(pending) <= 1:
+        run_pending(pending, progress)
+    else:
+        run_workers(pending, min(workers, len(pending)), out / "logs")
+    missing = sorted({c.run for c in configs} - finished_runs(configs))
+    if missing:  # another process holds them (the same study started twice): its table will be complete
+        raise ValueError(f"runs not finished, held by another process: {', '.join(missing)}; rerun the "
+                         "same command once it ends")
+    return write_study(store, cells, out, threshold=threshold)
+
+
+if __name__ == "__main__":
+    _worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

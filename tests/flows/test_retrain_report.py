@@ -1,4 +1,4 @@
-"""retrain replays a run's lineage with another preset; report and experiment write their files."""
+"""retrain replays a run's lineage with another preset; report writes its files (experiment: tests/test_experiment.py)."""
 
 import json
 
@@ -40,17 +40,3 @@ def test_retrain_replays_lineage_and_report_renders(tmp_path, tiny_model, run_re
     html = (tmp_path / "report" / "index.html").read_text()
     assert "<img" in html and "throughput" in html
 
-
-def test_experiment_grid_writes_the_comparison(tmp_path, tiny_model, run_recpipe):
-    store = tmp_path / "exp"
-    result = run_recpipe("experiment", "--store", str(store), "--model", str(tiny_model), "--steps", "2",
-                         "--presets", "rec-oneside-nois", "--settings", "onpolicy,offline", *SMALL_HF)
-    assert result.returncode == 0, result.stderr[-3000:]
-    csv = (store / "reports" / "experiment" / "comparison.csv").read_text().splitlines()
-    assert csv[0].startswith("run,final_accuracy,best_accuracy,steps_to_threshold,wall_seconds")
-    assert sorted(line.split(",")[0] for line in csv[1:]) == ["rec-oneside-nois.offline", "rec-oneside-nois.onpolicy"]
-    assert (store / "reports" / "experiment" / "accuracy.png").stat().st_size > 1000
-    # offline trains every step on version-0 rollouts; on-policy on the newest version.
-    assert sql_rows(store, "SELECT list(DISTINCT policy_version) FROM batches WHERE run = 'rec-oneside-nois.offline'") == [([0],)]
-    assert sql_rows(store, "SELECT list(policy_version ORDER BY step) FROM (SELECT DISTINCT step, policy_version FROM batches "
-                       "WHERE run = 'rec-oneside-nois.onpolicy')") == [([0, 1],)]
