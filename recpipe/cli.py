@@ -732,30 +732,41 @@ def experiment(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
-    presets: Annotated[str, typer.Option(help="Comma-separated loss presets.")] = "reinforce,rec-oneside-nois,grpo",
-    settings: Annotated[str, typer.Option(help="Comma-separated sync settings: onpolicy, sync, lag, offline, or k:o.")] = "onpolicy,sync,lag,offline",
+    presets: Annotated[str, typer.Option(help="Comma-separated loss presets, each optionally with overrides: "
+                                         "rec-oneside-nois:0.6,2.0 (eps low, high), red-weight:temp=0.5.")] = "reinforce,rec-oneside-nois,grpo",
+    settings: Annotated[str, typer.Option(help="Comma-separated sync settings scaled to --steps: onpolicy, sync, syncoffset, lag, offline, or k:o.")] = "onpolicy,sync,lag,offline",
+    seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0,1 or 0-3: each is the sampling and trainer seed of one run per cell (default: generate.seed).")] = None,
     steps: StepsOpt = None,
+    eval_every: Annotated[int | None, typer.Option(help="Held-out evaluation every N steps (default: loop.eval_every).")] = None,
+    workers: Annotated[int, typer.Option(help="Runs at a time, each in its own process on its share of the cores.")] = 1,
     model: ModelOpt = None,
     task: TaskOpt = None,
     threshold: Annotated[float, typer.Option(help="Accuracy threshold for 'steps to threshold'.")] = 0.5,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the table and plot (default: <store>/reports/experiment).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the tables and plots (default: <store>/reports/experiment).")] = None,
 ) -> None:
-    """The paper's study in one command: presets x sync settings on one archive.
-    Example: recpipe experiment --model tiny --steps 6 --store exp"""
-    from recpipe.experiment import experiment_configs, parse_settings, run_experiment
+    """The paper's study in one command: presets x sync settings x seeds on one archive; a rerun of
+    the same command skips finished runs. Example: recpipe experiment --model tiny --steps 6 --seeds 0,1 --store exp"""
+    from recpipe.experiment import (
+        experiment_configs,
+        parse_presets,
+        parse_seeds,
+        parse_settings,
+        run_experiment,
+    )
 
-    cfg = make_config(config, set_, store, None, {"loop.steps": steps, "model.name": model, "task.name": task})
-    preset_names = [p.strip() for p in presets.split(",") if p.strip()]
+    at_least("--eval-every", eval_every, 0)
+    cfg = make_config(config, set_, store, None, {"loop.steps": steps, "model.name": model, "task.name": task,
+                                                  "loop.eval_every": eval_every})
+    preset_specs = parse_presets(presets)
     grid = parse_settings(settings, cfg.loop.steps)
-    experiment_configs(cfg, preset_names, grid)  # validate every preset before the first run starts
+    seed_list = parse_seeds(seeds) if seeds is not None else None
+    configs = experiment_configs(cfg, preset_specs, grid, seed_list)  # validate every run before the first starts
     _preflight(cfg)
-    from flows.pipeline_flows import loop as loop_flow
     from recpipe.progress import LoopProgress
 
-    with LoopProgress(cfg.loop.steps * len(preset_names) * len(grid), console) as progress:
-        table, path = run_experiment(cfg, preset_names, grid,
-                                     lambda c: loop_flow(to_params(c), progress=progress),
-                                     threshold=threshold, out_dir=out_dir)
+    with LoopProgress(cfg.loop.steps * len(configs), console) as progress:
+        table, path = run_experiment(cfg, preset_specs, grid, seed_list, workers=workers, threshold=threshold,
+                                     out_dir=out_dir, progress=progress)
     print_table(table, title="experiment")
     out.print(f"comparison written to {path}")
 
