@@ -221,7 +221,13 @@ def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("policy."): v for k, v in full.items()}
+    full = {k.removeprefix("policy."): v for k, v in full.items()}
+    policy = module.policy
+    if getattr(policy.config, "tie_word_embeddings", False):
+        # Gathered, a tied LM head is a second copy of the embedding: save it once, as one process does.
+        head = policy.get_output_embeddings()
+        full.pop(next(f"{n}.weight" for n, m in policy.named_modules() if m is head), None)
+    return full
 
 
 def save_optimizer_shards(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -100,14 +100,19 @@ def prepare_policy(policy: torch.nn.Module, device: torch.device, *, sharded: bo
     policy.train()
     module = PolicyLogprobs(policy, chunk_tokens)
     if sharded:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
         layers = policy.get_decoder().layers
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
         for layer in layers:
             fully_shard(layer, **({"mp_policy": mp} if mp else {}))
         fully_shard(module)  # root: float32 compute for embeddings, final norm and LM head
-        module.set_gradient_divide_factor(1.0)  # sum over ranks: each rank's loss is already scaled to the batch
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                # Sum over ranks, not mean: each rank's loss is already scaled to the whole batch. A plain
+                # SUM (no pre-multiplied sum), which gloo has too.
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
     return module
 
 
