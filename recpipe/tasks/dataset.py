@@ -234,7 +234,7 @@ class DatasetTask:
         for index, row in enumerate(table.to_pylist()):
             messages = self._messages(row, prompt_col, index)
             if self.id_column is not None:
-                prompt_id = f"{self.name}-{row[self.id_column]}"
+                prompt_id = f"{self.name}-{str(row[self.id_column]).replace('/', '_')}"  # ids nest in group ids
             else:
                 digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
                 prompt_id = f"{self.name}-{digest}"
