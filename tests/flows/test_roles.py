@@ -5,7 +5,8 @@ import signal
 import subprocess
 import time
 
-from flowtools import SMALL_HF, recpipe_cmd, sql_rows
+import pytest
+from flowtools import SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
 from test_loop_e2e import check_run
 
 from recpipe.store import Store
@@ -19,29 +20,91 @@ def rollouts(store):
     return sql_rows(store, "SELECT rollout_id, policy_version, response_token_ids FROM rollouts ORDER BY rollout_id")
 
 
-def test_two_generators_and_a_trainer_follow_the_schedule_and_write_the_loops_rollout_ids(
-        tmp_path, tiny_model, run_recpipe):
-    run_recpipe.env["OMP_NUM_THREADS"] = "1"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model, prefect_api):
+    """What the single-process loop writes for the config every test here runs: (common args, rollouts)."""
+    tmp = tmp_path_factory.mktemp("single")
+    env = {**recpipe_env(tmp, prefect_api), "OMP_NUM_THREADS": "1"}
     common = ["--model", str(tiny_model), *SCHEDULE, *SMALL_HF, *ONE_THREAD]
+    single = subprocess.run(recpipe_cmd("loop", "--store", str(tmp / "store"), *common), capture_output=True,
+                            text=True, env=env, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return common, rollouts(tmp / "store")
+
+
+def check_split_run(store, reference_rows):
+    """A run made by generator workers and a trainer: the schedule's staleness, no rollout twice, and the
+    single-process loop's rollout ids, versions and token ids."""
+    check_run(store, "default", steps=6, k=2, o=1)
+    # Versions 0, 2 and 4 only (v(s) for s = 0..5 with k=2, o=1): nothing the schedule does not use.
+    assert sql_rows(store, "SELECT list(DISTINCT policy_version ORDER BY policy_version) FROM rollouts") == [([0, 2, 4],)]
+    # Each shard was claimed once and generated once (shard claims); none ahead of its version's commit:
+    # a shard of v4 committed after v4's policies row.
+    claims = sql_rows(store, "SELECT count(DISTINCT purpose) FROM leases WHERE purpose LIKE 'shard-%'")[0][0]
+    assert claims == sql_rows(store, "SELECT count(DISTINCT shard_id) FROM rollouts")[0][0]
+    early = sql_rows(store, "SELECT count(*) FROM groups g JOIN policies p ON p.run = g.run AND p.version = "
+                            "g.policy_version WHERE g.policy_version > 0 AND g.created_at < p.created_at")
+    assert early == [(0,)]
+    # The same ids, versions and token ids: same weights, seeds, one thread, and the schedule takes a
+    # version's groups in id order, whichever worker committed its shard first.
+    assert rollouts(store) == reference_rows
+
+
+def test_two_generator_processes_and_a_trainer_write_the_loops_rollouts(tmp_path, reference, run_recpipe):
+    common, expected = reference
+    run_recpipe.env["OMP_NUM_THREADS"] = "1"
     split = run_recpipe("loop", "--store", str(tmp_path / "split"), *common, "--generators", "2",
                         "--generator-devices", "0,1", "--trainer-devices", "1")
     assert split.returncode == 0, split.stderr[-3000:]
-    check_run(tmp_path / "split", "default", steps=6, k=2, o=1)
-    # Each shard was generated once, by one of the worker processes (shard claims), never ahead of the schedule:
-    # versions 0, 2 and 4 only (v(s) for s = 0..5 with k=2, o=1), and v4 only once the trainer committed it.
-    assert sql_rows(tmp_path / "split", "SELECT list(DISTINCT policy_version ORDER BY policy_version) FROM rollouts") \
-        == [([0, 2, 4],)]
-    claims = sql_rows(tmp_path / "split", "SELECT count(DISTINCT purpose), count(DISTINCT pid) FROM leases "
-                                         "WHERE purpose LIKE 'shard-%'")
-    shards = sql_rows(tmp_path / "split", "SELECT count(DISTINCT shard_id) FROM rollouts")[0][0]
-    assert claims[0][0] == shards and claims[0][1] >= 1
+    check_split_run(tmp_path / "split", expected)
+    pids = sql_rows(tmp_path / "split", "SELECT count(DISTINCT pid) FROM leases WHERE purpose LIKE 'shard-%'")
+    assert pids[0][0] >= 1
 
-    single = run_recpipe("loop", "--store", str(tmp_path / "single"), *common)
-    assert single.returncode == 0, single.stderr[-3000:]
-    split_rows, single_rows = rollouts(tmp_path / "split"), rollouts(tmp_path / "single")
-    # The same ids, versions and token ids: same weights, seeds, one thread, and the schedule takes a
-    # version's groups in id order, whichever worker committed its shard first.
-    assert split_rows == single_rows
+
+def test_generator_actors_on_a_local_ray_cluster_write_the_loops_rollouts(tmp_path, reference, run_recpipe):
+    common, expected = reference
+    run_recpipe.env["OMP_NUM_THREADS"] = "1"
+    ray_run = run_recpipe("loop", "--store", str(tmp_path / "ray"), *common, "--generators", "2", "--ray", "local")
+    assert ray_run.returncode == 0, ray_run.stderr[-3000:]
+    check_split_run(tmp_path / "ray", expected)
+    # The shards were generated in the actors' processes, not the trainer's (the loop lease's holder).
+    trainer_pid = sql_rows(tmp_path / "ray", "SELECT any_value(pid) FROM leases WHERE purpose = 'loop'")[0][0]
+    worker_pids = sql_rows(tmp_path / "ray", "SELECT list(DISTINCT pid) FROM leases WHERE purpose LIKE 'shard-%'")
+    assert trainer_pid not in worker_pids[0][0]
+
+
+def test_the_trainer_killed_mid_run_restarts_while_a_generator_keeps_going(tmp_path, reference, run_recpipe):
+    common, expected = reference
+    store = tmp_path / "store"
+    run_recpipe.env["OMP_NUM_THREADS"] = "1"
+    args = ["--store", str(store), *common]
+    generator = subprocess.Popen(recpipe_cmd("generator", *args), env=run_recpipe.env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        trainer = subprocess.Popen(recpipe_cmd("trainer", *args), env=run_recpipe.env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline and trainer.poll() is None:
+                if Store.exists(store) and sql_rows(store, "SELECT count(*) FROM steps")[0][0] >= 2:
+                    break
+                time.sleep(0.2)
+            assert trainer.poll() is None, "the trainer ended before it could be killed"
+        finally:
+            os.killpg(trainer.pid, signal.SIGKILL)
+            trainer.wait()
+        trained = sql_rows(store, "SELECT count(*) FROM steps")[0][0]
+        assert 2 <= trained < 6
+        time.sleep(2)
+        assert generator.poll() is None, "the generator should keep going while the trainer is down"
+        again = run_recpipe("trainer", *args)  # the same host: the dead trainer's lease is free at once
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert generator.wait(timeout=120) == 0, generator.stderr.read()[-3000:]  # it ends once all steps are in
+    finally:
+        if generator.poll() is None:
+            os.killpg(generator.pid, signal.SIGKILL)
+            generator.wait()
+    check_split_run(store, expected)
 
 
 HELD_CLAIM = """
