@@ -18,9 +18,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from recpipe.tasks import Prompt
+if TYPE_CHECKING:  # a type only: the engines import without the tasks (and their pyarrow), for bench_gpu.py
+    from recpipe.tasks import Prompt
 
 logger = logging.getLogger(__name__)
 

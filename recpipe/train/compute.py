@@ -96,6 +96,7 @@ def prepare_policy(policy: torch.nn.Module, device: torch.device, *, sharded: bo
     if bf16 and device.type != "cuda":
         raise ValueError("bf16 needs CUDA (on CPU bfloat16 matmuls are slower than float32)")
     if activation_checkpointing:
+        policy.config.use_cache = False  # a KV cache is of no use in training, and transformers warns
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.train()
     module = PolicyLogprobs(policy, chunk_tokens)
