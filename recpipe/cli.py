@@ -599,11 +599,20 @@ def train(
     steps: Annotated[int, typer.Option("--steps", help="Steps to train (no generation).")] = 1,
     preset_: PresetOpt = None,
     model: ModelOpt = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", help="Trainer ranks (torchrun, FSDP2; default "
+                                              "train.nproc): one per GPU, gloo on CPU.")] = None,
 ) -> None:
     """Train on batches selected from the archive. Example: recpipe train --store store --steps 2 --set select.query=fresh"""
     at_least("--steps", steps, 1)
-    cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model})
+    cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model, "train.nproc": nproc})
     _preflight(cfg)
+    if cfg.train.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; rank 0 comes back here
+        from recpipe.train.launch import relaunch
+
+        code = relaunch(cfg.train.nproc, sys.argv[1:], cfg.train.devices)
+        if code:
+            raise typer.Exit(code)
+        return
     from flows.pipeline_flows import train as train_flow
     from recpipe.progress import LoopProgress
 
@@ -691,15 +700,17 @@ def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
-    run: RunOpt = None,
+    runs: Annotated[list[str] | None, typer.Option("--run", help="Run name; repeat it to overlay runs "
+                                                   "(default: config `run`).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for PNGs and index.html (default: <store>/reports/<run>).")] = None,
 ) -> None:
-    """PNG plots + one HTML page for a run. Example: recpipe report --store store --run default"""
+    """PNG plots + one HTML page for a run, or several overlaid. Example: recpipe report --store store --run a --run b"""
     from recpipe.report import write_report
 
-    cfg = make_config(config, set_, store, run)
+    cfg = make_config(config, set_, store, runs[0] if runs else None)
+    names = runs or [cfg.run]
     st = open_store(cfg)
-    path = write_report(st, cfg.run, out_dir or st.root / "reports" / cfg.run)
+    path = write_report(st, names, out_dir or st.root / "reports" / "+".join(names))
     out.print(f"report written to {path}")
 
 
