@@ -700,15 +700,17 @@ def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     store: StoreOpt = None,
-    run: RunOpt = None,
+    runs: Annotated[list[str] | None, typer.Option("--run", help="Run name; repeat it to overlay runs "
+                                                   "(default: config `run`).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for PNGs and index.html (default: <store>/reports/<run>).")] = None,
 ) -> None:
-    """PNG plots + one HTML page for a run. Example: recpipe report --store store --run default"""
+    """PNG plots + one HTML page for a run, or several overlaid. Example: recpipe report --store store --run a --run b"""
     from recpipe.report import write_report
 
-    cfg = make_config(config, set_, store, run)
+    cfg = make_config(config, set_, store, runs[0] if runs else None)
+    names = runs or [cfg.run]
     st = open_store(cfg)
-    path = write_report(st, cfg.run, out_dir or st.root / "reports" / cfg.run)
+    path = write_report(st, names, out_dir or st.root / "reports" / "+".join(names))
     out.print(f"report written to {path}")
 
 

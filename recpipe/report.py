@@ -1,6 +1,7 @@
 """``recpipe report --run R``: PNG plots and one HTML page from the archive's tables.
 
     recpipe report --store store --run default --out report/
+    recpipe report --store store --run grpo --run rec   # runs overlaid in each panel
 
 Every number comes from SQL over the archive (the queries below), so a report
 can be rebuilt at any time, for any run, without the model.
@@ -9,6 +10,8 @@ can be rebuilt at any time, for any run, without the model.
 from __future__ import annotations
 
 import html
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ QUERIES = {
         SELECT policy_version, avg(reward) AS reward_mean, avg(reward_parts.correctness) AS correct,
                count(*) AS rollouts
         FROM rollouts WHERE run = $run GROUP BY 1 ORDER BY 1""",
-    "accuracy": "SELECT policy_version, accuracy FROM evals WHERE run = $run ORDER BY 1",
+    "accuracy": "SELECT policy_version, accuracy, n FROM evals WHERE run = $run ORDER BY 1",
     "steps": """
         SELECT step, loss, clip_fraction, ratio_mean, ratio_max, mismatch, entropy, staleness_mean,
                tokens_per_second, padding_fraction, applied
@@ -36,7 +39,12 @@ QUERIES = {
         SELECT stage, sum(seconds) AS seconds, sum(tokens) AS tokens,
                sum(tokens) / nullif(sum(seconds), 0) AS tokens_per_second, count(*) AS calls
         FROM timings WHERE run = $run GROUP BY 1 ORDER BY 1""",
+    "timings": """
+        SELECT stage, row_number() OVER (PARTITION BY stage ORDER BY created_at, item) AS call, seconds,
+               tokens / nullif(seconds, 0) AS tokens_per_second
+        FROM timings WHERE run = $run ORDER BY stage, call""",
 }
+SHOWN_TABLES = ("rewards", "accuracy", "steps", "staleness", "throughput")
 
 
 def collect(store: Store, run: str) -> dict[str, list[dict[str, Any]]]:
@@ -47,68 +55,147 @@ def collect(store: Store, run: str) -> dict[str, list[dict[str, Any]]]:
         con.close()
 
 
-def _plot(path: Path, title: str, series: list[tuple[str, list[Any], list[Any]]], xlabel: str, kind: str = "line") -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+Series = tuple[str, list[Any], list[Any]]
+
+
+def _axes(ax: Any, title: str, xlabel: str, ylabel: str, integer_x: bool) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if integer_x:  # steps and versions are whole numbers: no 0.5 ticks
+        xs = {x for line in ax.lines for x in line.get_xdata()} | {
+            x for c in ax.containers for x in getattr(c.lines[0], "get_xdata", lambda: [])()}
+        if len(xs) == 1:  # one point: the locator would pick ticks around it like 0.995
+            ax.set_xticks(sorted(xs))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def figure(title: str, series: list[Series], xlabel: str, ylabel: str, kind: str = "line",
+           errors: dict[str, tuple[list[float], list[int]]] | None = None) -> Any:
+    """One panel; ``errors[label]`` = (standard errors, n) draws that series as points with error bars."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for label, xs, ys in series:
         if kind == "bar":
             ax.bar([str(x) for x in xs], ys, label=label)
+        elif errors and label in errors:
+            err, ns = errors[label]
+            ax.errorbar(xs, ys, yerr=err, fmt="s", capsize=4, label=label)
+            for x, y, n in zip(xs, ys, ns, strict=True):
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
         else:
             ax.plot(xs, ys, marker="o", label=label)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.grid(alpha=0.3)
+    _axes(ax, title, xlabel, ylabel, integer_x=kind != "bar")
     if len(series) > 1:
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _stage_panels(path: Path, runs: dict[str, list[dict[str, Any]]]) -> bool:
+    """Tokens/s of each call, one panel per stage with its own scale: select's 20k tokens/s would flatten
+    generate's and train's hundreds on a shared axis. Stages without token counts show seconds per call."""
+    stages = sorted({row["stage"] for rows in runs.values() for row in rows})
+    if not stages:
+        return False
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.4), squeeze=False)
+    for ax, stage in zip(axes[0], stages, strict=True):
+        rows_of = {run: [r for r in rows if r["stage"] == stage] for run, rows in runs.items()}
+        with_tokens = any(r["tokens_per_second"] is not None for rows in rows_of.values() for r in rows)
+        key, unit = ("tokens_per_second", "tokens/s") if with_tokens else ("seconds", "seconds per call")
+        for run, rows in rows_of.items():
+            rows = [r for r in rows if r[key] is not None]
+            ax.plot([r["call"] for r in rows], [r[key] for r in rows], marker=".", label=run)
+        _axes(ax, stage, "call", unit, integer_x=True)
+        if len(runs) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle("Throughput per stage")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
 
 
 def _col(rows: list[dict[str, Any]], name: str) -> list[Any]:
     return [r[name] for r in rows]
 
 
-def write_report(store: Store, run: str, out_dir: str | Path) -> Path:
-    """Write the PNG plots and ``index.html`` for ``run``; return the HTML path."""
-    data = collect(store, run)
-    if not data["rewards"] and not data["steps"]:
-        raise ValueError(f"run {run!r} has no rollouts and no steps in {store.root}")
+def _standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on n prompts."""
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else 0.0
+
+
+def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) -> Path:
+    """Write the PNG plots and ``index.html`` for one run, or several overlaid; return the HTML path."""
+    runs = [run] if isinstance(run, str) else list(dict.fromkeys(run))
+    data = {name: collect(store, name) for name in runs}
+    for name, d in data.items():
+        if not d["rewards"] and not d["steps"]:
+            raise ValueError(f"run {name!r} has no rollouts and no steps in {store.uri}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = []
+    several = len(runs) > 1
 
-    def plot(name: str, title: str, series: list[tuple[str, list[Any], list[Any]]], xlabel: str,
-             kind: str = "line") -> None:
+    def label(name: str, what: str) -> str:
+        return f"{name}: {what}" if several else what
+
+    def plot(name: str, title: str, series: list[Series], xlabel: str, ylabel: str, kind: str = "line",
+             errors: dict[str, tuple[list[float], list[int]]] | None = None) -> None:
         if any(xs for _, xs, _ in series):
-            _plot(out / f"{name}.png", title, series, xlabel, kind)
+            _save(figure(title, series, xlabel, ylabel, kind, errors), out / f"{name}.png")
             plots.append((name, title))
 
-    r, s = data["rewards"], [row for row in data["steps"] if row["applied"]]
-    plot("reward", "Reward and accuracy per policy version",
-         [("sampled reward", _col(r, "policy_version"), _col(r, "reward_mean")),
-          ("sampled correct", _col(r, "policy_version"), _col(r, "correct")),
-          ("greedy eval accuracy", _col(data["accuracy"], "policy_version"), _col(data["accuracy"], "accuracy"))],
-         "policy version")
-    plot("loss", "Loss per step", [("loss", _col(s, "step"), _col(s, "loss"))], "step")
-    plot("clip_fraction", "Clip fraction per step", [("clip fraction", _col(s, "step"), _col(s, "clip_fraction"))],
-         "step")
-    plot("ratio", "Importance ratio rho per step",
-         [("mean", _col(s, "step"), _col(s, "ratio_mean")), ("max", _col(s, "step"), _col(s, "ratio_max")),
-          ("mean |l - l_old|", _col(s, "step"), _col(s, "mismatch"))], "step")
-    plot("staleness", "Staleness of trained rollouts (step - generating version)",
-         [("rollouts", _col(data["staleness"], "staleness"), _col(data["staleness"], "rollouts"))], "staleness",
-         kind="bar")
-    t = [row for row in data["throughput"] if row["tokens_per_second"] is not None]
-    plot("throughput", "Tokens/s per stage", [("tokens/s", _col(t, "stage"), _col(t, "tokens_per_second"))],
-         "stage", kind="bar")
+    def per_run(table: str, x: str, y: str, what: str, applied_only: bool = False) -> list[Series]:
+        series = []
+        for name, d in data.items():
+            rows = [row for row in d[table] if row.get("applied", True) or not applied_only]
+            series.append((label(name, what), _col(rows, x), _col(rows, y)))
+        return series
 
-    tables = "".join(_html_table(name, rows) for name, rows in data.items())
+    errors = {}
+    reward_series = per_run("rewards", "policy_version", "reward_mean", "sampled reward")
+    reward_series += per_run("rewards", "policy_version", "correct", "sampled correct")
+    for name, d in data.items():
+        acc = d["accuracy"]
+        what = label(name, "greedy eval accuracy (± s.e.)")
+        reward_series.append((what, _col(acc, "policy_version"), _col(acc, "accuracy")))
+        errors[what] = ([_standard_error(r["accuracy"], r["n"]) for r in acc], _col(acc, "n"))
+    plot("reward", "Reward and accuracy per policy version", reward_series, "policy version",
+         "reward / fraction correct", errors=errors)
+    plot("loss", "Loss per step", per_run("steps", "step", "loss", "loss", True), "step", "loss")
+    plot("clip_fraction", "Clip fraction per step", per_run("steps", "step", "clip_fraction", "clip fraction", True),
+         "step", "fraction of tokens clipped")
+    plot("ratio", "Importance ratio rho per step",
+         per_run("steps", "step", "ratio_mean", "mean", True) + per_run("steps", "step", "ratio_max", "max", True)
+         + per_run("steps", "step", "mismatch", "mean |l - l_old|", True), "step", "ratio / log-prob gap")
+    plot("entropy", "Policy entropy per step", per_run("steps", "step", "entropy", "entropy", True), "step",
+         "entropy (nats/token)")
+    if several:
+        plot("staleness", "Staleness of trained rollouts (step - generating version)",
+             per_run("staleness", "staleness", "rollouts", "rollouts"), "staleness (steps)", "rollouts")
+    else:
+        plot("staleness", "Staleness of trained rollouts (step - generating version)",
+             per_run("staleness", "staleness", "rollouts", "rollouts"), "staleness (steps)", "rollouts", kind="bar")
+    if _stage_panels(out / "throughput.png", {name: d["timings"] for name, d in data.items()}):
+        plots.append(("throughput", "Throughput per stage"))
+
+    tables = "".join((f"<h2>run {html.escape(name)}</h2>" if several else "")
+                     + "".join(_html_table(t, d[t]) for t in SHOWN_TABLES) for name, d in data.items())
     images = "".join(f'<figure><img src="{name}.png" alt="{html.escape(title)}"><figcaption>{html.escape(title)}'
                      f"</figcaption></figure>" for name, title in plots)
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>recpipe run {html.escape(run)}</title>"
+    title = "recpipe run" + ("s " if several else " ") + html.escape(", ".join(runs))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
             "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em}"
             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
-            f"</head><body><h1>recpipe run {html.escape(run)}</h1><p>store: {html.escape(str(store.root))}</p>"
+            f"</head><body><h1>{title}</h1><p>store: {html.escape(str(store.uri))}</p>"
             f"{images}{tables}</body></html>")
     path = out / "index.html"
     path.write_text(page)
@@ -117,11 +204,13 @@ def write_report(store: Store, run: str, out_dir: str | Path) -> Path:
 
 def _html_table(name: str, rows: list[dict[str, Any]]) -> str:
     if not rows:
-        return f"<h2>{name}</h2><p>(no rows)</p>"
+        return f"<h3>{name}</h3><p>(no rows)</p>"
     head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row.values()) + "</tr>" for row in rows)
-    return f"<h2>{name}</h2><table><tr>{head}</tr>{body}</table>"
+    return f"<h3>{name}</h3><table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "<span style='color:#999'>NULL</span>"
     return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
