@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from recpipe.config import RecpipeConfig
+from recpipe.errors import RecpipeError
 from recpipe.generate.plan import ShardPlan, generation_version, plan_shards, prompts_needed
 from recpipe.generate.pool import EnginePool
 from recpipe.schema import SCHEMA_VERSION
@@ -47,6 +48,10 @@ Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 STOP = threading.Event()
 
 SMALL_TABLES = ("steps", "batches", "policies", "timings", "evals")
+
+
+class TokenizerMismatch(RecpipeError):
+    """A run would learn from token ids of a tokenizer its model does not use."""
 
 
 def check_stop() -> None:
@@ -344,6 +349,23 @@ class LoopRecipe:
         for table in SMALL_TABLES:
             self.store.compact(table, run=self.cfg.run, min_files=min_files)
 
+    def check_tokenizer(self, source_run: str) -> None:
+        """Refuse to train on ``source_run``'s token ids with a model whose tokenizer differs from the one
+        that produced them (its base model's; every version of a run keeps its base model's tokenizer)."""
+        from recpipe.models.load import tokenizer_identity
+
+        source = recorded_base_model(self.cfg.store, source_run, self.cfg.storage_options or None)
+        if source is None or not (source / "config.json").is_file():
+            log.warning("retrain: the base model of run %r (%s) is not on this machine; its tokenizer cannot be "
+                        "compared with %s", source_run, source, self.model_path)
+            return
+        theirs, ours = tokenizer_identity(source), tokenizer_identity(self.model_path)
+        if theirs is not None and ours is not None and theirs != ours:
+            raise TokenizerMismatch(
+                f"retrain: run {source_run!r}'s rollouts are token ids of the tokenizer of {source}, and the model "
+                f"of run {self.cfg.run!r} ({self.model_path}) has another tokenizer; train from {source} (leave out "
+                "--model) or from a model with the same tokenizer")
+
     # ---- loops over the verbs ----------------------------------------------------------------------
     def step(self, step: int) -> Any:
         """One iteration: make sure version v(step)'s rollouts exist, select a batch, train on it."""
@@ -379,6 +401,7 @@ class LoopRecipe:
             return self.train(self.cfg.loop.steps - self.trainer.next_step)
         if source_run == self.cfg.run:
             raise ValueError("retrain: source_run must differ from the new run's name")
+        self.check_tokenizer(source_run)
         recorded = self.store.read("batches", "run = $run", {"run": source_run})
         if recorded.num_rows == 0:
             raise ValueError(f"retrain: run {source_run!r} has no recorded batches to replay")
