@@ -1,8 +1,10 @@
 """Generators and trainer as separate processes over one archive (recpipe.roles, `recpipe loop --generators`)."""
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -141,3 +143,40 @@ def test_a_generator_killed_mid_shard_leaves_it_to_another(tmp_path, tiny_model,
     assert sql_rows(store, "SELECT count(*), count(DISTINCT rollout_id), count(DISTINCT group_id) FROM rollouts") \
         == [(groups * 4, groups * 4, groups)]
     assert sql_rows(store, "SELECT list(DISTINCT policy_version) FROM rollouts") == [([0],)]
+
+
+ROLES_AS_FLOWS = """
+import json, sys, threading
+from flows.pipeline_flows import generator, trainer
+from recpipe.config import load_config, to_params
+
+cfg = to_params(load_config(overrides=sys.argv[1:]))
+worker = threading.Thread(target=generator, args=(cfg,))
+worker.start()
+trainer(cfg, wait_timeout_s=600)
+worker.join()
+
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as client:
+    flows = {f.id: f.name for f in client.read_flows()}
+    runs = [flows[r.flow_id] for r in client.read_flow_runs() if r.state.is_completed()]
+    tasks = [t.name for t in client.read_task_runs() if t.state.is_completed()]
+print(json.dumps({"flow_runs": runs, "task_runs": tasks}))
+"""
+
+
+def test_the_roles_run_as_prefect_flows_with_a_task_run_per_shard_and_step(tmp_path, tiny_model, prefect_api):
+    env = recpipe_env(tmp_path, prefect_api)
+    overrides = [f"store={tmp_path / 'store'}", "run=flows", f"model.name={tiny_model}", "loop.steps=2",
+                 "loop.sync_interval=1", "loop.sync_offset=1", "generate.backend=hf", "select.groups_per_step=2",
+                 "generate.group_size=4", "generate.max_tokens=8", "generate.shard_size=1", "task.eval_prompts=4"]
+    done = subprocess.run([sys.executable, "-c", ROLES_AS_FLOWS, *overrides], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {"generator", "trainer"} <= set(seen["flow_runs"])
+    # v(s) = max(0, s - 1) for s = 0, 1: both steps train on v0, 2 groups each, one group per shard.
+    assert {f"generate v0 shard {i}" for i in range(4)} <= set(seen["task_runs"])
+    assert {"train step 0", "train step 1", "select step 0", "select step 1"} <= set(seen["task_runs"])
+    check = sql_rows(tmp_path / "store", "SELECT list(step ORDER BY step) FROM steps WHERE run = 'flows'")
+    assert check == [([0, 1],)]
