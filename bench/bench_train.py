@@ -8,7 +8,9 @@
 Each budget (TrainConfig.micro_batch_tokens) and micro-batch overhead (micro_batch_overhead_tokens;
 a huge one means "fill each micro-batch to the budget") runs one warm-up step and then --steps measured steps
 of the real Trainer (recompute log-probs, loss, backward, AdamW, checkpoint write) in a throw-away
-store. "step s" is wall time of the compute (steps.seconds), "CPU s" the process CPU time per step
+store. With --memory: the peak memory of one training step (forward, backward, clip, AdamW; above the
+weights and AdamW state) with log-probs computed in LM-head chunks (train.logprob_chunk_tokens=1024) and
+all at once (0), from recpipe.train.compute directly (the checkpoint write is not part of it). "step s" is wall time of the compute (steps.seconds), "CPU s" the process CPU time per step
 including the checkpoint write: on a shared machine the second is the steadier measure of work. Prompts are the arithmetic task's chat-templated prompts; response lengths are uniform in
 [--min-response, --max-response] with random tokens (the cost does not depend on which tokens).
 """
@@ -93,6 +95,51 @@ def bench(model_dir: Path, batch: pa.Table, budget: int, overhead: int, steps: i
     }
 
 
+def _memory_step(module: torch.nn.Module, optimizer: torch.optim.Optimizer, plan: list, cfg: object,
+                 device: torch.device) -> object:
+    from recpipe.train import compute
+
+    def step() -> None:
+        _, reason = compute.accumulate_gradients(module, plan, cfg, pad_id=2, device=device)
+        assert reason is None, reason
+        compute.clip_and_step(module, optimizer, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def memory(model_dir: Path, batch: pa.Table, budget: int, chunks: list[int]) -> None:
+    """Peak memory of a step above the resident weights and optimizer state, per log-prob chunk size."""
+    from bench_gpu import PeakMemory
+    from transformers import AutoModelForCausalLM
+
+    from recpipe.train import compute
+
+    cfg = preset("rec-oneside-nois")
+    samples = samples_from_table(batch)
+    plan = plan_micro_batches(samples, budget, 64)
+    print("| logprob_chunk_tokens | micro-batches | largest micro-batch (rows x width, response tokens) "
+          "| step s | peak above weights + AdamW state |")
+    print("|---|---|---|---|---|")
+    for chunk in chunks:
+        device = torch.device("cpu")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        module = compute.prepare_policy(model, device, sharded=False, bf16=False, activation_checkpointing=False,
+                                        chunk_tokens=chunk or None)
+        optimizer = compute.build_optimizer(module, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, device=device)
+
+        step = _memory_step(module, optimizer, plan, cfg, device)
+        step()  # allocates the AdamW state
+        with PeakMemory(device) as peak:
+            start = time.perf_counter()
+            step()
+            seconds = time.perf_counter() - start
+        big = max(plan, key=lambda mb: mb.padded_tokens)
+        print(f"| {chunk} | {len(plan)} | {len(big.samples)} x {big.width}, "
+              f"{sum(len(s.response) for s in big.samples)} | {seconds:.1f} | {peak.peak / 2**30:.2f} GiB |", flush=True)
+        module = model = optimizer = None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="tiny, smollm2 or a checkpoint dir")
@@ -105,6 +152,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--memory", action="store_true", help="peak memory of a step, log-probs chunked vs not")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 1024], help="with --memory: chunk sizes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -115,6 +164,9 @@ def main() -> None:
     print(f"model {model_dir.name}, {len(samples)} responses, {sum(len(s.response) for s in samples)} response "
           f"tokens, prompts {len(samples[0].prompt)} tokens, torch threads {torch.get_num_threads()}; "
           f"padding without bucketing (one padded tensor): {naive_padding(batch):.1%}\n")
+    if args.memory:
+        memory(model_dir, batch, args.budgets[0], args.chunks)
+        return
     print("| device | micro_batch_tokens | overhead tokens | micro-batches | step s | CPU s | checkpoint s "
           "| response tok/s | input tok/s | padded tokens | padding |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -77,6 +77,24 @@ class GenerateConfig(_Section):
     max_model_len: Int = Field(512, ge=16, description="vLLM context length.")
     enforce_eager: bool = Field(True, description="vLLM: skip graph compilation (CPU: starts in ~5 s; compiled: ~50 s the first time, ~17 s with its cache, ~14% more tokens/s).")
     seed: Int = Field(0, description="Base seed; each shard derives its own.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights/compute dtype of the sampler. auto = bfloat16 on CUDA, float32 on CPU "
+        "(bfloat16 is ~6x slower there). The recorded behaviour log-probs are those of the distribution "
+        "sampled from (vLLM processed log-probs), whatever the dtype; the trainer reports the difference "
+        "to its own float32-head log-probs as mismatch/on_policy.")
+    gpu_memory_utilization: Float = Field(
+        0.9, gt=0, le=1, description="vLLM on CUDA: share of each of its GPUs it takes (weights + KV cache). "
+        "On a GPU shared with the trainer (sleep_mode) leave the trainer room: its weights, gradients and "
+        "AdamW state (16 bytes per parameter) stay on the GPU while vLLM samples.")
+    tensor_parallel_size: Int = Field(1, ge=1, description="vLLM on CUDA: GPUs one engine spans (generate.devices "
+                                      "lists that many).")
+    devices: list[Int] | None = Field(
+        None, description="CUDA devices of the sampler (CUDA_VISIBLE_DEVICES of its process), "
+        "tensor_parallel_size of them. Apart from train.devices when there are GPUs enough; the same device "
+        "only with sleep_mode.")
+    sleep_mode: bool = Field(
+        False, description="vLLM on CUDA: sleep while the trainer trains (weights offloaded to CPU memory, KV "
+        "cache freed) and wake to sample, so sampler and trainer fit on one GPU.")
 
 
 class SelectConfig(_Section):
@@ -168,6 +186,33 @@ class RecpipeConfig(_Section):
     @model_validator(mode="after")
     def _loss_builds(self) -> RecpipeConfig:
         self.loss.build()  # reject bad overrides at load time, not at step 1
+        return self
+
+    @model_validator(mode="after")
+    def _devices_fit(self) -> RecpipeConfig:
+        # At load time, not after vLLM has taken 90% of a GPU and the trainer fails with out-of-memory.
+        g, t = self.generate, self.train
+        if t.devices is not None and len(t.devices) != t.nproc:
+            raise ValueError(f"train.devices lists {len(t.devices)} device(s) for train.nproc={t.nproc} ranks; "
+                             "give one device per rank")
+        if g.devices is not None and len(g.devices) != g.tensor_parallel_size:
+            raise ValueError(f"generate.devices lists {len(g.devices)} device(s) for "
+                             f"generate.tensor_parallel_size={g.tensor_parallel_size}; give that many")
+        if g.devices is None or t.devices is None or g.backend == "hf":
+            return self
+        shared = sorted(set(g.devices) & set(t.devices))
+        if shared and not g.sleep_mode:
+            raise ValueError(
+                f"generate.devices and train.devices share GPU {shared[0]}: vLLM would hold "
+                f"generate.gpu_memory_utilization={g.gpu_memory_utilization} of it while the trainer needs its "
+                "weights, gradients and AdamW state there too. Set generate.sleep_mode=true (vLLM sleeps while "
+                "the trainer trains) with generate.gpu_memory_utilization <= 0.5, or give generate.devices and "
+                "train.devices different GPUs")
+        if shared and g.gpu_memory_utilization > 0.5:
+            raise ValueError(
+                f"generate.sleep_mode shares GPU {shared[0]} with the trainer, but generate.gpu_memory_utilization"
+                f"={g.gpu_memory_utilization} leaves the trainer less than half of it while vLLM samples (the "
+                "trainer's weights, gradients and AdamW state stay there); set it to 0.5 or less")
         return self
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from recpipe.config import RecpipeConfig
 from recpipe.generate.engine import Engine, make_engine
+from recpipe.generate.vllm_engine import engine_options
 
 
 @dataclass
@@ -35,7 +36,8 @@ class EnginePool:
     def settings(cfg: RecpipeConfig, base_model: Path) -> tuple[Any, ...]:
         """What a running engine cannot change (sampling parameters are per call, weights are swapped)."""
         g = cfg.generate
-        return (str(base_model), g.backend, g.seed, g.max_model_len, g.enforce_eager, cfg.model.name)
+        return (str(base_model), g.backend, g.seed, g.max_model_len, g.enforce_eager, cfg.model.name, g.dtype,
+                g.gpu_memory_utilization, g.tensor_parallel_size, tuple(g.devices or ()), g.sleep_mode)
 
     def holds(self, cfg: RecpipeConfig, base_model: Path, weights: Path) -> bool:
         """Whether the engine for these settings is running with ``weights`` already."""
@@ -48,8 +50,10 @@ class EnginePool:
         loaded = self._engines.get(key)
         if loaded is None:
             g = cfg.generate
+            options = engine_options(g)  # dtype (bf16 on CUDA), and vLLM's GPU settings on CUDA
             engine = make_engine(weights, backend=g.backend, seed=g.seed, max_model_len=g.max_model_len,
-                                 model_name=cfg.model.name, enforce_eager=g.enforce_eager)
+                                 model_name=cfg.model.name, enforce_eager=g.enforce_eager,
+                                 dtype=options.pop("dtype"), vllm_kwargs=options)
             loaded = self._engines[key] = _Loaded(engine, weights)
         elif loaded.weights != weights:
             loaded.engine.load_weights(weights)

