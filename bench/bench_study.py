@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -94,7 +95,11 @@ def step_cost(args: argparse.Namespace) -> dict:
         stages = dict(con.execute("SELECT stage, sum(seconds) FROM timings GROUP BY stage").fetchall())
         per_step = con.execute("SELECT stage, item, seconds, tokens FROM timings ORDER BY created_at").fetchall()
         evals = con.execute("SELECT policy_version, accuracy, n FROM evals ORDER BY policy_version").fetchall()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # On a shared machine wall time counts other people's work; the process's CPU time (one thread per
+    # core) is what the same work costs on a core of its own.
     result = {"steps": args.steps, "set": args.set, "wall_seconds": round(wall, 1),
+              "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
               "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
               "timings": [(s, i, round(t, 2), n) for s, i, t, n in per_step], "evals": evals}
     print(json.dumps(result), flush=True)
