@@ -66,10 +66,13 @@ def read_table(path: Path) -> dict[str, pa.Table]:
 
             table = pj.read_json(path)
         elif suffix == ".csv":
+            import csv
+
             import pyarrow.csv as pc
 
             # Every column as text: "007" or "1,234" stay what the file says.
-            names = pc.read_csv(path, read_options=pc.ReadOptions(block_size=1 << 16)).column_names
+            with open(path, newline="", encoding="utf-8") as f:
+                names = next(csv.reader(f), [])
             table = pc.read_csv(path, convert_options=pc.ConvertOptions(
                 column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False))
         elif suffix == ".parquet":
