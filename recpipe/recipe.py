@@ -233,7 +233,8 @@ class LoopRecipe:
             on_disk = sorted(ckpt.version_dirs(self.store, self.cfg.run))
             current = self.latest_version()
             why = (f"not trained yet, the run is at v{current:06d}" if version > current else
-                   "deleted" if not path.exists() else "incomplete, a file of it was deleted")
+                   "removed by retention (train.keep_every keeps every k-th version and the latest two) or by hand"
+                   if not path.exists() else "incomplete, a file of it was deleted")
             raise ckpt.CheckpointError(
                 f"run {self.cfg.run!r}: version v{version:06d} is needed to sample from but is gone from "
                 f"{path.parent} ({why}; versions on disk: {', '.join(f'v{v:06d}' for v in on_disk) or 'none'}). "

@@ -147,9 +147,7 @@ def _rollout_files(store: Store, groups: pa.Table, version: int | None) -> list[
     for run, policy, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
                                   shard_ids, strict=True):
         shards.setdefault((run, policy), set()).add(shard)
-    by_partition: dict[tuple[str, int], list[DataFile]] = {}
-    for f in snapshot(store, "rollouts", version).files:
-        by_partition.setdefault((f.values["run"], f.values["policy_version"]), []).append(f)
+    by_partition = snapshot(store, "rollouts", version).by_partition  # keys (run, policy_version)
     files: list[DataFile] = []
     for key, wanted in sorted(shards.items()):
         present = by_partition.get(key, [])

@@ -76,12 +76,23 @@ class Snapshot:
     files: tuple[DataFile, ...]
 
     def partitions(self) -> list[dict[str, Any]]:
-        seen = {tuple(f.values.items()): f.values for f in self.files}
-        return [seen[k] for k in sorted(seen)]
+        by_values = self.by_partition
+        return [by_values[k][0].values for k in sorted(by_values)]
+
+    @functools.cached_property
+    def by_partition(self) -> dict[tuple[Any, ...], list[DataFile]]:
+        """The files of each partition, keyed by its values in partition_by order (built once per snapshot)."""
+        index: dict[tuple[Any, ...], list[DataFile]] = {}
+        for f in self.files:
+            index.setdefault(tuple(f.values.values()), []).append(f)
+        return index
 
 
 _snapshots: OrderedDict[tuple[str, str, int], Snapshot] = OrderedDict()
 _snapshots_lock = threading.Lock()
+# The DataFile of each path a table's log has listed, per (store, table): a new version of a table adds a
+# few files to thousands, so only those are parsed again (the loop reads a new version at every step).
+_parsed: dict[tuple[str, str], dict[str, DataFile]] = {}
 
 
 def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
@@ -98,15 +109,26 @@ def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
     delta = store.delta(table, version)
     spec = table_spec(table)
     actions = pa.table(delta.get_add_actions(flatten=True))
+    actions = actions.sort_by("path")
     paths = actions.column("path").to_pylist()
-    sizes = actions.column("size_bytes").to_pylist()
-    columns = {c: actions.column(f"partition.{c}").to_pylist() for c in spec.partition_by}
-    files = []
-    for i, relative in enumerate(paths):
-        values = {c: _typed(spec.schema, c, columns[c][i]) for c in spec.partition_by}
-        files.append(DataFile(store.location.path(table, relative), relative, sizes[i], values))
-    snap = Snapshot(table, delta.version(), tuple(sorted(files, key=lambda f: f.relative)))
     with _snapshots_lock:
+        known = _parsed.get((store.uri, table), {})
+    files = []
+    new_rows = [i for i, relative in enumerate(paths) if relative not in known]
+    if new_rows:
+        picked = actions.take(new_rows)
+        sizes = picked.column("size_bytes").to_pylist()
+        columns = {c: picked.column(f"partition.{c}").to_pylist() for c in spec.partition_by}
+        fresh = {}
+        for j, i in enumerate(new_rows):
+            values = {c: _typed(spec.schema, c, columns[c][j]) for c in spec.partition_by}
+            fresh[paths[i]] = DataFile(store.location.path(table, paths[i]), paths[i], sizes[j], values)
+    else:
+        fresh = {}
+    files = [known.get(relative) or fresh[relative] for relative in paths]
+    snap = Snapshot(table, delta.version(), tuple(files))
+    with _snapshots_lock:
+        _parsed[(store.uri, table)] = {f.relative: f for f in files}  # what the newest version read lists
         _snapshots[key] = snap
         while len(_snapshots) > 64:
             _snapshots.popitem(last=False)
