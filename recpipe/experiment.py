@@ -1,8 +1,8 @@
 """The paper's study in one command: loss presets x off-policy settings x seeds, one archive.
 
-    recpipe experiment --store runs/study --model smollm2 --steps 24 --seeds 0,1 --workers 2 \\
+    recpipe experiment --store runs/study --model smollm2 --steps 12 --seeds 0,1 --workers 2 \\
         --presets reinforce,grpo,rec-oneside-nois,rec-oneside-nois:0.6,2.0,red-weight \\
-        --settings onpolicy,sync,offline --eval-every 4
+        --settings onpolicy,sync,offline --eval-every 3           # EXPERIMENTS.md has the full command
 
 Each (preset, setting, seed) is a run named ``<preset>.<setting>.s<seed>`` in the same store, so every
 comparison is one SQL query away. A preset may carry overrides: ``rec-oneside-nois:0.6,2.0`` is the
@@ -18,6 +18,8 @@ a killed study rerun with the same command finishes only what is missing, then w
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -259,6 +261,42 @@ def finished_runs(configs: list[RecpipeConfig]) -> set[str]:
     return {run for run, n in rows if n >= steps[run]}
 
 
+def _eval_settings(cfg: RecpipeConfig) -> str:
+    """What a greedy evaluation of the base model depends on (not the loss, the schedule or the seeds)."""
+    t, g = cfg.task, cfg.generate
+    return json.dumps([cfg.model.name, t.name, t.options, t.eval_prompts, t.reward_timeout_s, g.max_tokens,
+                       g.backend, g.max_model_len, g.enforce_eager], sort_keys=True, default=str)
+
+
+def share_initial_evals(configs: list[RecpipeConfig]) -> int:
+    """Evaluate version 0 once per base model and evaluation settings and record that row for every run
+    that shares them; returns the rows recorded. Greedy decoding of the same weights on the same prompts
+    is one measurement: a 30-run study would otherwise evaluate the same base model 30 times (~35 s each
+    with SmolLM2 on 200 prompts). A copy has the shard id the loop's own evaluation of version 0 would
+    write, so the loop finds it committed and reads it back."""
+    from recpipe.recipe import LoopRecipe
+
+    store = Store.create(configs[0].store, configs[0].storage_options or None)
+    runs = [c.run for c in configs]
+    existing = {r["run"]: r for r in store.read("evals", "policy_version = 0 AND list_contains($runs, run)",
+                                                 {"runs": runs}).to_pylist()}
+    groups: dict[str, list[RecpipeConfig]] = {}
+    for cfg in configs:
+        groups.setdefault(_eval_settings(cfg), []).append(cfg)
+    recorded = 0
+    for group in groups.values():
+        source = next((existing[c.run] for c in group if c.run in existing), None)
+        if source is None:
+            with LoopRecipe(group[0]) as recipe:  # the run's lease: no worker runs it yet
+                source = recipe.evaluate(0)
+        for cfg in group:
+            if cfg.run not in existing and cfg.run != source["run"]:
+                row = {**source, "run": cfg.run, "created_at": dt.datetime.now(dt.UTC)}
+                store.append("evals", [row], shard_id=f"v{0:06d}-{source['task']}-test")
+                recorded += 1
+    return recorded
+
+
 def run_pending(configs: list[RecpipeConfig], progress: Any = None) -> list[str]:
     """Run, one after another, every run not finished and not held by another process, with one engine
     pool for all of them (vLLM starts once per engine settings); returns the runs it ran."""
@@ -290,7 +328,27 @@ def _worker_env(index: int, workers: int) -> dict[str, str]:
             "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, share))}
 
 
-def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path) -> None:
+POLL_S = 10.0  # how often the study process reads the archive for its workers' progress
+
+
+def _report_steps(configs: list[RecpipeConfig], seen: set[tuple[str, int]], progress: Any) -> None:
+    """Tell ``progress`` about steps the workers recorded since the last call (they report to no one)."""
+    con = Store(configs[0].store, configs[0].storage_options or None).connect(read_only=True, tables=["steps"])
+    try:
+        rows = con.execute("SELECT run, step, loss, policy_version, applied, skip_reason, reward_mean, "
+                           "tokens_per_second FROM steps WHERE list_contains($runs, run) ORDER BY created_at",
+                           {"runs": [c.run for c in configs]}).fetchall()
+    finally:
+        con.close()
+    for run, step, loss, version, applied, skip_reason, reward, tokens_per_s in rows:
+        if (run, step) not in seen:
+            seen.add((run, step))
+            progress("step", {"run": run, "step": step, "loss": loss, "policy_version": version,
+                              "applied": applied, "skip_reason": skip_reason, "reward": reward,
+                              "tokens_per_s": tokens_per_s})
+
+
+def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path, progress: Any = None) -> None:
     """``workers`` processes (``python -m recpipe.experiment PLAN``) over the same list of runs, each
     taking the next run no other holds; they die with this process."""
     from recpipe.subprocesses import die_with_parent
@@ -307,6 +365,12 @@ def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path) -> No
                                            env={**os.environ, **_worker_env(i, workers)}, stdout=log,
                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGKILL)),
                           log))
+        seen: set[tuple[str, int]] = set()
+        while alive := [proc for proc, _ in procs if proc.poll() is None]:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                alive[0].wait(timeout=POLL_S)
+            if progress is not None:
+                _report_steps(configs, seen, progress)
         failed = []
         for i, (proc, _) in enumerate(procs):
             if proc.wait() != 0:
@@ -340,23 +404,24 @@ def run_experiment(base: RecpipeConfig, presets: list[PresetSpec], grid: dict[st
                    out_dir: str | Path | None = None, progress: Any = None) -> tuple[pa.Table, Path]:
     """Run every (preset, setting, seed) not yet finished, then write the study's tables and figure.
 
-    One worker runs them in this process (``progress`` sees its events); more run in their own
-    processes (their output goes to ``<out>/logs/worker-<i>.log``)."""
+    One worker runs them in this process; more run in their own processes (their output goes to
+    ``<out>/logs/worker-<i>.log``), and ``progress`` hears of their steps from the archive."""
     from recpipe.study import write_study
 
     if workers < 1:
         raise ValueError(f"--workers must be >= 1 (got {workers})")
     cells = study_cells(presets, grid, seeds or [base.generate.seed])
     configs = [cell_config(base, c) for c in cells]
-    Store.create(base.store, base.storage_options or None)  # before workers race to create it
-    store = Store(base.store, base.storage_options or None)
+    store = Store.create(base.store, base.storage_options or None)  # before workers race to create it
     out = Path(out_dir) if out_dir else store.root / "reports" / "experiment"
     finished = finished_runs(configs)
     pending = [c for c in configs if c.run not in finished]
+    if pending:
+        share_initial_evals(pending)
     if workers == 1 or len(pending) <= 1:
         run_pending(pending, progress)
     else:
-        run_workers(pending, min(workers, len(pending)), out / "logs")
+        run_workers(pending, min(workers, len(pending)), out / "logs", progress)
     missing = sorted({c.run for c in configs} - finished_runs(configs))
     if missing:  # another process holds them (the same study started twice): its table will be complete
         raise ValueError(f"runs not finished, held by another process: {', '.join(missing)}; rerun the "

@@ -114,7 +114,12 @@ def test_small_study_table_and_figure(tmp_path, tiny_model):
     # Seeds are different samples: the two seeds of one cell did not draw the same responses.
     texts = dict(con.execute("SELECT run, list(response_text ORDER BY rollout_id) FROM rollouts "
                              "WHERE policy_version = 0 GROUP BY run").fetchall())
+    # The base model is evaluated once; every run records that row as its version 0.
+    base_evals = con.execute("SELECT count(*) FROM timings WHERE stage = 'evaluate' AND item LIKE 'v000000-%'").fetchall()
+    initial = con.execute("SELECT count(*), count(DISTINCT run), count(DISTINCT accuracy) FROM evals "
+                          "WHERE policy_version = 0").fetchall()
     con.close()
+    assert base_evals == [(1,)] and initial == [(4, 4, 1)]
     assert sorted(evaluated) == sorted((r, [0, 1, 2]) for r in final)  # eval_every=1: every version
     assert versions["rec-oneside-nois_0.6-2.offline.s0"] == [0]
     assert versions["rec-oneside-nois_0.6-2.onpolicy.s0"] == [0, 1]
