@@ -20,7 +20,12 @@ Resume: ``setup()`` heals rows lost between commits, checks the latest committed
 its manifest (sizes and sha256, ``checkpoint.check_checkpoint``), loads it with its optimizer state,
 and continues at the step after the last recorded one. Every step draws its
 randomness from (seed, step), so a killed and resumed run ends with the same weights as one
-that never stopped. Same code on CUDA (bf16 autocast, fused AdamW) and CPU (float32).
+that never stopped. Same code on CUDA (bf16 compute, float32 master weights, fused AdamW) and CPU (float32).
+
+Several ranks (torchrun; ``recpipe train --nproc N``): this process is rank 0 and alone touches the store;
+the others run ``follow()``. The step's compute (recpipe.train.compute) shards the model with FSDP2 and
+keeps the one-rank math; a version is still one consolidated Hugging Face checkpoint, its optimizer state
+sharded (torch.distributed.checkpoint) and resumable on any number of ranks. docs/gpu.md.
 """
 
 from __future__ import annotations
