@@ -113,9 +113,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def markdown(summary: list[dict[str, Any]], threshold: float) -> str:
     """The comparison as a Markdown table: mean ± std over seeds."""
-    def pm(row: dict[str, Any], metric: str, digits: int = 3) -> str:
+    def pm(row: dict[str, Any], metric: str, spec: str = ".3f") -> str:
         mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-        return "" if mean is None else _fmt(mean, digits) + ("" if std is None else f" ± {_fmt(std, digits)}")
+        return "" if mean is None else format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
 
     head = ["preset", "setting (k, o)", "seeds", "initial acc", "final acc", "best acc",
             f"steps to {threshold:g} (seeds)", "train reward", "clip frac", "mean abs(l - l_old)"]
@@ -126,7 +126,7 @@ def markdown(summary: list[dict[str, Any]], threshold: float) -> str:
         lines.append("| " + " | ".join([
             row["preset"], f"{row['setting']} ({row['sync_interval']}, {row['sync_offset']})", str(row["seeds"]),
             pm(row, "initial_accuracy"), pm(row, "final_accuracy"), pm(row, "best_accuracy"), reached,
-            pm(row, "train_reward"), pm(row, "clip_fraction"), pm(row, "mismatch", 4)]) + " |")
+            pm(row, "train_reward"), pm(row, "clip_fraction"), pm(row, "mismatch", ".2e")]) + " |")  # ~1e-6: engine and trainer agree
     return "\n".join(lines) + "\n"
 
 
