@@ -14,8 +14,8 @@ ids past its 512 decode to nothing, which only the sampler's text would show).
 Measured per shape:
 - train: tokens/s (response tokens per second of a whole step: forward, backward, clip, AdamW), MFU
   against 790 TFLOP/s (an H200's measured dense bf16 matmul rate), peak memory of the step above the
-  weights, gradients and optimizer state; for log-probs chunked (train.logprob_chunk_tokens=1024) and
-  unchunked (0), activation checkpointing off and on, and FSDP2 on one rank (the torchrun path).
+  weights, gradients and optimizer state; for log-probs chunked (train.logprob_chunk_tokens=256, the
+  default, and 1024) and unchunked (0), activation checkpointing off and on, and FSDP2 on one rank (the torchrun path).
 - logprobs: the LM head + log-softmax alone, forward and backward, chunked vs unchunked.
 - sample: tokens/s of the transformers backend (bf16 on CUDA, float32 on CPU).
 
@@ -294,14 +294,15 @@ def plan_cases(smoke: bool, device: torch.device) -> list[tuple[dict[str, Any], 
     for shape, s in shapes.items():
         samples = synthetic_batch(s["groups"], s["group_size"], s["prompt_len"], s["response"],
                                   SHAPES[shape]["vocab_size"])
-        variants = [(1024, False, False), (0, False, False), (1024, True, False), (1024, False, True)]
+        variants = [(256, False, False), (1024, False, False), (0, False, False), (256, True, False),
+                    (256, False, True)]
         for chunk, ac, fsdp in variants:
             label = {"case": "train", "shape": shape, "chunk_tokens": chunk, "activation_checkpointing": ac,
                      "fsdp": fsdp}
             cases.append((label, lambda shape=shape, samples=samples, s=s, chunk=chunk, ac=ac, fsdp=fsdp: train_case(
                 shape, device, samples, micro_batch_tokens=s["mb"], chunk_tokens=chunk, activation_checkpointing=ac,
                 fsdp=fsdp, steps=s["steps"])))
-    for chunk in (1024, 0):
+    for chunk in (256, 1024, 0):
         label = {"case": "logprobs", "chunk_tokens": chunk}
         cases.append((label, lambda chunk=chunk: logprobs_case(device, chunk_tokens=chunk, **head)))
     for shape in shapes:

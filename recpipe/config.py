@@ -120,10 +120,11 @@ class TrainConfig(_Section):
         "so the same count gives the same weights in `loop`, `train` and `retrain`, with or without a sampling "
         "engine in the process.")
     logprob_chunk_tokens: Int = Field(
-        1024, ge=0, description="Response tokens per LM-head chunk when computing log-probs and entropy: "
+        256, ge=0, description="Response tokens per LM-head chunk when computing log-probs and entropy: "
         "the (tokens, vocab) float32 logits exist one chunk at a time (backward recomputes each chunk), so "
-        "their memory no longer grows with the micro-batch (Qwen2.5, 151k vocab: 0.6 GB per 1024 tokens, "
-        "instead of 9.9 GB per copy for 16k tokens). Same values and gradients; 0 = all at once.")
+        "their memory no longer grows with the micro-batch (Qwen2.5, 151k vocab: 0.16 GB per copy for 256 "
+        "tokens, instead of 9.9 GB for 16k tokens). Same values and gradients; 0 = all at once. SmolLM2 step "
+        "peak above weights and AdamW state (BENCHMARKS.md): 4.8 GB unchunked, 2.9 GB at 1024, 2.3 GB at 256.")
     activation_checkpointing: bool = Field(
         False, description="Keep only each decoder layer's input for backward and recompute the layer "
         "there: ~1/3 more compute for activation memory of about one layer instead of all. Turn on when a "
@@ -182,6 +183,13 @@ class RecpipeConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossSection = Field(default_factory=LossSection)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that get each step's metrics (train/loss, "
+        "train/reward_mean, ..., eval/accuracy), as TRL's report_to: tensorboard (event files), mlflow (a "
+        "local file store), wandb (offline mode unless WANDB_MODE says otherwise). Each needs its package "
+        "(recpipe.tracking).")
+    tracking_dir: str | None = Field(
+        None, description="Where trackers write: default <store>/tracking (a remote store: its local cache).")
 
     @model_validator(mode="after")
     def _loss_builds(self) -> RecpipeConfig:

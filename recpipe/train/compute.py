@@ -1,8 +1,9 @@
 """The step's compute: batch tensors -> log-probs -> loss -> gradient -> optimizer, on one rank or N.
 
-    module = prepare_policy(policy, device, sharded=world > 1, bf16=cuda, activation_checkpointing=False)
+    module = prepare_policy(policy, device, sharded=world > 1, bf16=cuda, activation_checkpointing=False,
+                            chunk_tokens=256)
     optimizer = build_optimizer(module, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0, device=device)
-    sums, reason = accumulate_gradients(module, plan, loss_cfg, pad_id=0, device=device, chunk_tokens=1024)
+    sums, reason = accumulate_gradients(module, plan, loss_cfg, pad_id=0, device=device)
     grad_norm = clip_and_step(module, optimizer, grad_clip=1.0)      # when reason is None
 
 No store, no config, no pydantic: this module, ``batching``'s planner/collate and ``recpipe.models.logprobs``
