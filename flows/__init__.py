@@ -2,7 +2,9 @@
 
 Importing this package points Prefect's state at recpipe's cache folder
 (unless PREFECT_HOME is already set) and runs Prefect in its ephemeral mode
-when no server is configured. The ephemeral API server (a uvicorn child
+when no server is configured. recpipe's log lines (the ``recpipe`` logger:
+each shard, step and eval) go to the Prefect run's logs, at INFO; the CLI
+keeps Prefect's own console output out of the terminal (recpipe.progress). The ephemeral API server (a uvicorn child
 process) is started in its own session, so a Ctrl-C in the terminal reaches
 recpipe but not the server, and it is killed by the kernel when its parent
 dies, even by kill -9, so none is ever left behind.
@@ -10,12 +12,14 @@ dies, even by kill -9, so none is ever left behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import types
 from pathlib import Path
 from typing import Any
 
+from recpipe.errors import RecpipeError
 from recpipe.subprocesses import die_with_parent
 
 EPHEMERAL_STARTUP_TIMEOUT_S = 300
@@ -26,7 +30,10 @@ def _configure_prefect() -> None:
     home = Path(os.environ.setdefault("PREFECT_HOME", str(cache / "prefect")))
     os.environ.setdefault("PREFECT_MEMO_STORE_PATH", str(home / "memo_store.toml"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # INFO: task runs' state changes and recpipe's lines reach the run's logs in the UI (at WARNING the API
+    # got none: `POST /api/logs/filter` returned []). The CLI sends the console copy to a log file.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # recpipe logs outside flows too
     # The ephemeral API server starts in 12-24 s on an idle 2-core machine and slower under load; Prefect's
     # default wait of 20 s would fail a loop for nothing ("Timed out while attempting to connect").
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
@@ -65,5 +72,46 @@ def _hook_ephemeral_server() -> None:
     server.subprocess = _ServerSubprocess()  # type: ignore[assignment]
 
 
+def _in_a_run(record: logging.LogRecord) -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _recpipe_logs_to_prefect() -> None:
+    """The ``recpipe`` logger at INFO, with Prefect's API handler: what it logs inside a flow or task run is
+    in that run's logs (what PREFECT_LOGGING_EXTRA_LOGGERS would do, had prefect not been imported first)."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("recpipe")
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        handler = APILogHandler()
+        handler.addFilter(_in_a_run)
+        logger.addHandler(handler)
+
+
+def server_configured() -> bool:
+    """Whether flows report to a Prefect server (PREFECT_API_URL), not to an ephemeral one of their own."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+class NoServer(RecpipeError):
+    """A command that needs a Prefect server (serve's schedules) would get a throw-away API."""
+
+
+def require_server(what: str) -> None:
+    """NoServer unless PREFECT_API_URL names a server: an ephemeral API ends with the command that started
+    it, so deployments registered there would never run and no UI would show them."""
+    if not server_configured():
+        raise NoServer(f"{what} needs a Prefect server: start one with `prefect server start` and export "
+                       "PREFECT_API_URL=http://127.0.0.1:4200/api (PREFECT_API_URL is not set, so the deployments "
+                       "would be registered with a throw-away API that ends with this command)")
+
+
 _configure_prefect()
 _hook_ephemeral_server()
+_recpipe_logs_to_prefect()

@@ -17,6 +17,7 @@ from typing import Any
 
 from prefect import serve
 
+from flows import require_server
 from flows.pipeline_flows import FLOWS
 from recpipe.config import RecpipeConfig, to_params
 
@@ -45,5 +46,6 @@ def build_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None 
 def serve_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None = None,
                       interval: float | None = None) -> None:
     """Register the deployments with the Prefect API and run their schedules until interrupted."""
+    require_server("recpipe serve")
     # limit=1: runs of one store queue up instead of racing for the run lock.
     serve(*build_deployments(cfg, names, cron=cron, interval=interval), limit=1)

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import server_configured
 from recpipe import recipe as recipes
 from recpipe.config import RecpipeConfig
 from recpipe.generate.pool import EnginePool
@@ -45,46 +46,93 @@ def _recipe(config: RecpipeConfig | dict[str, Any], progress: Any, engines: Engi
     return recipes.LoopRecipe(cfg, progress=progress, lease=lease, engines=engines, stage=as_task)
 
 
-@flow(name="loop", validate_parameters=False)
+def _run_name() -> str:
+    """A flow run is named after the recpipe run: "r1 loop" (Prefect's default is a random "witty-owl")."""
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config") or {}
+    return f"{config.get('run', 'default')} {flow_run.flow_name}"
+
+
+def _started(recipe: recipes.LoopRecipe) -> None:
+    """Once the recipe holds the run: save its resolved config beside its checkpoints (recpipe status shows
+    it) and, when flows report to a Prefect server, tell the progress where the run is in the UI."""
+    from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
+
+    from recpipe.status import save_run_config
+
+    save_run_config(recipe.store, recipe.cfg, str(recipe.model_path))
+    # url_for: the UI's route (/runs/flow-run/ID); prefect.runtime's ui_url names an older one
+    url = url_for("flow-run", obj_id=flow_run.get_id()) if server_configured() else None
+    if url:
+        recipe.progress("flow_run", {"name": flow_run.name, "url": url})
+
+
+def _publish_steps(recipe: recipes.LoopRecipe) -> None:
+    """The run's step table as a Markdown artifact of the flow run (key: "<run>-steps", a version per flow run)."""
+    import re
+
+    from prefect.artifacts import create_markdown_artifact
+
+    from recpipe.progress import steps_markdown
+
+    rows = recipe.store.read("steps", "run = $run", {"run": recipe.cfg.run}).to_pylist()
+    key = re.sub(r"[^a-z0-9-]+", "-", f"{recipe.cfg.run.lower()}-steps")
+    create_markdown_artifact(markdown=steps_markdown(rows, f"run {recipe.cfg.run}: steps"), key=key,
+                             description=f"recpipe run {recipe.cfg.run}: one row per trained step")
+
+
+@flow(name="loop", flow_run_name=_run_name, validate_parameters=False)
 def loop(config: dict[str, Any], progress: Any = None, engines: EnginePool | None = None) -> int:
     """generate -> select -> train for loop.steps steps (resumes from the archive)."""
     with _recipe(config, progress, engines) as recipe:
-        return len(recipe.run())
+        _started(recipe)
+        trained = len(recipe.run())
+        _publish_steps(recipe)
+        return trained
 
 
-@flow(name="generate", validate_parameters=False)
+@flow(name="generate", flow_run_name=_run_name, validate_parameters=False)
 def generate(config: dict[str, Any], version: int | None = None, prompts: int | None = None,
              progress: Any = None) -> int:
     """Generate rollouts with a policy version (default: the latest) into the archive."""
     if prompts is not None and prompts < 1:  # 0 is not "the default": refuse it before the store is touched
         raise ValueError(f"prompts must be an integer >= 1 (got {prompts})")
     with _recipe(config, progress) as recipe:
+        _started(recipe)
         version = recipe.latest_version() if version is None else version
         return recipe.generate(version, prompts or recipe.cfg.select.groups_per_step)
 
 
-@flow(name="train", validate_parameters=False)
+@flow(name="train", flow_run_name=_run_name, validate_parameters=False)
 def train(config: dict[str, Any], steps: int = 1, progress: Any = None) -> int:
     """Train the next ``steps`` steps on batches selected from the archive (no generation)."""
     with _recipe(config, progress) as recipe:
-        return len(recipe.train(steps))
+        _started(recipe)
+        trained = len(recipe.train(steps))
+        _publish_steps(recipe)
+        return trained
 
 
-@flow(name="evaluate", validate_parameters=False)
+@flow(name="evaluate", flow_run_name=_run_name, validate_parameters=False)
 def evaluate(config: dict[str, Any], version: int | None = None, progress: Any = None) -> dict[str, Any]:
     """Greedy held-out accuracy of a policy version into `evals`."""
     with _recipe(config, progress) as recipe:
         return recipe.stage(recipe.evaluate)(recipe.latest_version() if version is None else version)
 
 
-@flow(name="retrain", validate_parameters=False)
+@flow(name="retrain", flow_run_name=_run_name, validate_parameters=False)
 def retrain(config: dict[str, Any], source_run: str | None = None, progress: Any = None) -> int:
     """Train a new run from archived rollouts only: replay ``source_run``'s batches, or select with the query."""
     with _recipe(config, progress) as recipe:
-        return len(recipe.retrain(source_run))
+        _started(recipe)
+        trained = len(recipe.retrain(source_run))
+        _publish_steps(recipe)
+        return trained
 
 
-@flow(name="generator", validate_parameters=False)
+@flow(name="generator", flow_run_name=_run_name, validate_parameters=False)
 def generator(config: dict[str, Any], exit_when_idle: bool = False, progress: Any = None) -> int:
     """A generator worker (recpipe.roles): samples the shards the run's schedule needs, beside a trainer."""
     from recpipe.roles import run_generator
@@ -93,7 +141,7 @@ def generator(config: dict[str, Any], exit_when_idle: bool = False, progress: An
         return run_generator(recipe, exit_when_idle=exit_when_idle)
 
 
-@flow(name="trainer", validate_parameters=False)
+@flow(name="trainer", flow_run_name=_run_name, validate_parameters=False)
 def trainer(config: dict[str, Any], wait_timeout_s: float = 3600.0, progress: Any = None) -> int:
     """The trainer role (recpipe.roles): trains each step once generators committed its rollouts."""
     from recpipe.roles import run_trainer

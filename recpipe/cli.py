@@ -186,6 +186,50 @@ def stoppable(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the libraries' own output (vLLM, torch, "
+                                          "Prefect, safetensors) instead of writing it to a log file.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines or bars (for scripts); errors "
+                                        "and results still print.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (YAML) and exit; the store "
+                                         "is not touched.")]
+
+
+def console_options(fn: F) -> F:
+    """Add --verbose / --quiet to a long command. Unless --verbose, the libraries' output goes to a log
+    file (recpipe.progress.library_output) and stderr holds only recpipe's lines."""
+    import inspect
+
+    @wraps(fn)
+    def wrapper(*args: Any, verbose: bool = False, quiet: bool = False, **kwargs: Any) -> Any:
+        from recpipe import progress
+
+        if verbose and quiet:
+            raise ValueError("give --verbose or --quiet, not both")
+        progress.OUTPUT.verbose, progress.OUTPUT.quiet = verbose, quiet
+        if kwargs.get("dry_run"):
+            return fn(*args, **kwargs)
+        try:  # only to place the log file: a bad config is the command's own error to report
+            store = make_config(kwargs.get("config"), kwargs.get("set_"), kwargs.get("store")).store
+        except Exception:
+            store = None
+        with progress.library_output(console, fn.__name__, store):
+            return fn(*args, **kwargs)
+
+    signature = inspect.signature(fn, eval_str=True)  # the Annotated typer options, not their names as strings
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=kind)
+             for name, kind in (("verbose", VerboseOpt), ("quiet", QuietOpt))]
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, "verbose": VerboseOpt, "quiet": QuietOpt}
+    return wrapper  # type: ignore[return-value]
+
+
+def dry_run_exit(cfg: RecpipeConfig) -> None:
+    """--dry-run: the resolved config on stdout, nothing else done."""
+    from recpipe.config import dump_config
+
+    out.print(dump_config(cfg), end="", highlight=False, markup=False, soft_wrap=True)
+
+
 def make_config(config: Path | None, overrides: list[str] | None, store: str | None = None,
                 run: str | None = None, extra: dict[str, Any] | None = None) -> RecpipeConfig:
     items = list(overrides or [])
@@ -367,6 +411,17 @@ def _summarise(cfg: RecpipeConfig) -> None:
     print_table(con.sql(STALENESS_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="trained batches")
 
 
+def _steps_done(cfg: RecpipeConfig) -> tuple[int, int, bool]:
+    from recpipe.status import steps_done
+
+    return steps_done(cfg.store, cfg.run, cfg.storage_options or None)
+
+
+def _nothing_to_do(cfg: RecpipeConfig, done: int, why: str) -> None:
+    """A command with no step left to train says so (it used to exit 0 silently)."""
+    out.print(f"nothing to do: run {cfg.run} already has {done} step(s) ({why})", highlight=False, soft_wrap=True)
+
+
 def _preflight(cfg: RecpipeConfig) -> None:
     from recpipe.recipe import preflight
 
@@ -389,6 +444,7 @@ def _loop_overrides(steps: int | None, preset_: str | None, sync_interval: int |
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def loop(
     config: ConfigOpt = None,
@@ -410,6 +466,7 @@ def loop(
     ray: Annotated[str | None, typer.Option("--ray", help="Run the --generators as Ray actors: local (a Ray "
                                             "instance for this run), auto (this machine's cluster) or ADDRESS.")]
     = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store
 
@@ -422,6 +479,11 @@ def loop(
         raise ValueError("--generator-devices places local processes; with --ray, Ray places the actors")
     cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
     _preflight(cfg)
+    if dry_run:
+        return dry_run_exit(cfg)
+    done, version, evaluated = _steps_done(cfg)
+    if done >= cfg.loop.steps and evaluated:
+        return _nothing_to_do(cfg, done, f"loop.steps={cfg.loop.steps}; give --steps {done + 1} or more to go on")
     from recpipe.progress import LoopProgress
 
     if generators:
@@ -456,6 +518,7 @@ def _devices(option: str, text: str | None) -> list[int]:
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def generator(
     config: ConfigOpt = None,
@@ -487,6 +550,7 @@ def generator(
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def trainer(
     config: ConfigOpt = None,
@@ -520,6 +584,7 @@ def trainer(
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def generate(
     config: ConfigOpt = None,
@@ -530,12 +595,15 @@ def generate(
     task: TaskOpt = None,
     version: Annotated[int | None, typer.Option(help="Policy version to sample from (default: latest).")] = None,
     prompts: Annotated[int | None, typer.Option(help="Groups to generate (default: select.groups_per_step).")] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Generate rollouts into the archive. Example: recpipe generate --model tiny --prompts 16 --store store"""
     at_least("--prompts", prompts, 1)
     at_least("--version", version, 0)
     cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
     _preflight(cfg)
+    if dry_run:
+        return dry_run_exit(cfg)
     from flows.pipeline_flows import generate as generate_flow
     from recpipe.progress import LoopProgress
 
@@ -590,6 +658,7 @@ def select(
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def train(
     config: ConfigOpt = None,
@@ -601,11 +670,14 @@ def train(
     model: ModelOpt = None,
     nproc: Annotated[int | None, typer.Option("--nproc", help="Trainer ranks (torchrun, FSDP2; default "
                                               "train.nproc): one per GPU, gloo on CPU.")] = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Train on batches selected from the archive. Example: recpipe train --store store --steps 2 --set select.query=fresh"""
     at_least("--steps", steps, 1)
     cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model, "train.nproc": nproc})
     _preflight(cfg)
+    if dry_run:
+        return dry_run_exit(cfg)
     if cfg.train.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; rank 0 comes back here
         from recpipe.train.launch import relaunch
 
@@ -622,6 +694,7 @@ def train(
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def retrain(
     source_run: Annotated[str | None, typer.Option("--from-run", help="Replay this run's recorded batches.")] = None,
@@ -632,6 +705,7 @@ def retrain(
     steps: StepsOpt = None,
     preset_: PresetOpt = None,
     model: ModelOpt = None,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Train a new run from archived rollouts only. Example: recpipe retrain --from-run base --run re1 --preset grpo"""
     extra = {"loss.preset": preset_, "model.name": model, "loop.steps": steps}
@@ -653,6 +727,13 @@ def retrain(
             extra["model.name"] = str(source_base)
         cfg = make_config(config, set_, store, run, extra)
     _preflight(cfg)
+    if dry_run:
+        return dry_run_exit(cfg)
+    done = _steps_done(cfg)[0]
+    left = [s for s in recorded if done <= s < cfg.loop.steps] if source_run is not None else range(done, cfg.loop.steps)
+    if not left:
+        return _nothing_to_do(cfg, done, f"loop.steps={cfg.loop.steps}" + (
+            f", run {source_run} has {len(recorded)} recorded step(s)" if source_run is not None else ""))
     from flows.pipeline_flows import retrain as retrain_flow
     from recpipe.progress import LoopProgress
 
@@ -668,6 +749,7 @@ def retrain(
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def evaluate(
     config: ConfigOpt = None,
@@ -794,6 +876,9 @@ def serve(
 ) -> None:
     """Register and serve scheduled deployments (needs a Prefect server: see README).
     Example: recpipe serve --flow generate --interval 3600 --store store"""
+    from flows import require_server
+
+    require_server("recpipe serve")  # before the flows' imports (tens of seconds on a busy machine)
     from flows.deployments import serve_deployments
 
     cfg = make_config(config, set_, store)
@@ -807,9 +892,11 @@ def status(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json (one object per run and line)")] = "table",
+    run: Annotated[str | None, typer.Option("--run", help="Also print this run's resolved config, as its latest "
+                                            "command saved it.")] = None,
 ) -> None:
     """The runs in a store: steps, versions (and those on disk), rollouts, last eval, model, lag, who holds
-    the run. Example: recpipe status --store store"""
+    the run. Example: recpipe status --store store --run r1"""
     from recpipe import output
     from recpipe.status import runs_status, table_rows
 
@@ -822,6 +909,15 @@ def status(
         output.write_json_lines(runs, sys.stdout)
         return
     out.print(output.rich_table(table_rows(runs), title=f"runs in {st.uri}"))
+    if run is not None:
+        from recpipe.status import saved_run_config
+
+        saved = saved_run_config(st, run)
+        if saved is None:
+            raise ValueError(f"run {run!r} has no saved config in {st.uri} (runs: "
+                             f"{', '.join(runs.column('run').to_pylist()) or 'none'})")
+        out.print(f"config of run {run}:", highlight=False)
+        out.print(saved, end="", highlight=False, markup=False, soft_wrap=True)
 
 
 def _print_version(value: bool) -> None:

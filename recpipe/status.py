@@ -1,6 +1,6 @@
 """What a store holds, run by run, for ``recpipe status``; and which policy versions are still on disk.
 
-    runs_status(store)   # one row per run: steps, versions, checkpoints on disk, last eval, model, lag
+    runs_status(store)   # one row per run: steps, versions, checkpoints on disk, last eval, model, lag, config
     require_version(store, "r1", 3)   # VersionMissing saying that retention removed it, and what is left
 
 Every number comes from the tables (one read-only SQL query); the checkpoints on disk come from the
@@ -93,6 +93,47 @@ def require_version(store: Store, run: str, version: int) -> None:
         raise VersionMissing(missing_version_message(store, run, version))
 
 
+RUN_CONFIG = "checkpoints/{run}/config.yaml"  # beside the run's checkpoints, on the store's storage
+
+
+def save_run_config(store: Store, cfg: Any, model: str | None = None) -> str:
+    """Write the command's resolved config (every field, defaults included; YAML) as the run's config,
+    plus the model path it resolved to; returns the file's path on the store's storage. Overwritten by
+    each command on the run: the latest command's settings are the run's."""
+    from recpipe.config import dump_config
+
+    text = dump_config(cfg)
+    if model is not None:
+        text += f"# resolved model: {model}\n"
+    path = store.location.path(*RUN_CONFIG.format(run=cfg.run).split("/"))
+    fs = store.location.fs
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())
+    return path
+
+
+def saved_run_config(store: Store, run: str) -> str | None:
+    """The resolved config the run's latest command saved (YAML text), or None."""
+    try:
+        with store.location.fs.open_input_stream(store.location.path(*RUN_CONFIG.format(run=run).split("/"))) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def steps_done(uri: str, run: str, storage_options: dict[str, str] | None = None) -> tuple[int, int, bool]:
+    """(steps recorded, latest policy version, whether that version was evaluated) of ``run``; zeros for a
+    run or store that does not exist. Read-only."""
+    if not Store.exists(uri, storage_options):
+        return 0, 0, False
+    store = Store(uri, storage_options)
+    steps = store.read("steps", "run = $run", {"run": run}).column("step").to_pylist()
+    version = max([0, *store.read("policies", "run = $run", {"run": run}).column("version").to_pylist()])
+    evaluated = store.read("evals", "run = $run AND policy_version = $v", {"run": run, "v": version}).num_rows > 0
+    return max([-1, *steps]) + 1, version, evaluated
+
+
 def runs_status(store: Store) -> pa.Table:
     """One row per run of the store, with the checkpoint versions on disk (``on_disk``, a list)."""
     con = store.connect(read_only=True)
@@ -100,9 +141,11 @@ def runs_status(store: Store) -> pa.Table:
         table = con.sql(RUNS_SQL).to_arrow_table()
     finally:
         con.close()
-    on_disk = [versions_on_disk(store, run) for run in table.column("run").to_pylist()]
-    return table.add_column(table.schema.get_field_index("versions") + 1, "on_disk",
-                            pa.array(on_disk, pa.list_(pa.int32())))
+    names = table.column("run").to_pylist()
+    on_disk = [versions_on_disk(store, run) for run in names]
+    table = table.add_column(table.schema.get_field_index("versions") + 1, "on_disk",
+                             pa.array(on_disk, pa.list_(pa.int32())))
+    return table.append_column("config", pa.array([saved_run_config(store, run) for run in names], pa.string()))
 
 
 SHOWN = {  # column -> heading of the table view; JSON gets every column
