@@ -183,6 +183,13 @@ class RecpipeConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: LossSection = Field(default_factory=LossSection)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list, description="Experiment trackers that get each step's metrics (train/loss, "
+        "train/reward_mean, ..., eval/accuracy), as TRL's report_to: tensorboard (event files), mlflow (a "
+        "local file store), wandb (offline mode unless WANDB_MODE says otherwise). Each needs its package "
+        "(recpipe.tracking).")
+    tracking_dir: str | None = Field(
+        None, description="Where trackers write: default <store>/tracking (a remote store: its local cache).")
 
     @model_validator(mode="after")
     def _loss_builds(self) -> RecpipeConfig:

@@ -160,6 +160,7 @@ class LoopRecipe:
         self.engines = engines if engines is not None else EnginePool()
         self.lock: Lease | None = None
         self._trainer: Any = None
+        self._tracking: Any = None
 
     # ---- setup / cleanup ---------------------------------------------------------------------------
     def setup(self) -> LoopRecipe:
@@ -168,6 +169,14 @@ class LoopRecipe:
         self.store = Store.create(self.cfg.store, self.cfg.storage_options or None)
         if self._lease_name:
             self.lock = self.store.lock(self.cfg.run, self._lease_name).acquire()
+            if self.cfg.report_to:  # the run's holder reports its steps and evals (recpipe.tracking)
+                from recpipe.tracking import tracked
+
+                try:
+                    self.progress, self._tracking = tracked(self.progress, self.cfg, self.store.root)
+                except BaseException:  # a missing package: release the lease, the run never started
+                    self.cleanup()
+                    raise
         return self
 
     def cleanup(self) -> None:
@@ -178,6 +187,9 @@ class LoopRecipe:
                 self._trainer = None
             if self._own_engines:
                 self.engines.close()
+            if self._tracking is not None:
+                self._tracking.close()
+                self._tracking = None
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -320,7 +332,8 @@ class LoopRecipe:
         row = result.row
         self.progress("step", {"step": step, "loss": row.get("loss"), "policy_version": result.policy_version,
                                "applied": result.applied, "skip_reason": result.skip_reason,
-                               "reward": row.get("reward_mean"), "tokens_per_s": row.get("tokens_per_second")})
+                               "reward": row.get("reward_mean"), "tokens_per_s": row.get("tokens_per_second"),
+                               "row": row})  # the whole `steps` row: the console's and trackers' metrics
         return result
 
     def evaluate(self, version: int) -> dict[str, Any]:
