@@ -128,8 +128,9 @@ def memory(model_dir: Path, batch: pa.Table, budget: int, chunks: list[int]) -> 
                                         chunk_tokens=chunk or None)
         optimizer = compute.build_optimizer(module, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0, device=device)
 
+        shortest = min(samples, key=lambda s: s.length)
+        _memory_step(module, optimizer, plan_micro_batches([shortest], budget, 64), cfg, device)()  # AdamW state
         step = _memory_step(module, optimizer, plan, cfg, device)
-        step()  # allocates the AdamW state
         with PeakMemory(device) as peak:
             start = time.perf_counter()
             step()
