@@ -2,7 +2,7 @@
 
     recpipe experiment --store runs/study --model smollm2 --steps 12 --seeds 0,1 --workers 2 \\
         --presets reinforce,grpo,rec-oneside-nois,rec-oneside-nois:0.6,2.0,red-weight \\
-        --settings onpolicy,sync,offline --eval-every 3           # EXPERIMENTS.md has the full command
+        --settings onpolicy,sync,offline --eval-every 4           # EXPERIMENTS.md has the full command
 
 Each (preset, setting, seed) is a run named ``<preset>.<setting>.s<seed>`` in the same store, so every
 comparison is one SQL query away. A preset may carry overrides: ``rec-oneside-nois:0.6,2.0`` is the
