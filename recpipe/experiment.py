@@ -360,7 +360,7 @@ def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path, progr
     try:
         for i in range(workers):
             log = open(log_dir / f"worker-{i}.log", "ab")  # noqa: SIM115 - closed below
-            argv = [sys.executable, "-m", "recpipe.experiment", plan.name, str(i), str(workers)]
+            argv = [sys.executable, "-m", "recpipe.experiment", plan.name, str(i)]
             procs.append((subprocess.Popen(argv,
                                            env={**os.environ, **_worker_env(i, workers)}, stdout=log,
                                            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGKILL)),
@@ -388,14 +388,14 @@ def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path, progr
         raise RuntimeError("; ".join(failed))
 
 
-def _worker_main(plan: str, index: int, workers: int) -> None:
+def _worker_main(plan: str, index: int) -> None:
     from recpipe.roles import pin_to_cpus
 
     pin_to_cpus()
     configs = [RecpipeConfig.model_validate(c) for c in json.loads(Path(plan).read_text())]
-    # Workers start at different runs so two of them rarely race for the same lease.
-    start = index * len(configs) // workers
-    ran = run_pending(configs[start:] + configs[:start])
+    # Worker i starts at run i, so two rarely race for a lease, and all go through the list in order: the
+    # study stays seed-major (a study cut short has the first seed of every cell).
+    ran = run_pending(configs[index:] + configs[:index])
     print(f"worker {index}: ran {len(ran)} run(s): {', '.join(ran)}", flush=True)
 
 
@@ -430,4 +430,4 @@ def run_experiment(base: RecpipeConfig, presets: list[PresetSpec], grid: dict[st
 
 
 if __name__ == "__main__":
-    _worker_main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    _worker_main(sys.argv[1], int(sys.argv[2]))
