@@ -234,10 +234,16 @@ def save_optimizer_shards(path: Path, module: torch.nn.Module, optimizer: torch.
     """Write the optimizer state into ``path`` with torch.distributed.checkpoint (each rank its shard;
     one process: all of it). Collective under torchrun."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=str(path),
-             no_dist=not torch.distributed.is_initialized())
+    try:
+        dcp.save({"optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=str(path),
+                 no_dist=not torch.distributed.is_initialized())
+    except CheckpointException as exc:  # a BaseException: turned into an error the writer reports (disk full...)
+        first = next(iter(exc.failures.values()), exc)
+        cause = getattr(first, "exc", first)
+        raise RuntimeError(f"{type(cause).__name__}: {cause}".splitlines()[0]) from exc
 
 
 def load_optimizer_shards(path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -339,6 +345,8 @@ def verify_checkpoint(path: Path, optimizer: str = "if-present") -> list[str]:
         file = path / name
         if is_optimizer_file(name) and optimizer == "skip":
             continue
+        if is_optimizer_file(name) and name != OPTIMIZER_FILE and not (path / OPTIMIZER_FILE).is_file():
+            continue  # the optimizer state as a whole is gone (retention), or "optimizer.pt: missing" says so
         if not file.is_file():
             optional = is_optimizer_file(name) and optimizer != "required"
             if not optional and f"{file}: missing" not in problems:
