@@ -147,7 +147,10 @@ def trainer(config: dict[str, Any], wait_timeout_s: float = 3600.0, progress: An
     from recpipe.roles import run_trainer
 
     with _recipe(config, progress) as recipe:
-        return len(run_trainer(recipe, wait_timeout_s=wait_timeout_s))
+        _started(recipe)
+        trained = len(run_trainer(recipe, wait_timeout_s=wait_timeout_s))
+        _publish_steps(recipe)
+        return trained
 
 
 FLOWS = {"loop": loop, "generate": generate, "train": train, "evaluate": evaluate, "retrain": retrain,

@@ -820,6 +820,7 @@ def export(
 
 @app.command()
 @friendly_errors
+@console_options
 @stoppable
 def experiment(
     config: ConfigOpt = None,
