@@ -61,8 +61,11 @@ def test_finished_run_dry_run_and_saved_config(first_loop, tmp_path, tiny_model)
     again = cli("loop", "--store", str(store), "--run", RUN, "--steps", "2", *SMALL)
     assert again.exit_code == 0, again.output[-3000:]
     assert again.stdout.startswith(f"nothing to do: run {RUN} already has 2 step(s) (loop.steps=2; give --steps 3")
-    replay = cli("retrain", "--store", str(store), "--run", RUN, "--steps", "2", *SMALL)
-    assert replay.exit_code == 0 and f"nothing to do: run {RUN} already has 2 step(s)" in replay.stdout
+    replay = cli("retrain", "--store", str(store), "--run", RUN, "--steps", "2", "--quiet", *SMALL)
+    assert replay.exit_code == 0 and replay.stdout.startswith(f"nothing to do: run {RUN} already has 2 step(s)")
+    assert replay.stderr == ""  # --quiet: results only
+    both = cli("loop", "--store", str(store), "--run", RUN, "--verbose", "--quiet")
+    assert both.exit_code == 2 and "give --verbose or --quiet, not both" in both.stderr
 
     fresh = tmp_path / "not-yet"
     dry = cli("loop", "--store", str(fresh), "--run", "r9", "--steps", "7", "--dry-run", "--model", str(tiny_model),
