@@ -98,7 +98,10 @@ class LoopProgress:
         self.quiet = OUTPUT.quiet if quiet is None else quiet
         self.bar = Progress(TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[status]}"), console=self.console,
-                            transient=True, disable=self.quiet or not self.console.is_terminal)
+                            transient=True, disable=self.quiet or not self.console.is_terminal,
+                            # rich would route sys.stderr through the console, above the bar: library
+                            # output written there (warnings, tqdm bars) belongs in the log file
+                            redirect_stderr=OUTPUT.verbose)
         self.shards = self.bar.add_task("generate", total=None, status="")
         self.steps = self.bar.add_task("train", total=total_steps or None, status="")
 

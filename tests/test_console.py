@@ -42,6 +42,16 @@ def test_progress_prints_plain_lines_and_quiet_prints_none():
     assert quiet.export_text() == ""
 
 
+def test_bars_on_a_terminal_leave_stderr_to_the_log_file():
+    """rich's live display proxies sys.stderr by default: a library's warning would land on the terminal."""
+    before = sys.stderr
+    console = Console(record=True, width=200, force_terminal=True)
+    with LoopProgress(2, console) as progress:
+        assert progress.bar.live.is_started and sys.stderr is before
+        progress("step", {"step": 0, "policy_version": 1, "applied": True, "row": ROW})
+    assert "step 0 -> v1  loss 0.0123" in console.export_text()
+
+
 def test_steps_markdown_one_row_per_step():
     md = steps_markdown([{**ROW, "step": 1, "policy_version": 2}, {"step": 0, "applied": False}], "run r")
     lines = md.splitlines()
