@@ -70,16 +70,21 @@ def _started(recipe: recipes.LoopRecipe) -> None:
 
 
 def _publish_steps(recipe: recipes.LoopRecipe) -> None:
-    """The run's step table as a Markdown artifact of the flow run (key: "<run>-steps", a version per flow run)."""
+    """The run's step table and resolved config as a Markdown artifact of the flow run (key: "<run>-steps",
+    a version per flow run)."""
     import re
 
     from prefect.artifacts import create_markdown_artifact
 
+    from recpipe.config import dump_config
     from recpipe.progress import steps_markdown
 
     rows = recipe.store.read("steps", "run = $run", {"run": recipe.cfg.run}).to_pylist()
     key = re.sub(r"[^a-z0-9-]+", "-", f"{recipe.cfg.run.lower()}-steps")
-    create_markdown_artifact(markdown=steps_markdown(rows, f"run {recipe.cfg.run}: steps"), key=key,
+    # The flow's parameters hold only the fields the command set; the artifact has every one.
+    markdown = (steps_markdown(rows, f"run {recipe.cfg.run}: steps") + "\n## resolved config\n\n```yaml\n"
+                + dump_config(recipe.cfg) + "```\n")
+    create_markdown_artifact(markdown=markdown, key=key,
                              description=f"recpipe run {recipe.cfg.run}: one row per trained step")
 
 

@@ -113,6 +113,8 @@ def test_prefect_sees_the_run(first_loop, prefect_api):
         assert artifact.type == "markdown" and artifact.flow_run_id == flow_run.id
         rows = [line for line in artifact.data.splitlines() if re.match(r"^\| \d+ \| v\d+ \|", line)]
         assert [row.split(" | ")[:2] for row in rows] == [["| 0", "v1"], ["| 1", "v2"]]
+        resolved = yaml.safe_load(artifact.data.split("```yaml\n", 1)[1].split("```", 1)[0])
+        assert resolved["run"] == RUN and resolved["loop"]["steps"] == 2 and resolved["train"]["grad_clip"] == 1.0
     ui = prefect_api.removesuffix("/api")
     assert f"prefect flow run {RUN} loop: {ui}/runs/flow-run/{flow_run.id}" in done.stderr
 
