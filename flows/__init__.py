@@ -78,6 +78,19 @@ def _in_a_run(record: logging.LogRecord) -> bool:
     return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
+class _LastResort(logging.Handler):
+    """Python prints a warning nobody handles (logging.lastResort) only while no logger on its way has a
+    handler; the API handler below would silence recpipe's warnings. This keeps them, while the root
+    logger has no handler of its own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not logging.getLogger().handlers and logging.lastResort is not None:
+            logging.lastResort.handle(record)
+
+
 def _recpipe_logs_to_prefect() -> None:
     """The ``recpipe`` logger at INFO, with Prefect's API handler: what it logs inside a flow or task run is
     in that run's logs (what PREFECT_LOGGING_EXTRA_LOGGERS would do, had prefect not been imported first)."""
@@ -90,6 +103,7 @@ def _recpipe_logs_to_prefect() -> None:
         handler = APILogHandler()
         handler.addFilter(_in_a_run)
         logger.addHandler(handler)
+        logger.addHandler(_LastResort())
 
 
 def server_configured() -> bool:

@@ -126,3 +126,16 @@ def test_serve_refuses_an_ephemeral_api(tmp_path):
     assert done.returncode == 2
     assert "error: NoServer: recpipe serve needs a Prefect server: start one with `prefect server start`" in done.stderr
     assert not (tmp_path / "prefect" / "prefect.db").exists()  # no throw-away server was started
+
+
+def test_recpipe_warnings_still_print_without_a_root_handler(monkeypatch, capsys):
+    """The Prefect API handler on the `recpipe` logger would make Python drop its warnings (lastResort
+    prints only when no handler is on the way); flows keep them on stderr."""
+    import logging
+
+    import flows  # noqa: F401  (adds the handlers)
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])
+    logging.getLogger("recpipe").warning("retrain: the base model is not on this machine")
+    logging.getLogger("recpipe").info("step 0 -> v1")  # INFO goes to Prefect's run logs only
+    assert capsys.readouterr().err == "retrain: the base model is not on this machine\n"
