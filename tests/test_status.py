@@ -10,6 +10,7 @@ from test_export import make_store
 from typer.testing import CliRunner
 
 import recpipe
+from recpipe import cli
 from recpipe.cli import app
 from recpipe.schema import SCHEMA_VERSION, table_schema
 from recpipe.store import Store
@@ -28,7 +29,7 @@ def eval_row(run: str, version: int, accuracy: float) -> dict:
             "reward_mean": accuracy, "n": 4, "created_at": dt.datetime.now(dt.UTC), "schema_version": SCHEMA_VERSION}
 
 
-def test_status_lists_each_run(tmp_path, tiny_model):
+def test_status_lists_each_run(monkeypatch, tmp_path, tiny_model):
     store = make_store(Store.create(tmp_path / "store"), tiny_model, versions=3)  # run "r": v0..v3
     store.append_rollouts(synthetic_rollouts(run="r", shard_id="r0"), shard_id="r0")
     store.append_rollouts(synthetic_rollouts(run="other", shard_id="o0", groups=3), shard_id="o0")
@@ -40,7 +41,8 @@ def test_status_lists_each_run(tmp_path, tiny_model):
     runner = CliRunner()
     with store.lock("other", "loop"):
         result = runner.invoke(app, ["status", "--store", str(store.root), "--format", "json"])
-        table = runner.invoke(app, ["status", "--store", str(store.root)], env={"COLUMNS": "250"})
+        monkeypatch.setattr(cli.out, "width", 250)  # the CLI's console was sized when it was imported
+        table = runner.invoke(app, ["status", "--store", str(store.root)])
     assert result.exit_code == 0, result.output
     runs = {r["run"]: r for r in map(json.loads, result.stdout.splitlines())}
     assert sorted(runs) == ["other", "r"]
