@@ -89,8 +89,8 @@ def main() -> None:
         raise SystemExit("needs two cores")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-roles-"))
-    env = {**os.environ, "RECPIPE_CACHE": str(tmp / "cache"), "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp / "prefect"),
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    # The user's model cache (SmolLM2 converted once), a throw-away Prefect home.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PREFECT_HOME": str(tmp / "prefect"), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     one_thread = {**env, "OMP_NUM_THREADS": "1"}
     sets = [x for s in args.set for x in ("--set", s)]
     common = ["--model", args.model, "--steps", str(args.steps), "--preset", "rec-oneside-nois", *sets,
