@@ -52,6 +52,21 @@ def check_split_run(store, reference_rows):
     assert rollouts(store) == reference_rows
 
 
+def kill_9_when(proc, ready, what, *, timeout_s, poll_s, store):
+    """SIGKILL ``proc``'s process group as soon as ``ready()`` holds on the store (once the store exists),
+    failing if ``proc`` ended before it could be killed."""
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if Store.exists(store) and ready():
+                break
+            time.sleep(poll_s)
+        assert proc.poll() is None, f"{what} ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_two_generator_processes_and_a_trainer_write_the_loops_rollouts(tmp_path, reference, run_recpipe):
     common, expected = reference
     run_recpipe.env["OMP_NUM_THREADS"] = "1"
@@ -85,16 +100,8 @@ def test_the_trainer_killed_mid_run_restarts_while_a_generator_keeps_going(tmp_p
     try:
         trainer = subprocess.Popen(recpipe_cmd("trainer", *args), env=run_recpipe.env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline and trainer.poll() is None:
-                if Store.exists(store) and sql_rows(store, "SELECT count(*) FROM steps")[0][0] >= 2:
-                    break
-                time.sleep(0.2)
-            assert trainer.poll() is None, "the trainer ended before it could be killed"
-        finally:
-            os.killpg(trainer.pid, signal.SIGKILL)
-            trainer.wait()
+        kill_9_when(trainer, lambda: sql_rows(store, "SELECT count(*) FROM steps")[0][0] >= 2, "the trainer",
+                    timeout_s=600, poll_s=0.2, store=store)
         trained = sql_rows(store, "SELECT count(*) FROM steps")[0][0]
         assert 2 <= trained < 6
         time.sleep(2)
@@ -123,16 +130,9 @@ def test_a_generator_killed_mid_shard_leaves_it_to_another(tmp_path, tiny_model,
     # No trainer: the generators can only produce version 0's shards (steps 0..2), then they are idle.
     first = subprocess.Popen(recpipe_cmd("generator", *common), env=run_recpipe.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and first.poll() is None:
-            if Store.exists(store) and sql_rows(store, HELD_CLAIM)[0][0]:
-                break  # one shard is in, and the worker holds the claim of another it is generating
-            time.sleep(0.1)
-        assert first.poll() is None, "the generator ended before it could be killed"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    # Killed once one shard is in and the worker holds the claim of another it is generating.
+    kill_9_when(first, lambda: sql_rows(store, HELD_CLAIM)[0][0], "the generator", timeout_s=300, poll_s=0.1,
+                store=store)
     done = sql_rows(store, "SELECT count(DISTINCT shard_id) FROM rollouts")[0][0]
     claimed = sql_rows(store, "SELECT count(DISTINCT purpose) FROM leases WHERE purpose LIKE 'shard-%'")[0][0]
     assert claimed > done, "the kill should have landed while a shard was claimed"
