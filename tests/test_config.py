@@ -1,7 +1,9 @@
+import re
 from pathlib import Path
 from typing import Annotated, get_args, get_origin
 
 import pytest
+import yaml
 from pydantic import BaseModel
 
 from recpipe.config import ConfigError, RecpipeConfig, build_config, dump_config, load_config
@@ -9,11 +11,30 @@ from recpipe.config import ConfigError, RecpipeConfig, build_config, dump_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+DEFAULT_YAML = ROOT / "configs" / "default.yaml"
+
+
 def test_defaults_run_on_cpu_and_match_the_shipped_file():
-    cfg = load_config(ROOT / "configs" / "default.yaml")
+    cfg = load_config(DEFAULT_YAML)
     assert cfg == RecpipeConfig()
     assert cfg.train.device == "auto" and cfg.model.name == "smollm2"
     assert cfg.loss.build().clip_mode == "one-side"
+    # Loading fills omitted fields with their defaults, so compare the file itself: every field is listed,
+    # at its default, and nothing else (a field added to the config must be added to the file too).
+    assert yaml.safe_load(DEFAULT_YAML.read_text()) == RecpipeConfig().model_dump(mode="json")
+
+
+def test_every_field_of_the_shipped_file_is_explained():
+    # TRL-style: a comment line right above each field says what it is.
+    lines = DEFAULT_YAML.read_text().splitlines()
+    fields = [(i, line) for i, line in enumerate(lines) if re.match(r"^ *[a-z_]+:", line)]
+    sections = {name for name, info in RecpipeConfig.model_fields.items()
+                if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)}
+    leaves = [(i, line) for i, line in fields if line.rstrip().rstrip(":") not in sections]
+    assert len(leaves) == len(RecpipeConfig.model_fields) - len(sections) + sum(
+        len(RecpipeConfig.model_fields[name].annotation.model_fields) for name in sections)
+    for i, line in leaves:
+        assert lines[i - 1].lstrip().startswith("#"), f"configs/default.yaml:{i + 1} {line.strip()!r} has no comment"
 
 
 def test_overrides_parse_yaml_scalars():
