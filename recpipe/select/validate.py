@@ -15,8 +15,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recpipe.errors import RecpipeError
 
-class SelectionError(ValueError):
+
+class SelectionError(RecpipeError, ValueError):
     """Selection could not produce a batch."""
 
 

@@ -24,17 +24,18 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from recpipe.errors import RecpipeError
 from recpipe.schema import table_names
 
 READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 MEMORY_LIMIT_CAP = 4 * 1024**3
 
 
-class QueryRefused(ValueError):
+class QueryRefused(RecpipeError, ValueError):
     """The statement would write, touch a file or change settings."""
 
 
-class QueryTimeout(TimeoutError):
+class QueryTimeout(RecpipeError, TimeoutError):
     """The query ran past its time limit and was interrupted."""
 
 
