@@ -44,6 +44,7 @@ def _no_bool(kind: str) -> BeforeValidator:
     return BeforeValidator(check)
 
 
+RUN_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # also what select() accepts: safe in paths and globs
 Int = Annotated[int, _no_bool("integer")]
 Float = Annotated[float, _no_bool("number")]
 Beta = Annotated[float, _no_bool("number"), Field(ge=0, lt=1)]
@@ -130,11 +131,11 @@ class TrainConfig(_Section):
         "there: ~1/3 more compute for activation memory of about one layer instead of all. Turn on when a "
         "micro-batch of train.micro_batch_tokens does not fit (long responses, big models), or to fit larger "
         "micro-batches on a GPU.")
-    precision: Literal["auto", "float32", "bf16"] = Field(
-        "auto", description="Compute dtype of the decoder layers. auto = bf16 on CUDA, float32 on CPU. bf16 "
-        "(CUDA only): bfloat16 matmuls with float32 master weights, gradients, reductions (FSDP2 "
-        "MixedPrecisionPolicy across ranks, autocast on one) and AdamW state; the LM head and the softmax "
-        "behind the log-probs always run in float32, so the importance ratios are not rounded.")
+    precision: Literal["auto", "float32", "bf16"] = Field("auto", description=(
+        "Compute dtype of the decoder layers. auto = bf16 on CUDA, float32 on CPU. bf16 (CUDA only): bfloat16 "
+        "matmuls with float32 master weights, gradients, reductions (FSDP2 MixedPrecisionPolicy across ranks, "
+        "autocast on one) and AdamW state; the LM head and the softmax behind the log-probs always run in "
+        "float32, so the importance ratios are not rounded."))
     nproc: Int = Field(
         1, ge=1, description="Trainer ranks (`recpipe train --nproc N` starts them with torchrun): the model "
         "is sharded with FSDP2, each rank takes micro-batches worth a share of the batch's tokens, the loss "
@@ -170,7 +171,7 @@ class LoopConfig(_Section):
 
 
 class RecpipeConfig(_Section):
-    run: str = Field("default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Run name (letters, digits, _ . -).")
+    run: str = Field("default", pattern=RUN_NAME, description="Run name (letters, digits, _ . -).")
     store: str = Field("store", description="Archive: a local directory or s3://bucket/prefix.")
     storage_options: dict[str, str] = Field(
         default_factory=dict,

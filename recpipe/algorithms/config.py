@@ -10,7 +10,7 @@ can be overridden. Bad values raise pydantic's ``ValidationError`` (a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,8 @@ ClipMode = Literal["none", "one-side", "two-side", "ring", "gspo-one-side"]
 Weight = Literal["none", "importance_sampling", "gspo_importance_sampling", "advantage"]
 Regularizer = Literal["none", "forward-kl", "k2"]
 Drop = Literal["none", "balance"]
+# A finite float >= 0: the clip band's epsilons and beta.
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class LossConfig(BaseModel):
@@ -46,50 +48,25 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    clip_mode: ClipMode = Field(
-        "none",
-        description="Clip mask c_t: none | one-side | two-side | ring | gspo-one-side (one-side on the "
-        "sequence ratio, loss = mean over responses of each response's token mean).",
-    )
-    epsilon_low: float = Field(
-        0.2, ge=0, allow_inf_nan=False, description="Lower band edge 1 - epsilon_low on rho (unitless, >=0)."
-    )
-    epsilon_high: float = Field(
-        0.2, ge=0, allow_inf_nan=False, description="Upper band edge 1 + epsilon_high on rho (unitless, >=0)."
-    )
-    epsilon_low_prime: float = Field(
-        0.6,
-        ge=0,
-        allow_inf_nan=False,
-        description="Ring only: tokens with A >= 0 and rho <= 1 - epsilon_low_prime keep their gradient.",
-    )
-    epsilon_high_prime: float = Field(
-        2.0,
-        ge=0,
-        allow_inf_nan=False,
-        description="Ring only: tokens with A <= 0 and rho >= 1 + epsilon_high_prime keep their gradient.",
-    )
-    weight: Weight = Field(
-        "none",
-        description="Token weight w_t: none (NoIS) | importance_sampling (rho_t) | gspo_importance_sampling "
-        "(sequence ratio) | advantage (exp(A/temp), RED-Weight).",
-    )
-    temp: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="Temperature of the advantage weight exp(A/temp) (> 0)."
-    )
-    regularizer: Regularizer = Field(
-        "none",
-        description="Added term R_t: none | forward-kl (-beta*l_t, AsymRE) | k2 (beta*(l-l_old)^2, OPMD).",
-    )
-    regularizer_coef: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="beta, the regularizer coefficient (>= 0; > 0 iff used)."
-    )
-    std_normalize: bool = Field(
-        False, description="Divide advantages by the group's population std + 1e-6 (GRPO)."
-    )
-    drop: Drop = Field(
-        "none", description="Group shaping: none | balance (RED-Drop: drop surplus negatives at random)."
-    )
+    clip_mode: ClipMode = Field("none", description="Clip mask c_t: none | one-side | two-side | ring | "
+                                "gspo-one-side (one-side on the sequence ratio, loss = mean over responses of "
+                                "each response's token mean).")
+    epsilon_low: NonNegative = Field(0.2, description="Lower band edge 1 - epsilon_low on rho (unitless, >=0).")
+    epsilon_high: NonNegative = Field(0.2, description="Upper band edge 1 + epsilon_high on rho (unitless, >=0).")
+    epsilon_low_prime: NonNegative = Field(0.6, description="Ring only: tokens with A >= 0 and rho <= 1 - "
+                                       "epsilon_low_prime keep their gradient.")
+    epsilon_high_prime: NonNegative = Field(2.0, description="Ring only: tokens with A <= 0 and rho >= 1 + "
+                                        "epsilon_high_prime keep their gradient.")
+    weight: Weight = Field("none", description="Token weight w_t: none (NoIS) | importance_sampling (rho_t) | "
+                           "gspo_importance_sampling (sequence ratio) | advantage (exp(A/temp), RED-Weight).")
+    temp: float = Field(1.0, gt=0, allow_inf_nan=False,
+                        description="Temperature of the advantage weight exp(A/temp) (> 0).")
+    regularizer: Regularizer = Field("none", description="Added term R_t: none | forward-kl (-beta*l_t, AsymRE) "
+                                     "| k2 (beta*(l-l_old)^2, OPMD).")
+    regularizer_coef: NonNegative = Field(0.0, description="beta, the regularizer coefficient (>= 0; > 0 iff used).")
+    std_normalize: bool = Field(False, description="Divide advantages by the group's population std + 1e-6 (GRPO).")
+    drop: Drop = Field("none", description="Group shaping: none | balance (RED-Drop: drop surplus negatives at "
+                       "random).")
 
     @model_validator(mode="after")
     def _check_combinations(self) -> LossConfig:
