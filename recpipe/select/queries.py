@@ -2,7 +2,8 @@
 
     q = load_query("fresh")                       # a named query, or load_query("my/query.sql")
     q.params["max_staleness"]                     # Param(name='max_staleness', type='INTEGER', default=4, ...)
-    values = q.bind({"run": "a", "step": 7, "groups": 8})    # typed, defaults filled in
+    values = bind(q.params, {"max_staleness": 2}, {"run": "a", "step": 7, "groups": 8}, q.name)
+                                                  # typed, defaults filled in (select() binds this way)
 
 Header format (comment lines before the SQL; descriptions after a second ``--``):
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import operator
 import re
@@ -35,6 +37,7 @@ from typing import Any
 import duckdb
 import yaml
 
+from recpipe.errors import RecpipeError
 from recpipe.schema import schemas_dir
 
 NAME = re.compile(r"^_?[a-z][a-z0-9_]*$")
@@ -42,9 +45,10 @@ _PARAM = re.compile(r"^param\s+(?P<name>[A-Za-z_]\w*)\s*:\s*(?P<type>[A-Z]+(?:\[
 SCOPES = ("archive", "run")
 TYPES = ("VARCHAR", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "VARCHAR[]", "INTEGER[]", "ANY")
 _REQUIRED = object()  # a Param default meaning "no default: the caller must give a value"
+CONTEXT = ("run", "step", "groups", "seed")  # parameters select() fills from its own arguments
 
 
-class QueryError(ValueError):
+class QueryError(RecpipeError, ValueError):
     """A query file is missing, malformed, or given parameters that do not fit its header."""
 
 
@@ -84,6 +88,13 @@ class Param:
             ) from None
 
 
+def as_int(value: Any) -> int:
+    """``value`` as an int: Python and numpy integers pass; bools, 2.0 and "2" raise TypeError."""
+    if isinstance(value, bool):
+        raise TypeError("bool is not an integer")
+    return operator.index(value)
+
+
 def _coerce(kind: str, value: Any) -> Any:
     if kind.endswith("[]"):
         if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
@@ -94,9 +105,7 @@ def _coerce(kind: str, value: Any) -> Any:
             raise TypeError("not a str")
         return value
     if kind in ("INTEGER", "BIGINT"):
-        if isinstance(value, bool):
-            raise TypeError("bool is not an integer")
-        value = operator.index(value)  # accepts numpy ints, rejects 2.0 and "2"
+        value = as_int(value)
         bits = 31 if kind == "INTEGER" else 63
         if not -(2**bits) <= value < 2**bits:
             raise ValueError("out of range")
@@ -135,24 +144,54 @@ class Query:
         """The single SQL statement, without a trailing semicolon, ready to nest as a subquery."""
         return _strip_terminator(self.text)
 
-    def bind(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """Every declared parameter with its typed value: ``values`` first, then defaults.
 
-        Raises QueryError for a missing required parameter or a badly typed value; names not
-        declared are ignored here (the caller decides which names are allowed).
-        """
-        bound = {}
-        for name, param in self.params.items():
-            if name in values:
-                bound[name] = param.coerce(values[name], self.name)
-            elif param.required:
-                raise QueryError(
-                    f"{self.name}: parameter {name!r} ({param.type}) has no default and was not given"
-                    + (f" - {param.description}" if param.description else "")
-                )
-            else:
-                bound[name] = param.default
-        return bound
+def param_table(*queries: Query) -> dict[str, Param]:
+    """The union of the queries' declared parameters; one name must mean one type everywhere."""
+    merged: dict[str, Param] = {}
+    for q in queries:
+        for name, param in q.params.items():
+            other = merged.get(name)
+            if other is not None and other.type != param.type and "ANY" not in (other.type, param.type):
+                raise QueryError(f"parameter {name!r} is {other.type} in one query and {param.type} in {q.name}")
+            if other is None or other.type == "ANY":
+                merged[name] = param
+    return merged
+
+
+def bind(table: Mapping[str, Param], given: Mapping[str, Any], context: Mapping[str, Any],
+         where: str) -> dict[str, Any]:
+    """Every parameter of ``table`` with its typed value: from ``context`` (what select() sets from its
+    arguments), else ``given`` (the caller's params), else the declared default.
+
+    Raises QueryError for a name ``table`` does not declare, a name given that the context sets, a
+    required parameter without a value, or a value that does not fit the declared type.
+    """
+    unknown = sorted(set(given) - set(table))
+    if unknown:
+        allowed = sorted(set(table) - set(CONTEXT))
+        raise QueryError(f"{where}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
+    clash = sorted(set(given) & set(context))
+    if clash:
+        raise QueryError(f"{where}: parameter(s) {clash} are set by select() (its run/step/groups/seed/"
+                         "loss_config arguments), not through params")
+    values: dict[str, Any] = {}
+    for name, param in sorted(table.items()):
+        if name in context:
+            values[name] = context[name] if param.type == "ANY" else param.coerce(context[name], where)
+        elif name in given:
+            values[name] = param.coerce(given[name], where)
+            if param.type == "ANY":  # an untyped parameter of a user's file: it must still go into lineage JSON
+                try:
+                    json.dumps(values[name])
+                except (TypeError, ValueError):
+                    raise QueryError(f"{where}: parameter {name!r} = {given[name]!r} is not a plain value "
+                                     "(str, int, float, bool, None or a list of them)") from None
+        elif param.required:
+            raise QueryError(f"{where}: parameter {name!r} ({param.type}) has no default and was not given"
+                             + (f" - {param.description}" if param.description else ""))
+        else:
+            values[name] = param.default
+    return values
 
 
 def _strip_terminator(text: str) -> str:

@@ -20,7 +20,6 @@ after selecting resumes on exactly the data it had chosen.
 from __future__ import annotations
 
 import json
-import operator
 import re
 import time
 from collections.abc import Mapping
@@ -32,59 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recpipe.algorithms import LossConfig
+from recpipe.config import RUN_NAME
 from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard
 from recpipe.select.connection import selection_connection
-from recpipe.select.queries import Param, Query, QueryError, load_query
+from recpipe.select.queries import CONTEXT, Query, QueryError, as_int, bind, load_query, param_table
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
 from recpipe.store import AsOf, Store, StoreError
 from recpipe.store.datasets import DataFile, read_table, snapshot
 from recpipe.store.sql import check_read_only, run_read_only
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # as RecpipeConfig.run; also safe inside a glob
-CONTEXT = ("run", "step", "groups", "seed")  # parameters select() itself fills
 DROPS = ("none", "balance")
 
 
 # ---- parameters ----------------------------------------------------------------------------------
-def _param_table(*queries: Query) -> dict[str, Param]:
-    """The union of the queries' declared parameters; one name must mean one type everywhere."""
-    merged: dict[str, Param] = {}
-    for q in queries:
-        for name, param in q.params.items():
-            other = merged.get(name)
-            if other is not None and other.type != param.type and "ANY" not in (other.type, param.type):
-                raise QueryError(f"parameter {name!r} is {other.type} in one query and {param.type} in {q.name}")
-            if other is None or other.type == "ANY":
-                merged[name] = param
-    return merged
-
-
-def _bind(table: dict[str, Param], given: Mapping[str, Any], context: dict[str, Any], query: str) -> dict[str, Any]:
-    unknown = sorted(set(given) - set(table))
-    if unknown:
-        allowed = sorted(set(table) - set(CONTEXT))
-        raise QueryError(f"{query}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
-    clash = sorted(set(given) & set(context))
-    if clash:
-        raise QueryError(f"{query}: parameter(s) {clash} are set by select() (its run/step/groups/seed/"
-                         "loss_config arguments), not through params")
-    values: dict[str, Any] = {}
-    for name, param in sorted(table.items()):
-        if name in context:
-            values[name] = context[name] if param.type == "ANY" else param.coerce(context[name], query)
-        elif name in given:
-            values[name] = param.coerce(given[name], query)
-            if param.type == "ANY":  # an untyped parameter of a user's file: it must still go into lineage JSON
-                try:
-                    json.dumps(values[name])
-                except (TypeError, ValueError):
-                    raise QueryError(f"{query}: parameter {name!r} = {given[name]!r} is not a plain value "
-                                     "(str, int, float, bool, None or a list of them)") from None
-        elif param.required:
-            raise QueryError(f"{query}: parameter {name!r} ({param.type}) has no default and was not given"
-                             + (f" - {param.description}" if param.description else ""))
-        else:
-            values[name] = param.default
+def _check_values(values: dict[str, Any], query: str) -> dict[str, Any]:
+    """The checks on bound values that a header's type cannot say."""
     if values.get("drop", "none") not in DROPS:
         raise QueryError(f"{query}: parameter 'drop' is {values['drop']!r}; allowed: {', '.join(DROPS)}")
     if (values.get("staleness_decay") or 0.0) < 0:
@@ -99,21 +60,19 @@ def _statement_values(con: duckdb.DuckDBPyConnection, sql: str, values: dict[str
 
 
 def _check_run(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not RUN_NAME.match(value):
-        raise ValueError(f"{name} must be 1-64 letters, digits, '_', '.' or '-' (not starting with one of the "
+    if not isinstance(value, str) or not re.match(RUN_NAME, value):
+        raise QueryError(f"{name} must be 1-64 letters, digits, '_', '.' or '-' (not starting with one of the "
                          f"last three); got {value!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
     try:
-        if isinstance(value, bool):
-            raise TypeError
-        value = operator.index(value)
+        number = as_int(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {value}")
-    return value
+        raise QueryError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
+    if number < minimum:
+        raise QueryError(f"{name} must be an integer >= {minimum}; got {number}")
+    return number
 
 
 # ---- the two stages ------------------------------------------------------------------------------
@@ -313,7 +272,8 @@ def select(
     context: dict[str, Any] = {"run": run, "step": step, "groups": groups, "seed": seed}
     if loss_config is not None:
         context.update(std_normalize=loss_config.std_normalize, drop=loss_config.drop)
-    values = _bind(_param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name)
+    values = _check_values(bind(param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name),
+                           q.name)
 
     # The rollouts view costs a footer read per file: only for user SQL and the truncation filter.
     con, pins = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],

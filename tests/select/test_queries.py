@@ -7,9 +7,11 @@ import hashlib
 import duckdb
 import pytest
 
-from recpipe.select import QueryError, load_query, query_names
-from recpipe.select.queries import parse_header, queries_dir
-from recpipe.select.selection import _param_table, compose
+from recpipe.select import Param, Query, QueryError, load_query, query_names, select
+from recpipe.select.queries import bind, param_table, parse_header, queries_dir
+from recpipe.select.selection import compose
+
+TEMPLATES = ("_eligible", "_truncated", "_advantages")  # what select() binds with every query
 
 
 def test_named_queries_are_listed_and_templates_hidden():
@@ -38,25 +40,49 @@ def test_header_types_and_defaults():
 
 
 def test_shared_parameters_have_one_type_across_files():
-    templates = [load_query(n) for n in ("_eligible", "_truncated", "_advantages")]
+    templates = [load_query(n) for n in TEMPLATES]
     for name in query_names():
-        _param_table(load_query(name), *templates)  # raises on a type clash
+        param_table(load_query(name), *templates)  # raises on a type clash
+    clash = Query(name="mine", path=queries_dir(), text="", params={"max_staleness": Param("max_staleness", "DOUBLE")})
+    with pytest.raises(QueryError, match="'max_staleness' is INTEGER in one query and DOUBLE in mine"):
+        param_table(load_query("fresh"), clash)
 
 
 def test_bind_checks_types_and_required():
     q = load_query("fresh")
-    bound = q.bind({"run": "a", "step": 3, "groups": 2})
+    table = param_table(q, *(load_query(n) for n in TEMPLATES))
+    context = {"run": "a", "step": 3, "groups": 2, "seed": 0}
+    bound = bind(table, {}, context, q.name)
     assert bound["max_staleness"] == 4 and bound["current_version"] is None
+    assert bound["drop"] == "none" and bound["exclude_reward_errors"] is True  # the templates' defaults
+    assert {k: bound[k] for k in context} == context
+    assert bind(table, {"max_staleness": 2}, context, q.name)["max_staleness"] == 2
     with pytest.raises(QueryError, match="'max_staleness' must be a INTEGER; got '4'"):
-        q.bind({"run": "a", "step": 3, "groups": 2, "max_staleness": "4"})
+        bind(table, {"max_staleness": "4"}, context, q.name)
     with pytest.raises(QueryError, match="'max_staleness' must be a INTEGER; got 2.5"):
-        q.bind({"run": "a", "step": 3, "groups": 2, "max_staleness": 2.5})
+        bind(table, {"max_staleness": 2.5}, context, q.name)
+    with pytest.raises(QueryError, match="'max_staleness' must be a INTEGER; got True"):
+        bind(table, {"max_staleness": True}, context, q.name)
     with pytest.raises(QueryError, match="'run'.*no default"):
-        q.bind({"step": 3, "groups": 2})
+        bind(q.params, {"step": 3, "groups": 2}, {}, q.name)
     with pytest.raises(QueryError, match="'runs' must be a VARCHAR"):
-        load_query("replay").bind({"run": "a", "groups": 2, "seed": 0, "runs": "a"})  # a string, not a list
+        bind(load_query("replay").params, {"runs": "a"}, context, "replay")  # a string, not a list
     with pytest.raises(QueryError, match="must be a BOOLEAN"):
-        load_query("_eligible").bind({"drop_zero_variance": 1})
+        bind(load_query("_eligible").params, {"drop_zero_variance": 1}, {}, "_eligible")
+    with pytest.raises(QueryError, match=r"unknown parameter\(s\) \['nope'\]; allowed: .*max_staleness"):
+        bind(table, {"nope": 1}, context, q.name)
+    with pytest.raises(QueryError, match=r"\['step'\] are set by select"):
+        bind(table, {"step": 4}, context, q.name)
+
+
+def test_select_binds_its_parameters_this_way(archive):
+    # the same checks, through select(): the binder above is the one production uses
+    with pytest.raises(QueryError, match="fresh: parameter 'max_staleness' must be a INTEGER; got '4'"):
+        select(archive, "fresh", {"max_staleness": "4"}, run="a", step=0, groups=2)
+    with pytest.raises(QueryError, match="fresh: parameter 'drop_zero_variance' must be a BOOLEAN"):
+        select(archive, "fresh", {"drop_zero_variance": 1}, run="a", step=0, groups=2)
+    with pytest.raises(QueryError, match="step must be an integer >= 0; got True"):
+        select(archive, "fresh", run="a", step=True, groups=2)
 
 
 def test_header_parsing_rejects_unknown_types_and_bad_defaults():
