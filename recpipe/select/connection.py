@@ -1,4 +1,5 @@
-"""The read-only DuckDB connection selection runs on: Store.connect(read_only=True)'s tables, cheaper.
+"""The read-only DuckDB connection selection runs on: Store.connect(read_only=True)'s tables (Store.register),
+on a cheaper connection, at pinned versions.
 
     con, versions = selection_connection(store, rollouts=False)          # every table at its latest version
     con, versions = selection_connection(store, rollouts=False, run="a") # only run a's files
@@ -7,7 +8,7 @@
     con.close()
 
 Every table is a recpipe.store.datasets.TableDataset read at one Delta version, fixed when the
-selection first reads it (``Pins``; lineage records them): every read of a table in the selection
+selection first reads it (recpipe.store.Pins; lineage records them): every read of a table in the selection
 sees the same state however many writers commit meanwhile (rollouts are committed before their
 groups summary, so the rollouts a chosen summary names are always in the later-pinned rollouts
 version), and re-running the selection as of those versions reads exactly the same rows. Nothing is read until a statement scans
@@ -30,14 +31,12 @@ archive, read from the groups table's partition values in the log instead of its
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import duckdb
 import pyarrow as pa
 
 from recpipe.schema import table_names
-from recpipe.store import AsOf, Store
-from recpipe.store.datasets import TableDataset, snapshot
+from recpipe.store import AsOf, Pins, Store
 from recpipe.store.sql import locked_connection
 
 _database_con: duckdb.DuckDBPyConnection | None = None  # shared by every store: it holds no paths
@@ -46,7 +45,7 @@ _database_lock = threading.Lock()
 
 def archive_versions(store: Store, run: str | None = None, version: int | None = None) -> pa.Table:
     """(run, policy_version) of every groups partition holding a file (of ``run`` only, if given)."""
-    parts = [v for v in snapshot(store, "groups", version).partitions() if run is None or v["run"] == run]
+    parts = [v for v in store.snapshot("groups", version).partitions() if run is None or v["run"] == run]
     return pa.table({"run": pa.array([v["run"] for v in parts], pa.string()),
                      "policy_version": pa.array([v["policy_version"] for v in parts], pa.int32())})
 
@@ -60,38 +59,17 @@ def _database() -> duckdb.DuckDBPyConnection:
         return _database_con.cursor()
 
 
-class Pins:
-    """The version of each table a selection reads: fixed when the selection first needs the table (or given
-    by ``as_of``), then the same for every later read. ``read`` lists those it read, as lineage records."""
-
-    def __init__(self, store: Store, as_of: AsOf = None, fresh_since: float | None = None):
-        self.store, self.as_of, self.fresh_since, self.read = store, as_of, fresh_since, {}
-
-    def version(self, table: str) -> int:
-        if table not in self.read:
-            pinned = self.store.resolve_as_of(table, self.as_of)
-            self.read[table] = pinned if pinned is not None else \
-                self.store.delta(table, fresh_since=self.fresh_since).version()
-        return self.read[table]
-
-    def of(self, table: str) -> Callable[[], int]:
-        return lambda: self.version(table)
-
-
 def selection_connection(store: Store, *, rollouts: bool, run: str | None = None, as_of: AsOf = None,
                          fresh_since: float | None = None) -> tuple[duckdb.DuckDBPyConnection, Pins]:
     """A locked-down connection with one table per archive table (rollouts only if ``rollouts``) and the
-    ``versions`` relation, each read at one version (``Pins``), and the pins. Close the connection after use.
+    ``versions`` relation, each read at one version (recpipe.store.Pins), and the pins. Close the
+    connection after use.
 
     run: only that run's files (the caller checked the name: letters, digits, ``_ . -``).
     as_of: the versions to read (default: the latest of each table when the selection first reads it).
     fresh_since: see Store.delta (a table's log read since then, e.g. by the same selection, is not read again).
     """
     pins = Pins(store, as_of, fresh_since)
-    con = _database()
-    for table in table_names():
-        if table == "rollouts" and not rollouts:
-            continue
-        con.register(table, TableDataset(store, table, run=run, version=pins.of(table)))
+    con = store.register(_database(), [t for t in table_names() if rollouts or t != "rollouts"], as_of=pins, run=run)
     con.register("versions", archive_versions(store, run, pins.version("groups")))
     return con, pins

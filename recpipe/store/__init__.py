@@ -26,7 +26,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from recpipe.store.files import StoreWriteError, write_parquet
 from recpipe.store.lease import Lease, RunLocked
 from recpipe.store.location import Location, LocationError
 
-__all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "MARKER", "AsOf"]
+__all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "MARKER", "AsOf", "Pins"]
 
 MARKER = ".recpipe-store"
 FORMAT = "delta"
@@ -343,20 +343,28 @@ class Store:
         return _partition_filter(values)
 
     # ---- reads -------------------------------------------------------------------------------
-    def connect(self, *, read_only: bool = False, tables: list[str] | None = None,
-                as_of: AsOf = None) -> duckdb.DuckDBPyConnection:
+    def connect(self, *, read_only: bool = False, tables: Sequence[str] | None = None,
+                as_of: AsOf | Pins = None) -> duckdb.DuckDBPyConnection:
         """An in-memory DuckDB connection with every table (or only ``tables``) registered by name.
 
-        Tables are pyarrow datasets over the tables' Delta snapshots (recpipe.store.datasets.TableDataset):
-        the latest version at each query, or the version ``as_of`` names. read_only: the connection is
-        locked down (recpipe.store.sql: no file access, no settings changes) - for user SQL.
+        read_only: the connection is locked down (recpipe.store.sql: no file access, no settings
+        changes) - for user SQL. See ``register`` for the tables and ``as_of``.
         """
         from recpipe.store.sql import locked_connection
 
-        names = table_names() if tables is None else tables
-        con = locked_connection() if read_only else duckdb.connect()
-        for table in names:
-            con.register(table, TableDataset(self, table, version=self.resolve_as_of(table, as_of)))
+        return self.register(locked_connection() if read_only else duckdb.connect(), tables, as_of=as_of)
+
+    def register(self, con: duckdb.DuckDBPyConnection, tables: Sequence[str] | None = None, *,
+                 as_of: AsOf | Pins = None, run: str | None = None) -> duckdb.DuckDBPyConnection:
+        """Register every table (or only ``tables``) on ``con`` by name; returns ``con``.
+
+        Tables are pyarrow datasets over the tables' Delta snapshots (recpipe.store.datasets.TableDataset):
+        the latest version at each query, the version ``as_of`` names, or with ``Pins`` the version
+        fixed when a query first reads the table. run: only that run's files (a run name, RUN_NAME).
+        """
+        for table in table_names() if tables is None else tables:
+            version = as_of.of(table) if isinstance(as_of, Pins) else self.resolve_as_of(table, as_of)
+            con.register(table, TableDataset(self, table, run=run, version=version))
         return con
 
     def read(self, table: str, where: str | None = None, params: dict[str, Any] | None = None,
@@ -386,6 +394,29 @@ class Store:
 
     def damaged(self, path: str, exc: BaseException) -> str:
         return damaged(path, exc, self.uri)
+
+
+class Pins:
+    """The version of each table a reader sees: fixed when it first needs the table (or given by ``as_of``),
+    then the same for every later read. ``read`` lists those it read, as selection lineage records.
+
+    fresh_since: see Store.delta (a table's log read since then is not read again).
+    """
+
+    def __init__(self, store: Store, as_of: AsOf = None, fresh_since: float | None = None):
+        self.store, self.as_of, self.fresh_since = store, as_of, fresh_since
+        self.read: dict[str, int] = {}
+
+    def version(self, table: str) -> int:
+        if table not in self.read:
+            pinned = self.store.resolve_as_of(table, self.as_of)
+            self.read[table] = pinned if pinned is not None else \
+                self.store.delta(table, fresh_since=self.fresh_since).version()
+        return self.read[table]
+
+    def of(self, table: str) -> Callable[[], int]:
+        """The table's version, looked up when first called (a dataset's first scan)."""
+        return lambda: self.version(table)
 
 
 def read_marker(location: Location) -> dict[str, Any] | None:
