@@ -90,7 +90,7 @@ class Recorder:
 
 # ---- shards --------------------------------------------------------------------------------------
 def shard(run: str, shard_id: str, groups: int, group_size: int, tokens: int, prompt: int = 64):  # noqa: ANN201
-    from recpipe.select.synthetic import synthetic_shard
+    from tests.select.synthetic import synthetic_shard
 
     return synthetic_shard(run=run, policy_version=0, shard_id=shard_id, groups=groups, group_size=group_size,
                            prompt_length=prompt, max_tokens=tokens, truncated_fraction=1.0)

@@ -9,7 +9,7 @@ Delta Lake archive; optionally old (Parquet folders, commit 7f76fa5) and new sid
     python bench/bench_select.py --rebuild                # build the archive again
 
 The archive (bench/out/select-<rows>-<runs>x<versions>[-...]/store, reused while its config matches) has
---runs x --versions partitions of synthetic rollouts (recpipe.select.synthetic; short token payloads so
+--runs x --versions partitions of synthetic rollouts (tests/select/synthetic.py; short token payloads so
 that it builds fast) and a lineage history: every run has trained steps 0..--history-1 on 96 groups
 each, so "not yet used" and replay use counts have real work to do. Default layout: one generation
 shard per partition, committed through Store.append_rollouts (a rollouts and a groups commit each).
@@ -114,8 +114,8 @@ def _build_partition(job: tuple[str, int, int, int, int, int | None, bool]) -> t
     """One (run, version) partition; returns (rollout rows written, groups, shards)."""
     import pyarrow.compute as pc
 
-    from recpipe.select.synthetic import synthetic_shard
     from recpipe.store import group_summary
+    from tests.select.synthetic import synthetic_shard
 
     root, r, v, groups, group_size, shard_groups, payload = job
     store = _store(root)
@@ -330,7 +330,7 @@ class LoopSelect:
 
     def before(self) -> None:
         """Commit one 8-group shard to the writer run; its groups all failed their reward (never eligible)."""
-        from recpipe.select.synthetic import synthetic_shard
+        from tests.select.synthetic import synthetic_shard
 
         shard = f"w{os.getpid()}-{time.time_ns()}"
         self.store.append_rollouts(synthetic_shard(run=WRITER_RUN, policy_version=0, shard_id=shard, groups=8,
@@ -576,8 +576,8 @@ class OldCode:
 def bytes_per_token(responses: int = 4096, length: int = 200) -> dict[str, float]:
     """Response-token payload bytes on disk, for realistic lengths, as the store writes them (zstd;
     recpipe.store.files.write_parquet: log-probs byte-stream-split, token ids dictionary-encoded)."""
-    from recpipe.select.synthetic import synthetic_shard
     from recpipe.store import Store
+    from tests.select.synthetic import synthetic_shard
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store.create(Path(tmp) / "store")

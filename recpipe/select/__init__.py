@@ -10,7 +10,6 @@ selection  select, replay_lineage, recorded_steps: the two SQL stages and lineag
 batch      Batch, lineage_rows, BATCH_COLUMNS
 validate   EmptySelection, QueryResultError, SelectionError: checks on a query's result
 connection selection_connection: the lean, locked-down DuckDB connection selection runs on
-synthetic  synthetic_shard: fast fake rollouts for tests and bench/bench_select.py
 """
 
 from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from recpipe.select.synthetic import synthetic_shard
 from recpipe.store import Store
+from tests.select.synthetic import synthetic_shard
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 

@@ -1,5 +1,9 @@
-"""Synthetic rollout shards, vectorized: the select tests and bench/bench_select.py build archives with them.
+"""Synthetic rollout shards, vectorized: the select tests and the benches (bench/bench_select.py,
+bench/bench_commit.py) build archives with them. A test fixture, not part of the package: the benches
+import it as ``tests.select.synthetic`` from the checkout (scripts/setup.sh installs recpipe editable,
+which puts the checkout on sys.path).
 
+    from tests.select.synthetic import synthetic_shard
     table = synthetic_shard(run="a", policy_version=3, shard_id="a-v3-s0", groups=100, group_size=8, seed=1)
     store.append_rollouts(table, shard_id="a-v3-s0")
 
@@ -120,6 +124,7 @@ def synthetic_shard(
             [pa.array(np.where(error, 0.0, correctness)), pa.array(np.where(error, 0.0, fmt))],
             ["correctness", "format"],
         ),
+        "reward_terms": pa.nulls(n),  # not recorded for synthetic rows (as in rows before schema_version 4)
         "reward_error": pa.array(np.where(error, "ValueError: synthetic failure", None), pa.string()),
         "response_text": pa.repeat("x", n),
         "generator": pa.StructArray.from_arrays(
