@@ -37,13 +37,11 @@ from recpipe.algorithms import PRESETS, LossConfig
 from recpipe.config import RecpipeConfig
 from recpipe.store import Store
 
+
 # Off-policy settings as (k, o) = (sync_interval, sync_offset) for a run of `steps` steps. The paper's
 # are for ~300 steps (k=20; o=10; offline k=300, o=199); at a few dozen steps, k=20/300 of the run would
 # be on-policy in all but name, so periodic sync and the lag take a third of the run: staleness up to
 # steps/3 - 1 (sync) or exactly steps/3 (lag), between on-policy (0) and offline (up to steps - 1).
-SETTING_NAMES = ("onpolicy", "sync", "syncoffset", "lag", "offline")
-
-
 def parse_settings(text: str, steps: int) -> dict[str, tuple[int, int]]:
     """Named sync settings scaled to a run of ``steps`` steps, or ``k:o`` for any other."""
     third = max(1, steps // 3)
