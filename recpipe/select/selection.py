@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -35,7 +36,7 @@ from recpipe.config import RUN_NAME
 from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard
 from recpipe.select.connection import selection_connection
 from recpipe.select.queries import CONTEXT, Query, QueryError, as_int, bind, load_query, param_table
-from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_result
+from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_groups, check_result
 from recpipe.store import AsOf, Store, StoreError
 from recpipe.store.datasets import DataFile, read_table, snapshot
 from recpipe.store.sql import check_read_only, run_read_only
@@ -126,7 +127,7 @@ RESPONSE_COLUMNS = ("run", "group_id", "rollout_id", "sample_index", "policy_ver
 
 def _responses(store: Store, chosen: pa.Table, query: str, version: int | None) -> pa.Table:
     """The chosen groups' rows of the rollouts table (at ``version``), read by pyarrow from their files."""
-    wanted = pc.field("group_id").isin(pa.array(sorted(set(chosen.column("group_id").to_pylist())), pa.string()))
+    wanted = pc.field("group_id").isin(pc.unique(chosen.column("group_id")))
     files = _rollout_files(store, chosen, version)
     if not files:
         raise SelectionError(f"{query}: the chosen groups' rollouts partitions hold no files; "
@@ -137,92 +138,74 @@ def _responses(store: Store, chosen: pa.Table, query: str, version: int | None) 
         raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({exc})") from None
 
 
-def _lookup_groups(con: duckdb.DuckDBPyConnection, keys: pa.Table, query: str, timeout_s: float | None) -> pa.Table:
-    """policy_version and n of chosen groups, from the groups summary; unknown groups are an error."""
-    lookup = load_query("_chosen_groups")
-    con.register("chosen", keys)
-    try:
-        found = run_read_only(con, lookup.body, timeout_s=timeout_s)
-    finally:
-        con.unregister("chosen")
-    missing = found.filter(pc.is_null(found.column("policy_version")))
-    if missing.num_rows:
-        pairs = [f"{r}:{g}" for r, g in zip(missing.column("run").to_pylist(), missing.column("group_id").to_pylist(),
-                                            strict=True)]
-        raise SelectionError(f"{query}: {len(pairs)} chosen group(s) are not in the archive's groups table: "
-                             f"{', '.join(pairs[:5])}")
-    if found.num_rows != keys.num_rows:
-        raise SelectionError(f"{query}: the groups table lists some chosen groups more than once; "
-                             "run `recpipe doctor`")
-    return found
+# One row per group of a trusted result that names its groups' policy_version (and n, or one row per
+# response): no lookup in the groups summary. The column expressions are filled in by _chosen_groups.
+FROM_CHOICE = """
+SELECT run, group_id, CAST(any_value(policy_version) AS INTEGER) AS policy_version, CAST({n} AS INTEGER) AS n,
+       CAST({shard_id} AS VARCHAR) AS shard_id, any_value(group_weight) AS weight,
+       CAST(row_number() OVER (ORDER BY min(pos)) - 1 AS INTEGER) AS position
+FROM choice
+GROUP BY run, group_id
+ORDER BY min(pos)
+"""
 
 
 def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: bool, query: str,
                    timeout_s: float | None) -> pa.Table:
-    """One row per chosen group, in the query's order: run, group_id, policy_version, n, shard_id, weight.
+    """One row per chosen group, in the choice's order: run, group_id, policy_version, n, shard_id, weight,
+    position; registered as ``chosen``. ``choice`` is registered with its row number (pos) and group weight.
 
-    policy_version and n come from the groups summary unless a named query (trusted) returned them.
+    policy_version and n come from the groups summary (_chosen_groups.sql; unknown groups are an error)
+    unless a trusted choice - a named query's, or recorded lineage - has them.
     """
-    runs, group_ids = choice.column("run").to_pylist(), choice.column("group_id").to_pylist()
-    keys = list(dict.fromkeys(zip(runs, group_ids, strict=True)))
-    per_group = "rollout_id" not in choice.column_names
-    weight = dict.fromkeys(keys, 1.0)
-    if per_group and "weight" in choice.column_names:
-        weight = dict(zip(zip(runs, group_ids, strict=True), choice.column("weight").to_pylist(), strict=True))
-    if trust and per_group and {"policy_version", "n"} <= set(choice.column_names):
-        found = choice
+    names = choice.column_names
+    per_group = "rollout_id" not in names
+    weight = choice.column("weight") if per_group and "weight" in names else pa.array(np.ones(choice.num_rows))
+    con.register("choice", choice.append_column("pos", pa.array(np.arange(choice.num_rows)))
+                 .append_column("group_weight", weight))
+    if trust and "policy_version" in names and (not per_group or "n" in names):
+        sql = FROM_CHOICE.format(n="any_value(n)" if per_group else "count(*)",
+                                 shard_id="any_value(shard_id)" if "shard_id" in names else "NULL")
+        chosen = run_read_only(con, sql, timeout_s=timeout_s)
+        con.register("chosen", chosen)
     else:
-        found = _lookup_groups(con, pa.table({"run": [k[0] for k in keys], "group_id": [k[1] for k in keys]}),
-                               query, timeout_s)
-    shard = found.column("shard_id").to_pylist() if "shard_id" in found.column_names else [None] * found.num_rows
-    info = dict(zip(zip(found.column("run").to_pylist(), found.column("group_id").to_pylist(), strict=True),
-                    zip(found.column("policy_version").to_pylist(), found.column("n").to_pylist(), shard, strict=True),
-                    strict=True))
-    return pa.table({
-        "run": pa.array([k[0] for k in keys], pa.string()),
-        "group_id": pa.array([k[1] for k in keys], pa.string()),
-        "policy_version": pa.array([info[k][0] for k in keys], pa.int32()),
-        "n": pa.array([info[k][1] for k in keys], pa.int32()),
-        "shard_id": pa.array([info[k][2] for k in keys], pa.string()),
-        "weight": pa.array([weight[k] for k in keys], pa.float64()),
-        "position": pa.array(range(len(keys)), pa.int32()),
-    })
+        chosen = run_read_only(con, load_query("_chosen_groups").body, timeout_s=timeout_s)
+        con.register("chosen", chosen)
+        check_groups(con, query, timeout_s)
+    return chosen
 
 
 def _advantages(con: duckdb.DuckDBPyConnection, store: Store, chosen: pa.Table, values: dict[str, Any],
                 query: str, timeout_s: float | None, version: int | None) -> pa.Table:
-    """Stage 2 over ``chosen`` (run, group_id, policy_version, weight), reading rollouts ``version``."""
-    stage = load_query("_advantages")
-    sql = stage.body
+    """Stage 2 over ``chosen`` (registered: run, group_id, weight, position), reading rollouts ``version``."""
+    sql = load_query("_advantages").body
     con.register("chosen_rollouts", _responses(store, chosen, query, version))
-    con.register("chosen", chosen.select(["run", "group_id", "weight", "position"]))
     try:
         return run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
     except duckdb.ConversionException as exc:
         raise SelectionError(f"{query}: a chosen group has a reward that is not a finite number with "
                              f"|reward| * group size < 1e10 ({str(exc).splitlines()[0]})") from None
-    finally:
-        con.unregister("chosen")
-        con.unregister("chosen_rollouts")
 
 
-def _assemble(table: pa.Table) -> pa.Table:
-    return table.select(list(BATCH_COLUMNS))
-
-
-def _override(found: pa.Table, choice: pa.Table) -> pa.Table:
-    """A per-response query result's own weight/advantage replace the computed ones."""
-    columns = [c for c in ("weight", "advantage") if c in choice.column_names]
-    if not columns or "rollout_id" not in choice.column_names:
-        return found
-    index = {(r, x): i for i, (r, x) in enumerate(zip(choice.column("run").to_pylist(),
-                                                      choice.column("rollout_id").to_pylist(), strict=True))}
-    rows = [index[(r, x)] for r, x in zip(found.column("source_run").to_pylist(),
-                                          found.column("rollout_id").to_pylist(), strict=True)]
-    for column in columns:
-        values = choice.column(column).take(pa.array(rows))
-        found = found.set_column(found.schema.get_field_index(column), column, values)
-    return found
+def _batch_rows(con: duckdb.DuckDBPyConnection, store: Store, choice: pa.Table, values: dict[str, Any], *,
+                trust: bool, query: str, timeout_s: float | None, rollouts: Callable[[], int], counted: str,
+                min_groups: int = 1) -> pa.Table:
+    """The batch rows (BATCH_COLUMNS) of a checked choice: its groups' responses in the choice's order with
+    advantages and weights (a per-response choice's own weight/advantage replace the computed ones),
+    every group checked whole. rollouts: the rollouts version to read, looked up after the groups'."""
+    chosen = _chosen_groups(con, choice, trust=trust, query=query, timeout_s=timeout_s)
+    if chosen.num_rows < min_groups:
+        raise EmptySelection(f"{query}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
+    found = _advantages(con, store, chosen, values, query, timeout_s, rollouts())
+    con.register("found", found.append_column("i", pa.array(np.arange(found.num_rows))))
+    per_response = "rollout_id" in choice.column_names
+    check_complete(con, query, per_response=per_response, counted=counted, timeout_s=timeout_s)
+    own = [c for c in ("weight", "advantage") if c in choice.column_names]
+    if per_response and own:
+        found = run_read_only(con, f"SELECT f.* EXCLUDE (i) REPLACE ({', '.join(f'c.{c} AS {c}' for c in own)}) "
+                              "FROM found AS f JOIN choice AS c ON c.run = f.source_run AND c.rollout_id = f.rollout_id "
+                              "ORDER BY f.i", timeout_s=timeout_s)
+    return found.select(list(BATCH_COLUMNS))
 
 
 # ---- public API ----------------------------------------------------------------------------------
@@ -284,18 +267,12 @@ def select(
         sql = compose(q, eligible, truncated if values["exclude_truncated"] else None)
         result = run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
         choice = check_result(result, q.name, groups, f"run={run!r}, step={step}, params {dict(params or {})}")
-        chosen = _chosen_groups(con, choice, trust=q.builtin, query=q.name, timeout_s=timeout_s)
-        if chosen.num_rows < min_groups:
-            raise EmptySelection(f"{q.name}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
-        found = _advantages(con, store, chosen, values, q.name, timeout_s, pins.version("rollouts"))
+        rows = _batch_rows(con, store, choice, values, trust=q.builtin, query=q.name, timeout_s=timeout_s,
+                           rollouts=pins.of("rollouts"), counted="the groups summary's count", min_groups=min_groups)
     finally:
         con.close()
-    expected = dict(zip(zip(chosen.column("run").to_pylist(), chosen.column("group_id").to_pylist(), strict=True),
-                        chosen.column("n").to_pylist(), strict=True))
-    check_complete(choice, found, expected, q.name)
-    found = _override(found, choice)
     batch = Batch(run=run, step=step, query_name=q.name, query_hash=q.sha256, params=values,
-                  rollouts=_assemble(found), read_versions=dict(sorted(pins.read.items())))
+                  rollouts=rows, read_versions=dict(sorted(pins.read.items())))
     if as_of is not None:
         return batch
     if not store.append("batches", lineage_rows(batch), shard_id=lineage_shard(step), fresh_since=since):
@@ -382,42 +359,22 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
     """Rebuild a recorded batch: payload from the archive, advantage/weight as recorded (or recomputed)."""
     first = lineage.slice(0, 1).to_pylist()[0]
     params = json.loads(first["params"])
-    stage2 = load_query("_advantages")
-    values = {name: params.get(name, p.default) for name, p in stage2.params.items()}
+    values = {name: params.get(name, p.default) for name, p in load_query("_advantages").params.items()}
     values["step"] = params.get("step", step)
     if recompute:
         values.update(recompute)
-    keys = list(dict.fromkeys(zip(lineage.column("source_run").to_pylist(), lineage.column("group_id").to_pylist(),
-                                  lineage.column("policy_version").to_pylist(), strict=True)))
-    chosen = pa.table({
-        "run": pa.array([k[0] for k in keys], pa.string()),
-        "group_id": pa.array([k[1] for k in keys], pa.string()),
-        "policy_version": pa.array([k[2] for k in keys], pa.int32()),
-        "weight": pa.array([1.0] * len(keys), pa.float64()),
-        "position": pa.array(range(len(keys)), pa.int32()),  # the recorded batch order
-    })
-    where = f"lineage of run {run!r} step {step}"
+    # The recorded rows are a per-response choice, in the recorded order: their weights (and advantages,
+    # unless recomputed) replace the computed ones, as a user query's own columns would.
+    columns = ["source_run", "group_id", "rollout_id", "policy_version", "weight"] + ([] if recompute else ["advantage"])
+    choice = lineage.select(columns).rename_columns(["run", *columns[1:]])
     con, pins = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
     try:
-        found = _advantages(con, store, chosen, values, where, timeout_s, pins.version("rollouts"))
+        rows = _batch_rows(con, store, choice, values, trust=True, query=f"lineage of run {run!r} step {step}",
+                           timeout_s=timeout_s, rollouts=pins.of("rollouts"), counted="the recorded batch's count")
     finally:
         con.close()
-    recorded = {(r, x): i for i, (r, x) in enumerate(zip(lineage.column("source_run").to_pylist(),
-                                                         lineage.column("rollout_id").to_pylist(), strict=True))}
-    present = set(zip(found.column("source_run").to_pylist(), found.column("rollout_id").to_pylist(), strict=True))
-    gone = sorted(set(recorded) - present)
-    if gone:
-        raise SelectionError(f"{where}: {len(gone)} recorded rollout(s) are no longer in the archive, e.g. "
-                             f"{gone[0][0]}:{gone[0][1]}")
-    found = found.filter(pa.array([k in recorded for k in zip(found.column("source_run").to_pylist(),
-                                                              found.column("rollout_id").to_pylist(), strict=True)]))
-    rows = pa.array([recorded[k] for k in zip(found.column("source_run").to_pylist(),
-                                              found.column("rollout_id").to_pylist(), strict=True)])
-    replace = ("weight",) if recompute else ("weight", "advantage")
-    for column in replace:
-        found = found.set_column(found.schema.get_field_index(column), column, lineage.column(column).take(rows))
     if recompute:
         params = {**params, **recompute}
     return Batch(run=run, step=step, query_name=first["query_name"], query_hash=first["query_hash"],
-                 params=params, rollouts=_assemble(found), resumed=True, created_at=first["created_at"],
+                 params=params, rollouts=rows, resumed=True, created_at=first["created_at"],
                  read_versions=json.loads(first.get("read_versions") or "{}"))

@@ -12,10 +12,12 @@ Every failure raises QueryResultError saying what is wrong and in which rows.
 
 from __future__ import annotations
 
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from recpipe.errors import RecpipeError
+from recpipe.store.sql import run_read_only
 
 
 class SelectionError(RecpipeError, ValueError):
@@ -46,9 +48,11 @@ def _kind(t: pa.DataType) -> str:
     return str(t)
 
 
-def _first(values: list) -> str:
+def _first(values: list, total: int | None = None) -> str:
+    """The first SHOWN values, and how many there are in all (``total``, default len(values)) if more."""
+    total = len(values) if total is None else total
     shown = ", ".join(repr(v) for v in values[:SHOWN])
-    return shown + (f" ... ({len(values)} in all)" if len(values) > SHOWN else "")
+    return shown + (f" ... ({total} in all)" if total > SHOWN else "")
 
 
 def check_result(table: pa.Table, query: str, groups: int, context: str = "") -> pa.Table:
@@ -115,42 +119,94 @@ def check_result(table: pa.Table, query: str, groups: int, context: str = "") ->
     return table
 
 
-def check_complete(choice: pa.Table, found: pa.Table, expected: dict[tuple[str, str], int], query: str) -> None:
-    """Every chosen group must come back whole from the archive, and a per-response choice must name all
-    of its group's responses.
+# Checks on the connection's registered `choice` (the checked result, with its row number pos), `chosen`
+# (one row per group, recpipe.select.selection._chosen_groups) and `found` (the second stage's rows):
+# each is a query that returns no rows when the check passes, and otherwise names the offenders.
+NOT_IN_GROUPS = """
+SELECT run || ':' || group_id AS pair, count(*) OVER () AS total
+FROM chosen WHERE policy_version IS NULL ORDER BY position LIMIT 5
+"""
+LISTED_TWICE = """
+SELECT run || ':' || group_id AS pair, count(*) OVER () AS total
+FROM chosen GROUP BY run, group_id, position HAVING count(*) > 1 ORDER BY position LIMIT 5
+"""
+NOT_WHOLE = """
+SELECT c.run || ':' || c.group_id AS pair, count(f.rollout_id) AS found, c.n, count(*) OVER () AS total
+FROM chosen AS c LEFT JOIN found AS f ON f.source_run = c.run AND f.group_id = c.group_id
+GROUP BY c.run, c.group_id, c.n, c.position
+HAVING count(f.rollout_id) <> c.n
+ORDER BY c.position LIMIT 5
+"""
+# The first group (in the choice's order) of a per-response choice that names a rollout its group does not
+# have in the archive (stray), or leaves some of the group's responses out (left_out).
+NOT_THE_GROUP = """
+WITH picked AS (
+    SELECT run, group_id, min(pos) AS pos, count(*) AS n_chosen FROM choice GROUP BY run, group_id
+),
+stray AS (
+    SELECT c.run, c.group_id, list(c.rollout_id ORDER BY c.rollout_id) AS ids
+    FROM choice AS c
+    WHERE NOT EXISTS (SELECT 1 FROM found AS f
+                      WHERE f.source_run = c.run AND f.group_id = c.group_id AND f.rollout_id = c.rollout_id)
+    GROUP BY c.run, c.group_id
+),
+left_out AS (
+    SELECT f.source_run AS run, f.group_id, list(f.rollout_id ORDER BY f.rollout_id) AS ids
+    FROM found AS f
+    WHERE NOT EXISTS (SELECT 1 FROM choice AS c
+                      WHERE c.run = f.source_run AND c.group_id = f.group_id AND c.rollout_id = f.rollout_id)
+    GROUP BY f.source_run, f.group_id
+),
+archive AS (
+    SELECT source_run AS run, group_id, count(*) AS n_archive FROM found GROUP BY source_run, group_id
+)
+SELECT p.run, p.group_id, p.n_chosen, coalesce(a.n_archive, 0) AS n_archive, s.ids AS stray, l.ids AS left_out
+FROM picked AS p
+LEFT JOIN stray AS s ON s.run = p.run AND s.group_id = p.group_id
+LEFT JOIN left_out AS l ON l.run = p.run AND l.group_id = p.group_id
+LEFT JOIN archive AS a ON a.run = p.run AND a.group_id = p.group_id
+WHERE s.ids IS NOT NULL OR l.ids IS NOT NULL
+ORDER BY p.pos LIMIT 1
+"""
 
-    choice: the checked query result; found: the second stage's rows (source_run, group_id, rollout_id);
-    expected: (run, group_id) -> responses in the group according to the groups summary.
-    """
-    counts: dict[tuple[str, str], int] = {}
-    for run, group in zip(found.column("source_run").to_pylist(), found.column("group_id").to_pylist(), strict=True):
-        counts[(run, group)] = counts.get((run, group), 0) + 1
-    short = [f"{r}:{g} ({counts.get((r, g), 0)} of {n})" for (r, g), n in expected.items() if counts.get((r, g), 0) != n]
+
+def _offenders(con: duckdb.DuckDBPyConnection, sql: str, timeout_s: float | None) -> list[dict]:
+    return run_read_only(con, sql, timeout_s=timeout_s).to_pylist()
+
+
+def check_groups(con: duckdb.DuckDBPyConnection, query: str, timeout_s: float | None = None) -> None:
+    """Every group in ``chosen`` must be in the archive's groups table, once."""
+    missing = _offenders(con, NOT_IN_GROUPS, timeout_s)
+    if missing:
+        raise SelectionError(f"{query}: {missing[0]['total']} chosen group(s) are not in the archive's groups "
+                             f"table: {', '.join(r['pair'] for r in missing)}")
+    twice = _offenders(con, LISTED_TWICE, timeout_s)
+    if twice:
+        raise SelectionError(f"{query}: the groups table lists {twice[0]['total']} chosen group(s) more than once "
+                             f"({_first([r['pair'] for r in twice], twice[0]['total'])}); "
+                             "run `recpipe doctor`")
+
+
+def check_complete(con: duckdb.DuckDBPyConnection, query: str, *, per_response: bool, counted: str,
+                   timeout_s: float | None = None) -> None:
+    """Every chosen group must come back whole from the archive (``chosen.n`` responses: ``counted`` says
+    where n comes from), and a per-response choice must name all of its group's responses."""
+    short = _offenders(con, NOT_WHOLE, timeout_s)
     if short:
+        shown = [f"{r['pair']} ({r['found']} of {r['n']})" for r in short]
         raise SelectionError(
-            f"{query}: {len(short)} chosen group(s) are not whole in the archive (responses found of the "
-            f"groups summary's count): {_first(short)}; a rollouts file is missing or damaged - run "
+            f"{query}: {short[0]['total']} chosen group(s) are not whole in the archive (responses found of "
+            f"{counted}): {_first(shown, short[0]['total'])}; a rollouts file is missing or damaged - run "
             "`recpipe doctor`"
         )
-    if "rollout_id" not in choice.column_names:
+    if not per_response:
         return
-    archive: dict[tuple[str, str], set[str]] = {}
-    for run, group, rid in zip(found.column("source_run").to_pylist(), found.column("group_id").to_pylist(),
-                               found.column("rollout_id").to_pylist(), strict=True):
-        archive.setdefault((run, group), set()).add(rid)
-    chosen: dict[tuple[str, str], set[str]] = {}
-    for run, group, rid in zip(choice.column("run").to_pylist(), choice.column("group_id").to_pylist(),
-                               choice.column("rollout_id").to_pylist(), strict=True):
-        chosen.setdefault((run, group), set()).add(rid)
-    for key, rids in chosen.items():
-        foreign = rids - archive.get(key, set())
-        if foreign:
-            raise QueryResultError(f"{query}: rollout(s) {_first(sorted(foreign))} are not responses of group "
-                                   f"{key[0]}:{key[1]} in the archive")
-        left_out = archive[key] - rids
-        if left_out:
-            raise QueryResultError(
-                f"{query}: group {key[0]}:{key[1]} is incomplete: the query returned {len(rids)} of its "
-                f"{len(archive[key])} responses (missing {_first(sorted(left_out))}); advantages are relative "
-                "to the whole group, so choose every response of a group or none"
-            )
+    for r in _offenders(con, NOT_THE_GROUP, timeout_s):
+        if r["stray"]:
+            raise QueryResultError(f"{query}: rollout(s) {_first(r['stray'])} are not responses of group "
+                                   f"{r['run']}:{r['group_id']} in the archive")
+        raise QueryResultError(
+            f"{query}: group {r['run']}:{r['group_id']} is incomplete: the query returned {r['n_chosen']} of its "
+            f"{r['n_archive']} responses (missing {_first(r['left_out'])}); advantages are relative "
+            "to the whole group, so choose every response of a group or none"
+        )

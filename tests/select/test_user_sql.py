@@ -112,3 +112,20 @@ def test_user_sql_sees_the_versions_relation(archive, sql_file):
     batch = select(archive, path, run="u", step=0, groups=10)
     assert [g for _, g in batch.groups] == [f"a-v3-s{s}/p{p}" for s in (0, 1) for p in (0, 1)] + \
         ["b-v1-s0/p0", "b-v1-s0/p1"]
+
+
+def test_groups_the_summary_gets_wrong_are_named(archive, sql_file):
+    from recpipe.store import group_summary
+    from tests.select.synthetic import synthetic_shard
+
+    # a groups summary row without rollouts ("a-v0-ghost/p0", n = 4), and a group listed twice
+    ghost = synthetic_shard(run="a", policy_version=0, shard_id="a-v0-ghost", groups=1, group_size=4)
+    archive.append("groups", group_summary(ghost), shard_id="a-v0-ghost")
+    archive.append("groups", archive.read("groups", "group_id = 'a-v0-s0/p1'"), shard_id="a-v0-s0-again")
+    with pytest.raises(SelectionError, match=r"1 chosen group\(s\) are not whole in the archive \(responses found "
+                                             r"of the groups summary's count\): 'a:a-v0-ghost/p0 \(0 of 4\)'"):
+        select(archive, "schedule", run="a", step=0, groups=1)  # id order: the ghost shard comes first
+    with pytest.raises(SelectionError, match=r"lists 1 chosen group\(s\) more than once \('a:a-v0-s0/p1'\); "
+                                             "run `recpipe doctor`"):
+        select(archive, sql_file("SELECT 'a' AS run, 'a-v0-s0/p1' AS group_id"), run="u", step=0, groups=1)
+    assert recorded_steps(archive, "a") == [] and recorded_steps(archive, "u") == []
