@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["s3fixture"]  # the session's real S3 server (SeaweedFS), started on first use
+pytest_plugins = ["tests.s3fixture"]  # the session's real S3 server (SeaweedFS), started on first use
 
 # Offline, in-process vLLM with a small KV cache, caches out of the home directory. Set before any test
 # module imports vllm or transformers; a value exported by the user wins.

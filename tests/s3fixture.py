@@ -1,6 +1,6 @@
 """pytest plugin: ``s3_server``, one real S3-compatible server (SeaweedFS) per test session.
 
-Register it with ``pytest_plugins = ["s3fixture"]`` (tests/ is on sys.path: it has no __init__.py).
+Register it with ``pytest_plugins = ["tests.s3fixture"]``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from s3server import S3Server
+
+from tests.s3server import S3Server
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ import re
 from pathlib import Path
 
 import pytest
-from test_status import steps_row
 
 from recpipe.store import Store
 from recpipe.testing import synthetic_rollouts
+from tests.test_status import steps_row
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

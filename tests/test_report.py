@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from test_status import eval_row, steps_row
 from typer.testing import CliRunner
 
 from recpipe.cli import app
@@ -12,6 +11,7 @@ from recpipe.report import figure
 from recpipe.schema import SCHEMA_VERSION
 from recpipe.store import Store
 from recpipe.testing import synthetic_rollouts
+from tests.test_status import eval_row, steps_row
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
 

@@ -17,11 +17,12 @@ import psutil
 import pyarrow as pa
 import pytest
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from s3server import S3Server, find_weed
 
-pytest_plugins = ["s3fixture"]
+from tests import ROOT
+from tests.s3server import S3Server, find_weed
 
-HERE = Path(__file__).resolve().parent
+pytest_plugins = ["tests.s3fixture"]
+
 
 APPENDER = textwrap.dedent("""
     import sys
@@ -103,11 +104,11 @@ def test_stop_leaves_no_weed_process():
 
 def test_weed_dies_with_the_python_process():
     """SIGKILL leaves no chance to stop(): PR_SET_PDEATHSIG has the kernel kill weed too."""
-    script = (f"import json, sys, time; sys.path.insert(0, {str(HERE)!r}); from s3server import S3Server\n"
+    script = ("import json, sys, time; from tests.s3server import S3Server\n"
               "s = S3Server().start()\n"
               "print(json.dumps([s.process.pid, str(s.dir), s.grpc_ports]), flush=True)\n"
               "time.sleep(600)\n")
-    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     pid = None
     try:
         line = owner.stdout.readline()

@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import shutil
 
-from test_export import make_store
 from typer.testing import CliRunner
 
 import recpipe
@@ -15,6 +14,7 @@ from recpipe.cli import app
 from recpipe.schema import SCHEMA_VERSION, table_schema
 from recpipe.store import Store
 from recpipe.testing import synthetic_rollouts
+from tests.test_export import make_store
 
 
 def steps_row(run: str, step: int, staleness: float, applied: bool = True) -> dict:

@@ -1,4 +1,4 @@
-"""``python doctor_kill_worker.py STORE POINT``: ``recpipe doctor --repair``'s repair, killed by SIGKILL at POINT,
+"""``python -m tests.faults.doctor_kill_worker STORE POINT``: ``recpipe doctor --repair``'s repair, killed by SIGKILL at POINT,
 as a crash (power loss, OOM kill) inside a repair would leave it:
 
 * ``first-commit``: right after its first Delta commit (a damaged rollouts file: its summary rows removed,

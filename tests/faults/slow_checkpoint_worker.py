@@ -1,6 +1,6 @@
 """Train like tests/train/kill_worker.py, but with checkpoint writes slowed down so that a kill -9
 lands inside one: ``torch.save`` of the optimizer state (written after the weights, before the
-trainer state) sleeps first. Usage: ``python slow_checkpoint_worker.py STORE MODEL RUN STEPS``."""
+trainer state) sleeps first. Usage: ``python -m tests.faults.slow_checkpoint_worker STORE MODEL RUN STEPS``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from kill_worker import run_steps  # noqa: E402
-
-from recpipe.store import Store  # noqa: E402
+from recpipe.store import Store
+from tests.train.kill_worker import run_steps
 
 _save = torch.save
 

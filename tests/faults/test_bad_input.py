@@ -6,12 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from mounts import read_only
 from typer.testing import CliRunner
 
 from recpipe.cli import app
 from recpipe.store import Store
 from recpipe.testing import synthetic_rollouts
+from tests.faults.mounts import read_only
 
 
 def recpipe(*args, cwd=None):
@@ -133,8 +133,7 @@ def test_read_only_store_is_one_clear_error(tmp_path, args):
 
 
 def test_loop_on_a_read_only_store_is_one_clear_error(tmp_path, tiny_model, prefect_api):
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "flows"))
-    from flowtools import SMALL_HF, recpipe_env
+    from tests.flows.flowtools import SMALL_HF, recpipe_env
 
     store = Store.create(tmp_path / "store")
     store.append_rollouts(synthetic_rollouts(shard_id="s"), shard_id="s")

@@ -3,24 +3,20 @@ during a checkpoint write commits nothing; every error names the file and what t
 
 import json
 import struct
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from mounts import small_disk
 
+from recpipe.algorithms import preset
 from recpipe.config import load_config
 from recpipe.recipe import LoopRecipe
 from recpipe.store import Store, StoreWriteError
 from recpipe.train import Trainer
 from recpipe.train import checkpoint as ckpt
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "train"))
-from kill_worker import CONFIG, PRESET, run_steps  # noqa: E402
-from train_batches import random_batch  # noqa: E402
-
-from recpipe.algorithms import preset  # noqa: E402
+from tests.faults.mounts import small_disk
+from tests.train.kill_worker import CONFIG, PRESET, run_steps
+from tests.train.train_batches import random_batch
 
 
 @pytest.fixture(autouse=True)

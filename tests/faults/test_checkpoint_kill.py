@@ -3,16 +3,13 @@
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from recpipe.store import Store
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "train"))
-from kill_worker import run_steps  # noqa: E402
+from tests import ROOT
+from tests.train.kill_worker import run_steps
 
 STEPS = 4
 
@@ -23,9 +20,9 @@ def weights(store, run, version):
 
 def test_kill_during_checkpoint_write_then_resume(tmp_path, tiny_model):
     store = Store.create(tmp_path / "store")
-    worker = subprocess.Popen([sys.executable, str(HERE / "slow_checkpoint_worker.py"), str(store.root),
+    worker = subprocess.Popen([sys.executable, "-m", "tests.faults.slow_checkpoint_worker", str(store.root),
                                str(tiny_model), "r", str(STEPS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, cwd=ROOT)
     # Kill inside the second checkpoint write (version 2): its temp dir exists, the final one does not.
     writes = 0
     for line in worker.stdout:

@@ -12,10 +12,8 @@ import pytest
 
 from recpipe.store import Store
 from recpipe.store.doctor import diagnose, repair
-
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "store"))
-from test_doctor import consistent, file_of, filled_store, flip_page_bytes  # noqa: E402
+from tests import ROOT
+from tests.store.test_doctor import consistent, file_of, filled_store, flip_page_bytes
 
 
 @pytest.mark.parametrize("point", ["first-commit", "rollouts-copy"])
@@ -23,8 +21,8 @@ def test_a_crash_inside_repair_is_found_and_finished_by_the_next_run(tmp_path, p
     store = filled_store(tmp_path / "store")
     bad = file_of(store, "rollouts", "s1")
     flip_page_bytes(bad.path)
-    killed = subprocess.run([sys.executable, str(HERE / "doctor_kill_worker.py"), str(store.root), point],
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run([sys.executable, "-m", "tests.faults.doctor_kill_worker", str(store.root), point],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # the summary went first: the damaged file is still listed, so the store cannot look healthy
     assert bad.relative in {f.relative for f in store.snapshot("rollouts").files}
@@ -42,9 +40,7 @@ def _train(store: Store, tiny_model: Path, steps: int) -> None:
     from recpipe.algorithms import preset
     from recpipe.config import TrainConfig
     from recpipe.train import Trainer
-
-    sys.path.insert(0, str(HERE.parent / "train"))
-    from train_batches import random_batch
+    from tests.train.train_batches import random_batch
 
     cfg = preset("reinforce")
     with Trainer(store, "r", tiny_model, TrainConfig(keep_every=1, threads=1), cfg, "reinforce") as trainer:

@@ -7,17 +7,13 @@ rerun resumes with every step once; the Prefect API server child never outlives 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-FLOWS_DIR = os.path.join(os.path.dirname(__file__), "..", "flows")
-sys.path.insert(0, FLOWS_DIR)
-from flowtools import SMALL, SMALL_HF, recpipe_cmd, recpipe_env, sql_rows  # noqa: E402
-
-from recpipe.store import Store  # noqa: E402
+from recpipe.store import Store
+from tests.flows.flowtools import SMALL, SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
 
 STEPS = 6
 STOP_WITHIN_S = 15  # measured 1-4 s on 2 busy cores; the old code never stopped, or died by the signal

@@ -4,18 +4,14 @@ same command resumes it with every step once."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-FLOWS_DIR = os.path.join(os.path.dirname(__file__), "..", "flows")
-sys.path.insert(0, FLOWS_DIR)
-from flowtools import SMALL_HF, recpipe_cmd, recpipe_env, sql_rows  # noqa: E402
-
-from recpipe.config import load_config  # noqa: E402
-from recpipe.recipe import LoopRecipe  # noqa: E402
-from recpipe.store import Store  # noqa: E402
+from recpipe.config import load_config
+from recpipe.recipe import LoopRecipe
+from recpipe.store import Store
+from tests.flows.flowtools import SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
 
 STEPS = 4
 STOP_WITHIN_S = 15  # measured 1.1-1.5 s on 2 busy cores (load 7)

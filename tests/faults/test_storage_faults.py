@@ -9,11 +9,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from mounts import read_only, small_disk
 
 from recpipe.store import Store, StoreError, StoreWriteError
 from recpipe.store.doctor import diagnose, repair
 from recpipe.testing import synthetic_rollouts
+from tests.faults.mounts import read_only, small_disk
 
 RECPIPE = [sys.executable, "-m", "recpipe.cli"]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from flowtools import recpipe_cmd, recpipe_env
+
+from tests.flows.flowtools import recpipe_cmd, recpipe_env
 
 
 @pytest.fixture

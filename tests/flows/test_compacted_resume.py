@@ -1,10 +1,9 @@
 """A run whose per-step tables were compacted (the loop does it at its end, 8+ files per partition) can
 still re-read every recorded step and resume: a step's lineage is found inside the compacted file."""
 
-from flowtools import SMALL_HF, sql_rows
-
 from recpipe.select import recorded_steps, replay_lineage
 from recpipe.store import Store
+from tests.flows.flowtools import SMALL_HF, sql_rows
 
 STEPS = 10
 

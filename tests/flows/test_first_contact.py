@@ -10,7 +10,8 @@ import subprocess
 
 import pytest
 import yaml
-from flowtools import SMALL, recpipe_cmd, recpipe_env
+
+from tests.flows.flowtools import SMALL, recpipe_cmd, recpipe_env
 
 RUN = "firstcontact"
 # Every line recpipe itself writes to stderr during a loop (recpipe.progress); anything else is a library's.

@@ -5,9 +5,8 @@ import signal
 import subprocess
 import time
 
-from flowtools import SMALL, recpipe_cmd, sql_rows
-
 from recpipe.algorithms import behaviour_version
+from tests.flows.flowtools import SMALL, recpipe_cmd, sql_rows
 
 
 def check_run(store, run, steps, k, o):

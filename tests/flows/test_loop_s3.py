@@ -2,11 +2,10 @@
 a second machine (a fresh local cache) resuming from what is there, recorded selections re-run as of
 the table versions they read."""
 
-from flowtools import SMALL
-from test_loop_e2e import check_run
-
 from recpipe.store import Store
 from recpipe.store.objects import remote_dirs
+from tests.flows.flowtools import SMALL
+from tests.flows.test_loop_e2e import check_run
 
 
 def test_loop_on_an_s3_store(tmp_path, tiny_model, run_recpipe, s3_server):

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flowtools import recpipe_env
+from tests.flows.flowtools import recpipe_env
 
 SLOW_SERVER = Path(__file__).parent / "slow_server"
 FLOW = "import flows; from prefect import flow; print('result', flow(name='probe')(lambda: 41 + 1)())"

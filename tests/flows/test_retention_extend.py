@@ -2,8 +2,8 @@
 
 import shutil
 
-from flowtools import SMALL_HF, sql_rows
-from test_loop_e2e import check_run
+from tests.flows.flowtools import SMALL_HF, sql_rows
+from tests.flows.test_loop_e2e import check_run
 
 SCHEDULE = ["--sync-interval", "2", "--sync-offset", "1", "--preset", "rec-oneside-nois"]
 

@@ -2,7 +2,7 @@
 
 import json
 
-from flowtools import SMALL_HF, sql_rows
+from tests.flows.flowtools import SMALL_HF, sql_rows
 
 
 def test_retrain_replays_lineage_and_report_renders(tmp_path, tiny_model, run_recpipe):

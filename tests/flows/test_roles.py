@@ -8,10 +8,10 @@ import sys
 import time
 
 import pytest
-from flowtools import SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
-from test_loop_e2e import check_run
 
 from recpipe.store import Store
+from tests.flows.flowtools import SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
+from tests.flows.test_loop_e2e import check_run
 
 # One thread everywhere: the single-process reference and the workers then sample bit-identically.
 ONE_THREAD = ["--set", "train.threads=1"]

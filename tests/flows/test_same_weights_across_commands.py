@@ -2,8 +2,9 @@
 weights for the same batches: starting a sampling engine in a process must not change how it trains."""
 
 import torch
-from flowtools import SMALL, sql_rows
 from safetensors.torch import load_file
+
+from tests.flows.flowtools import SMALL, sql_rows
 
 STEPS = 3
 

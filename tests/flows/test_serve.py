@@ -8,9 +8,9 @@ import time
 import urllib.request
 
 import pytest
-from flowtools import recpipe_cmd
 
 from recpipe.store import Store
+from tests.flows.flowtools import recpipe_cmd
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""``python append_worker.py URI WORKER SHARDS [--compact]``: append SHARDS generation shards to run "r".
+"""``python -m tests.store.append_worker URI WORKER SHARDS [--compact]``: append SHARDS generation shards to run "r".
 
 Shard ids are f"s{i}" for i in 0..SHARDS-1 (the same in every worker: each must land exactly once),
 plus f"w{WORKER}-{i}" of this worker alone. S3 settings come from the AWS_* environment. With

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -20,8 +19,7 @@ from recpipe.store.compact import vacuum_table
 from recpipe.store.lease import Lease, LeaseLost
 from recpipe.store.location import Location, LocationError
 from recpipe.testing import synthetic_rollouts
-
-HERE = Path(__file__).parent
+from tests import ROOT
 
 
 def rows(store: Store, table: str = "rollouts", **kw) -> list[str]:
@@ -29,8 +27,8 @@ def rows(store: Store, table: str = "rollouts", **kw) -> list[str]:
 
 
 def spawn(where, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "append_worker.py"), where.uri, *args], env=where.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "tests.store.append_worker", where.uri, *args], env=where.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
 
 
 def test_one_shard_is_one_transaction_named_by_its_id(where):

@@ -1,5 +1,5 @@
-"""A trainer loop for the kill -9 tests: ``python kill_worker.py STORE MODEL RUN STEPS``, or under
-``torchrun --nproc-per-node N`` (rank 0 trains, the others follow it).
+"""A trainer loop for the kill -9 tests: ``python -m tests.train.kill_worker STORE MODEL RUN STEPS``, or under
+``torchrun --nproc-per-node N -m tests.train.kill_worker`` (rank 0 trains, the others follow it).
 
 ``run_steps`` is also called in-process by the test, for the uninterrupted reference run and to
 finish after the kill; batches depend only on the step, so every run sees the same data.
@@ -11,12 +11,11 @@ import os
 import sys
 from pathlib import Path
 
-from train_batches import random_batch
-
 from recpipe.algorithms import preset
 from recpipe.config import TrainConfig
 from recpipe.store import Store
 from recpipe.train import Trainer, follow
+from tests.train.train_batches import random_batch
 
 CONFIG = TrainConfig(lr=1e-3, micro_batch_tokens=48, seed=7, keep_every=4, threads=1)
 PRESET = "rec-oneside-is"

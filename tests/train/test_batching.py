@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_batches import batch_table, random_batch
 
 from recpipe.algorithms import preset
 from recpipe.train import collate, plan_micro_batches, samples_from_table
+from tests.train.train_batches import batch_table, random_batch
 
 
 def _mixed_lengths(n: int = 64, seed: int = 0):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -46,10 +47,8 @@ def test_bench_gpu_smoke_runs_with_torch_and_transformers_only(tmp_path):
 
 
 def test_bench_gpu_loss_is_the_rec_oneside_nois_preset():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_gpu
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "bench" / "bench_gpu.py")
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
     assert vars(bench_gpu.LOSS) == preset("rec-oneside-nois").model_dump()
     assert set(vars(bench_gpu.LOSS)) == set(LossConfig.model_fields)

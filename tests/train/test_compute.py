@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_batches import random_batch
 from transformers import AutoModelForCausalLM
 
 from recpipe.algorithms import preset
 from recpipe.config import TrainConfig
 from recpipe.train import Trainer, plan_micro_batches, samples_from_table
 from recpipe.train.compute import accumulate_gradients, assign_micro_batches, prepare_policy
+from tests.train.train_batches import random_batch
 
 CPU = torch.device("cpu")
 

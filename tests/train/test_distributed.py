@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kill_worker import run_steps
 from safetensors.torch import load_file
 
 from recpipe.store import Store
+from tests import ROOT
+from tests.train.kill_worker import run_steps
 
-HERE = Path(__file__).parent
 # Adam turns float-order differences of near-cancelling gradient entries into weight differences of
 # about lr x their relative error: at lr 1e-3 two ranks and one differ by 2.5e-6 after 3 steps, at 1e-4
 # by ~2e-7. The paper's runs use lr 1e-6.
@@ -28,11 +28,10 @@ LR = 1e-4
 
 
 def _torchrun(store: Store, model: Path, steps: int, ranks: int = 2) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           str(HERE / "kill_worker.py"), str(store.root), str(model), "r", str(steps), str(LR)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+           "-m", "tests.train.kill_worker", str(store.root), str(model), "r", str(steps), str(LR)]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _weights(store: Store, version: int) -> dict[str, torch.Tensor]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_batches import random_batch, sampled_batch
 from transformers import AutoModelForCausalLM
 
 from recpipe.algorithms import preset
 from recpipe.models import recompute_logprobs
 from recpipe.train import collate, plan_micro_batches, response_logprobs, samples_from_table
+from tests.train.train_batches import random_batch, sampled_batch
 
 
 @pytest.fixture(scope="module")

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from kill_worker import CONFIG, run_steps
 from safetensors.torch import load_file
-from train_batches import random_batch
 
 from recpipe.algorithms import preset
 from recpipe.config import TrainConfig
 from recpipe.store import RunLocked, Store
 from recpipe.train import Trainer, resolve_checkpoint, version_dirs, versions_to_keep
+from tests import ROOT
+from tests.train.kill_worker import CONFIG, run_steps
+from tests.train.train_batches import random_batch
 
-HERE = Path(__file__).parent
 STEPS = 14
 
 
@@ -38,9 +36,8 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_result(tmp_path, tin
     assert run_steps(reference, tiny_model, "r", STEPS) == STEPS
 
     store = Store.create(tmp_path / "killed")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    worker = subprocess.Popen([sys.executable, str(HERE / "kill_worker.py"), str(store.root), str(tiny_model), "r",
-                               str(STEPS)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = subprocess.Popen([sys.executable, "-m", "tests.train.kill_worker", str(store.root), str(tiny_model), "r",
+                               str(STEPS)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     part = store.root / "steps" / "run=r"
     deadline = time.monotonic() + 120
     while not any(part.glob("step-000003~*.parquet")) and worker.poll() is None and time.monotonic() < deadline:

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from train_batches import random_batch, sampled_batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recpipe.algorithms import PRESETS, preset
 from recpipe.config import TrainConfig
 from recpipe.schema import table_schema
 from recpipe.train import Trainer, TrainingDiverged, plan_micro_batches, samples_from_table, train_step
+from tests.train.train_batches import random_batch, sampled_batch
 
 EOS = 2
 
