@@ -71,8 +71,9 @@ def _arrow_type(spec: dict[str, Any], where: str) -> pa.DataType:
     match = _LIST.match(kind)
     if match and match.group(1) in _PRIMITIVES:
         return pa.list_(_PRIMITIVES[match.group(1)])
-    if kind == "struct":
-        return pa.struct([_field(f, f"{where}.{f['name']}") for f in spec["fields"]])
+    if kind in ("struct", "list<struct>"):
+        struct = pa.struct([_field(f, f"{where}.{f['name']}") for f in spec["fields"]])
+        return struct if kind == "struct" else pa.list_(struct)
     raise ValueError(f"{where}: unknown type {kind!r}")
 
 
@@ -120,6 +121,34 @@ def table_names() -> list[str]:
 def migrations() -> dict[int, dict[str, list[dict[str, Any]]]]:
     """Columns added after each older schema_version, per table."""
     return {int(k): v for k, v in (_document().get("migrations") or {}).items()}
+
+
+def added_columns(name: str) -> frozenset[str]:
+    """The nullable columns (``struct.field`` for a field of a struct column) tables.yaml's migrations add
+    to table ``name``: a file written before them lacks them, and reads them as null."""
+    schema = table_schema(name)
+    out = set()
+    for tables in migrations().values():
+        for column in tables.get(name, []):
+            top, *below = column["name"].split(".")
+            field = schema.field(top)
+            for part in below:
+                field = field.type.field(part)
+            if field.nullable:
+                out.add(column["name"])
+    return frozenset(out)
+
+
+def fits_older(old: pa.DataType, new: pa.DataType, added: frozenset[str], where: str) -> bool:
+    """Whether a column ``where`` of type ``old`` is one of type ``new`` as an older schema version wrote
+    it: the same type, or a struct lacking only fields in ``added`` (see added_columns)."""
+    if old.equals(new):
+        return True
+    if not (pa.types.is_struct(old) and pa.types.is_struct(new)) or set(old.names) - set(new.names):
+        return False
+    have = {f.name: f for f in old}
+    return all(have[f.name].type.equals(f.type) or fits_older(have[f.name].type, f.type, added, f"{where}.{f.name}")
+               if f.name in have else f"{where}.{f.name}" in added for f in new)
 
 
 def conform(name: str, data: pa.Table | list[dict[str, Any]]) -> pa.Table:

@@ -54,7 +54,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake.transaction import RemoveAction
 
-from recpipe.schema import table_names, table_spec
+from recpipe.schema import added_columns, fits_older, table_names, table_spec
 from recpipe.store import Store, StoreError, group_summary
 from recpipe.store.datasets import DataFile, file_schema, read_table
 from recpipe.store.files import StoreWriteError, stale_temps
@@ -166,12 +166,13 @@ def check_file(store: Store, table: str, file: DataFile) -> Problem | None:
     except Exception as exc:  # any read failure means the file is damaged
         reason = str(exc).splitlines()[0] if str(exc) else ""
         return problem("corrupt", f"{type(exc).__name__}: {reason}")
-    missing = [n for n in expected.names if n not in schema.names]
+    added = added_columns(table)  # a file written before a column was added reads it as null: not a problem
+    missing = [n for n in expected.names if n not in schema.names and n not in added]
     extra = [n for n in schema.names if n not in expected.names]
     if missing or extra:
         return problem("corrupt", f"columns differ from the table schema: missing {missing}, unexpected {extra}")
     wrong = [f"{n} is {schema.field(n).type}, not {expected.field(n).type}" for n in expected.names
-             if not schema.field(n).type.equals(expected.field(n).type)]
+             if n in schema.names and not fits_older(schema.field(n).type, expected.field(n).type, added, n)]
     if wrong:
         return problem("corrupt", "column types differ from the table schema: " + "; ".join(wrong))
     return None

@@ -1,6 +1,15 @@
-"""Convert an archive of the old Parquet-folder format into Delta tables, in place, keeping every row.
+"""Bring an older archive up to the current schema, in place, keeping every row: ``recpipe doctor --migrate``.
 
     summary = migrate_legacy("store")     # what `recpipe doctor --store store --migrate` runs first
+
+Two kinds of older archive:
+
+* a Delta store of an older ``schema_version`` (3 on): ``upgrade_schema`` adds the columns tables.yaml
+  added since (top-level columns and fields of struct columns, all nullable) to each Delta table's
+  schema, one metadata-only commit per table, and rewrites the marker's schema_version. No file is
+  rewritten: the rows already written read the new columns as null (so do recpipe's own scans before
+  the upgrade; the upgrade makes other Delta readers - delta-rs, polars, Spark - see the columns too);
+* the old Parquet-folder format, converted as follows.
 
 The old format (recpipe up to commit 7f76fa5): ``<root>/<table>/<col>=<value>/.../<shard>.parquet``, files
 that include the partition columns, the shard ids a file holds in its footer (``recpipe.shards``, several
@@ -53,7 +62,8 @@ from recpipe.store.datasets import DataFile, file_stats, read_table
 from recpipe.store.files import fsync_dir, write_parquet
 from recpipe.store.location import Location, LocationError
 
-__all__ = ["LEGACY_DIR", "MigrationError", "conform_legacy", "migrate_legacy", "needs_migration"]
+__all__ = ["LEGACY_DIR", "MigrationError", "conform_legacy", "migrate_legacy", "missing_columns", "needs_migration",
+           "upgrade_schema"]
 
 LEGACY_DIR = "legacy-parquet"
 DONE_FILE = ".recpipe-migrated"
@@ -66,12 +76,94 @@ class MigrationError(StoreError):
 
 
 def needs_migration(uri: str | Path, storage_options: dict[str, str] | None = None) -> bool:
-    """Whether ``uri`` holds a store in the old Parquet-folder format (a marker without ``format``)."""
+    """Whether ``uri`` holds a store in the old Parquet-folder format (a marker without ``format``), or a
+    Delta store of an older schema_version."""
     try:
         marker = read_marker(Location.parse(uri, storage_options))
     except LocationError:
         return False
-    return marker is not None and marker.get("format") != FORMAT
+    if marker is None:
+        return False
+    return marker.get("format") != FORMAT or int(marker.get("schema_version", SCHEMA_VERSION)) < SCHEMA_VERSION
+
+
+# ---- an older Delta schema -----------------------------------------------------------------------
+
+def missing_columns(have: pa.Schema, want: pa.Schema) -> list[tuple[pa.Field, list[str]]]:
+    """The fields of ``want`` that ``have`` lacks, whole or in part: (field of ``want``, the missing
+    names, dotted below a struct: ``generator.tokenizer``)."""
+    def lacking(old: pa.DataType, new: pa.DataType, prefix: str) -> list[str]:
+        if pa.types.is_struct(new) and pa.types.is_struct(old):
+            names = {f.name: f for f in old}
+            return [n for f in new for n in ([f"{prefix}.{f.name}"] if f.name not in names
+                                             else lacking(names[f.name].type, f.type, f"{prefix}.{f.name}"))]
+        return []
+
+    out = []
+    for field in want:
+        if field.name not in have.names:
+            out.append((field, [field.name]))
+        elif names := lacking(have.field(field.name).type, field.type, field.name):
+            out.append((field, names))
+    return out
+
+
+def upgrade_schema(uri: str | Path, storage_options: dict[str, str] | None = None) -> dict[str, Any]:
+    """Add the columns of the current tables.yaml to an older Delta store's tables (see the module doc);
+    returns what was added. Safe beside running writers (a metadata commit; their appends retry) and to
+    rerun. MigrationError if a missing column is not nullable (old rows would have no value for it)."""
+    from deltalake import Field
+
+    store = Store(uri, storage_options)
+    marker = read_marker(store.location) or {}
+    plan = {table: missing for table in table_names()
+            if (missing := missing_columns(pa.schema(store.delta(table).schema().to_arrow()), table_schema(table)))}
+    strict = [f"{t}.{n}" for t, missing in plan.items() for f, names in missing for n in names
+              if not _nullable_path(f, n)]
+    if strict:
+        raise MigrationError(f"tables.yaml adds non-nullable column(s) {', '.join(strict)}, which the rows already "
+                             "written cannot have; make them nullable (nothing was changed)")
+    added: dict[str, list[str]] = {}
+    for table, missing in plan.items():
+        names = [n for _, ns in missing for n in ns]
+        store.delta(table).alter.add_columns([Field.from_arrow(f) for f, _ in missing], commit_properties=CommitProperties(
+            custom_metadata={"recpipe.operation": f"schema_version {SCHEMA_VERSION}: add {', '.join(names)}"}))
+        store._tables.pop(table, None)
+        left = missing_columns(pa.schema(store.delta(table).schema().to_arrow()), table_schema(table))
+        if left:
+            raise MigrationError(f"{table}: the Delta schema still lacks {left[0][1]} after adding it")
+        added[table] = names
+    _write_marker(store.location, {**marker, "schema_version": SCHEMA_VERSION,
+                                   "upgraded": {"from": marker.get("schema_version"),
+                                                "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}})
+    columns = ", ".join(f"{t}.{n}" for t, names in added.items() for n in names) or "no columns"
+    message = (f"upgraded the schema from version {marker.get('schema_version')} to {SCHEMA_VERSION}: added "
+               f"{columns} (rows written before read them as null); no data file was rewritten")
+    return {"store": store.uri, "migrated": True, "tables": {t: {"added": n} for t, n in added.items()},
+            "quarantined": [], "message": message}
+
+
+def _nullable_path(field: pa.Field, dotted: str) -> bool:
+    """Whether the field ``dotted`` names below ``field`` (or ``field`` itself) is nullable."""
+    for name in dotted.split(".")[1:]:
+        field = field.type.field(name)
+    return field.nullable
+
+
+def _write_marker(location: Location, marker: dict[str, Any]) -> None:
+    body = (json.dumps(marker) + "\n").encode()
+    if not location.is_local:
+        with location.fs.open_output_stream(location.path(MARKER)) as out:  # one PUT: atomic on S3
+            out.write(body)
+        return
+    root = Path(location.uri)
+    tmp = root / f".{MARKER}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / MARKER)
+    fsync_dir(root)
 
 
 # ---- reading the old format ----------------------------------------------------------------------
@@ -287,6 +379,8 @@ def migrate_legacy(uri: str | Path, storage_options: dict[str, str] | None = Non
     if marker is None:
         raise StoreError(f"{location.uri} is not a recpipe store (run `recpipe init --store {uri}`)")
     if marker.get("format") == FORMAT:
+        if int(marker.get("schema_version", SCHEMA_VERSION)) < SCHEMA_VERSION:
+            return upgrade_schema(uri, storage_options)
         return {"store": location.uri, "migrated": False, "tables": {}, "quarantined": [],
                 "message": f"{location.uri} is already in the Delta format; nothing to convert"}
     if not location.is_local:
@@ -299,16 +393,9 @@ def migrate_legacy(uri: str | Path, storage_options: dict[str, str] | None = Non
     quarantined: list[dict[str, str]] = []
     for table in table_names():
         tables[table] = _migrate_table(store, root, table, default_version, quarantined)
-    new_marker = {"schema_version": SCHEMA_VERSION, "format": FORMAT,
-                  "migrated": {"from": marker, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                               "legacy_dir": LEGACY_DIR}}
-    tmp = root / f".{MARKER}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(new_marker) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MARKER)
-    fsync_dir(root)
+    _write_marker(location, {"schema_version": SCHEMA_VERSION, "format": FORMAT,
+                             "migrated": {"from": marker, "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                                          "legacy_dir": LEGACY_DIR}})
     rows = sum(t["rows"] for t in tables.values())
     message = (f"converted {rows} rows of {sum(1 for t in tables.values() if t['rows'])} tables to Delta, every "
                f"row verified; the old files are kept in {root / LEGACY_DIR}: delete that folder once you no "

@@ -4,7 +4,7 @@
     task = get_task("arithmetic")                  # or "gsm8k", "dataset", a registered name, or "module:callable"
     prompts = task.prompts("train", limit=8, seed=0)
     results = score_responses(task, prompts, responses, timeout_s=2.0)
-    rows = [r.as_row() for r in results]          # reward, reward_parts, reward_error columns
+    rows = [r.as_row() for r in results]          # reward, reward_parts, reward_terms, reward_error
 
 Files: base.py (Prompt, RewardResult, Task), registry.py (register_task, get_task, task_names),
 scoring.py (score_responses: errors and timeouts per response), answers.py (number parsing),
@@ -13,7 +13,7 @@ math_reward.py (math-verify), rewards.py (weighted reward functions).
 """
 
 from recpipe.tasks.arithmetic import ArithmeticTask
-from recpipe.tasks.base import Prompt, RewardResult, Task
+from recpipe.tasks.base import Prompt, RewardResult, RewardTerm, Task
 from recpipe.tasks.dataset import DatasetTask
 from recpipe.tasks.gsm8k import GSM8KTask
 from recpipe.tasks.registry import ENTRY_POINT_GROUP, get_task, register_task, task_names
@@ -30,6 +30,7 @@ __all__ = [
     "GSM8KTask",
     "Prompt",
     "RewardResult",
+    "RewardTerm",
     "Task",
     "get_task",
     "register_task",

@@ -4,7 +4,7 @@ A task hands out prompts (chat messages plus a gold answer) and scores a
 response to one of them. The generator applies the model's chat template to
 `Prompt.messages`, samples K responses, and calls `score_responses` (see
 scoring.py), which turns every response into a `RewardResult`; the result maps
-onto the rollout table's `reward`, `reward_parts` and `reward_error` columns.
+onto the rollout table's `reward`, `reward_parts`, `reward_terms` and `reward_error` columns.
 
     from recpipe.tasks import get_task, score_responses
     task = get_task("arithmetic")
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 CORRECT_REWARD = 1.0
 FORMAT_BONUS = 0.1  # +0.1 for the expected answer format, -0.1 otherwise
@@ -37,6 +37,14 @@ class Prompt:
     answer: str
 
 
+class RewardTerm(NamedTuple):
+    """One reward function's share of a reward: reward = sum(weight * value) over the terms."""
+
+    name: str  # "task", "math" or "module:function"
+    weight: float
+    value: float  # unweighted
+
+
 @dataclass(frozen=True)
 class RewardResult:
     """The reward of one response: reward = correctness + format.
@@ -44,15 +52,15 @@ class RewardResult:
     correctness: 1.0 for the right final answer, else 0.0.
     format: +0.1 when the response has the task's expected answer format, else -0.1.
     error: "ExcType: message" or "timeout after Xs" when scoring failed; then all three numbers are 0.0.
-    parts: with several weighted reward functions (recpipe.tasks.rewards), each one's unweighted value
-        by name; reward is then their weighted sum.
+    terms: with several weighted reward functions (recpipe.tasks.rewards), each one's name, weight and
+        unweighted value; reward is then their weighted sum. None: the task's own reward, one term "task".
     """
 
     reward: float
     correctness: float
     format: float
     error: str | None = None
-    parts: dict[str, float] | None = None
+    terms: tuple[RewardTerm, ...] | None = None
 
     def __post_init__(self) -> None:
         # A NaN reward would silently poison group means and advantages downstream.
@@ -60,9 +68,10 @@ class RewardResult:
             value = getattr(self, field)
             if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"RewardResult.{field}={value!r}: expected a finite float")
-        for name, value in (self.parts or {}).items():
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                raise ValueError(f"RewardResult.parts[{name!r}]={value!r}: expected a finite float")
+        for term in self.terms or ():
+            for value in (term.weight, term.value):
+                if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+                    raise ValueError(f"RewardResult.terms: {term!r}: expected finite floats")
 
     @classmethod
     def from_parts(cls, correct: bool, formatted: bool) -> RewardResult:
@@ -79,10 +88,16 @@ class RewardResult:
         return cls(reward=0.0, correctness=0.0, format=0.0, error=error)
 
     def as_row(self) -> dict[str, Any]:
-        """The rollout table's reward columns: reward, reward_parts{correctness, format}, reward_error."""
+        """The rollout table's reward columns: reward, reward_parts{correctness, format}, reward_terms (so that
+        reward = sum(weight * value) on every row: none when scoring failed), reward_error."""
+        if self.error is not None:
+            terms: tuple[RewardTerm, ...] = ()
+        else:
+            terms = self.terms if self.terms is not None else (RewardTerm("task", 1.0, self.reward),)
         return {
             "reward": self.reward,
             "reward_parts": {"correctness": self.correctness, "format": self.format},
+            "reward_terms": [t._asdict() for t in terms],
             "reward_error": self.error,
         }
 
@@ -96,6 +111,8 @@ class Task(Protocol):
         seed orders them (None keeps the task's canonical order); limit takes the first `limit`.
     score(prompt, response): the reward of one response. It may raise: score_responses records the
         exception as the reward error and gives that response zero reward.
+    Optional: chat_template, a Jinja chat template used instead of the model's to turn messages into
+        token ids (recpipe.generate.rollouts.prompt_token_ids; the dataset task's option).
     """
 
     name: str

@@ -8,8 +8,8 @@
 A reward function is ``fn(prompt: Prompt, response: str) -> float`` (or a RewardResult, whose ``reward``
 counts), named by "module:function", or one of the built-ins: "task" (the task's own reward), "math"
 (recpipe.tasks.math_reward: math-verify correctness and format). The rollout's ``reward`` is
-sum(weight_i * fn_i); each function's unweighted value is kept in ``RewardResult.parts`` under its
-name. ``correctness`` and ``format`` are those of the first function returning a RewardResult (the
+sum(weight_i * fn_i); each function's name, weight and unweighted value are kept in ``RewardResult.terms``
+(the rollout's ``reward_terms`` column). ``correctness`` and ``format`` are those of the first function returning a RewardResult (the
 task's own, or "math"), else 0.0: they stay what evaluation's accuracy counts. Weights default to 1.0
 each. A function that raises or returns a non-finite number fails the response's scoring (zero
 reward, the error recorded), as any scorer failure does (recpipe.tasks.scoring).
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from recpipe.tasks.base import Prompt, RewardResult, Task
+from recpipe.tasks.base import Prompt, RewardResult, RewardTerm, Task
 
 RewardFn = Callable[[Prompt, str], Any]
 
@@ -73,11 +73,15 @@ class WeightedRewards:
     def name(self) -> str:
         return self.task.name
 
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.task, "chat_template", None)
+
     def prompts(self, split: str, limit: int | None = None, seed: int | None = 0) -> list[Prompt]:
         return self.task.prompts(split, limit=limit, seed=seed)
 
     def score(self, prompt: Prompt, response: str) -> RewardResult:
-        parts: dict[str, float] = {}
+        terms: list[RewardTerm] = []
         first: RewardResult | None = None
         total = 0.0
         for name, fn, weight in self.funcs:
@@ -89,7 +93,7 @@ class WeightedRewards:
                 value = value.reward
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"reward function {name!r} returned {value!r}, expected a finite number")
-            parts[name] = float(value)
+            terms.append(RewardTerm(name, weight, float(value)))
             total += weight * float(value)
         return RewardResult(reward=total, correctness=first.correctness if first else 0.0,
-                            format=first.format if first else 0.0, parts=parts)
+                            format=first.format if first else 0.0, terms=tuple(terms))

@@ -18,14 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
+from test_doctor import flip_page_bytes
 
 from recpipe.schema import conform, migrations, table_names, table_schema, table_spec
 from recpipe.store import MARKER, Store, StoreError, group_summary
 from recpipe.store.datasets import read_table
 from recpipe.store.doctor import diagnose, repair
-from recpipe.store.migrate import LEGACY_DIR, MigrationError, migrate_legacy, needs_migration
+from recpipe.store.migrate import LEGACY_DIR, MigrationError, migrate_legacy, missing_columns, needs_migration
 from recpipe.testing import synthetic_rollouts
-from tests.store.test_doctor import flip_page_bytes
 
 OLD = 2  # the schema version of the last Parquet-folder recpipe
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -34,9 +34,18 @@ T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
 # ---- the old writer -----------------------------------------------------------------------------
 
 def old_schema(table: str, version: int = OLD) -> pa.Schema:
-    """The table's schema as ``version`` wrote it: the current one without the columns added since."""
+    """The table's schema as ``version`` wrote it: the current one without the columns (and struct fields,
+    ``generator.tokenizer``) added since."""
     added = {c["name"] for v, tables in migrations().items() if v >= version for c in tables.get(table, [])}
-    return pa.schema([f for f in table_schema(table) if f.name not in added])
+
+    def without(field: pa.Field, prefix: str) -> pa.Field:
+        if not pa.types.is_struct(field.type):
+            return field
+        kept = [without(f, f"{prefix}{f.name}.") for f in field.type if f"{prefix}{f.name}" not in added]
+        return field.with_type(pa.struct(kept))
+
+    return pa.schema([without(f, f"{f.name}.") for f in table_schema(table) if f.name not in added],
+                     metadata=table_schema(table).metadata)
 
 
 def write_old_file(root: Path, table: str, name: str, rows: pa.Table, shards: list[str], version: int = OLD) -> Path:
@@ -312,3 +321,80 @@ def test_files_of_schema_version_1_get_the_migration_defaults(tmp_path):
     assert [(p.kind, p.shards) for p in report.problems] == [("missing-groups", ("legacy",))]
     repair(store, report)
     assert diagnose(store).ok
+
+
+# ---- a Delta store of an older schema_version -------------------------------------------------------
+
+def delta_store_v3(root: Path, drop: tuple[str, ...] = ()) -> Store:
+    """A Delta store as schema_version 3 wrote it: tables created without the columns added since, files
+    without them (committed as the old writer's appends did: one transaction per shard)."""
+    root.mkdir(parents=True)
+    (root / MARKER).write_text(json.dumps({"schema_version": 3, "format": "delta"}) + "\n")
+    for table in table_names():
+        schema = old_schema(table, 3)
+        schema = pa.schema([f for f in schema if f.name not in drop], metadata=schema.metadata)
+        DeltaTable.create(str(root / table), schema=schema, partition_by=list(table_spec(table).partition_by) or None)
+    store = Store(root)
+    for version, shard in ((0, "s0"), (1, "s1")):
+        rows = synthetic_rollouts(policy_version=version, shard_id=shard, seed=version)
+        for table, data in (("rollouts", rows), ("groups", group_summary(rows))):
+            values = {"run": "r", "policy_version": version}
+            old = data.select(old_schema(table, 3).names).cast(old_schema(table, 3)).drop_columns(["run", "policy_version"])
+            store.add_files(table, [(f"run=r/policy_version={version}/{shard}~0.parquet", old, values)],
+                            app_id=store.shard_key(table, values, shard))
+    return store
+
+
+def test_an_older_delta_store_gets_the_new_columns_without_any_file_rewritten(tmp_path):
+    from recpipe.doctor import migrate_archive
+
+    root = tmp_path / "store"
+    store = delta_store_v3(root)
+    files = {t: sorted(store.files(t)) for t in table_names()}
+    before = by_key("rollouts", store.read("rollouts"))
+    assert "reward_terms" not in DeltaTable(str(root / "rollouts")).schema().to_arrow().names
+    assert set(before.column("reward_terms").to_pylist()) == {None}  # recpipe reads them as null already
+    assert needs_migration(root)
+    assert diagnose(store).ok  # files without the new columns are not damaged: --repair must leave them be
+
+    summary = migrate_archive(root)  # what `recpipe doctor --migrate` runs
+
+    assert summary["migrated"] and summary["tables"] == {"rollouts": {"added": ["reward_terms", "generator.tokenizer"]}}
+    assert "from version 3 to 4" in summary["message"] and "no data file was rewritten" in summary["message"]
+    marker = json.loads((root / MARKER).read_text())
+    assert (marker["schema_version"], marker["format"], marker["upgraded"]["from"]) == (4, "delta", 3)
+    assert not needs_migration(root) and migrate_archive(root) is None  # a second run has nothing to do
+    store = Store(root)
+    assert {t: sorted(store.files(t)) for t in table_names()} == files
+    assert missing_columns(pa.schema(DeltaTable(str(root / "rollouts")).schema().to_arrow()),
+                           table_schema("rollouts")) == []
+    assert by_key("rollouts", store.read("rollouts")).equals(before)
+    # any Delta reader now sees the new columns: null in the old rows, values in the new ones
+    store.append_rollouts(synthetic_rollouts(policy_version=2, shard_id="s2", seed=2), shard_id="s2")
+    other = DeltaTable(str(root / "rollouts")).to_pyarrow_table(columns=["policy_version", "reward_terms", "generator"])
+    terms = {(v, str(t)) for v, t in zip(other.column("policy_version").to_pylist(),
+                                         other.column("reward_terms").to_pylist(), strict=True)}
+    assert {v for v, t in terms if t == "None"} == {0, 1} and {v for v, t in terms if t != "None"} == {2}
+    assert "tokenizer" in other.schema.field("generator").type.names
+    con = store.connect(read_only=True)
+    assert con.execute("SELECT count(*) FROM rollouts WHERE reward_terms IS NULL").fetchone()[0] == 16
+    assert diagnose(store).ok
+    commits = [h.get("recpipe.operation", "") for h in DeltaTable(str(root / "rollouts")).history()]
+    assert "schema_version 4: add reward_terms, generator.tokenizer" in commits
+
+
+def test_an_upgrade_that_would_need_a_value_for_old_rows_is_refused_and_changes_nothing(tmp_path):
+    root = tmp_path / "store"
+    delta_store_v3(root, drop=("response_text",))  # as if tables.yaml had added a non-nullable column
+    with pytest.raises(MigrationError, match=r"non-nullable column\(s\) rollouts.response_text.*nothing was changed"):
+        migrate_legacy(root)
+    assert json.loads((root / MARKER).read_text())["schema_version"] == 3
+    assert "reward_terms" not in DeltaTable(str(root / "rollouts")).schema().to_arrow().names
+
+
+def test_missing_columns_names_struct_fields():
+    have = pa.schema([pa.field("a", pa.int32()), pa.field("g", pa.struct([pa.field("m", pa.string())]))])
+    want = pa.schema([pa.field("a", pa.int32()), pa.field("b", pa.list_(pa.int32())),
+                      pa.field("g", pa.struct([pa.field("m", pa.string()), pa.field("t", pa.string())]))])
+    assert [(f.name, names) for f, names in missing_columns(have, want)] == [("b", ["b"]), ("g", ["g.t"])]
+    assert missing_columns(want, want) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recpipe.tasks import Prompt, get_task, score_responses
+from recpipe.tasks import Prompt, RewardTerm, get_task, score_responses
 from recpipe.tasks.math_reward import math_reward
 
 MODULE = '''
@@ -32,7 +32,9 @@ def test_weighted_sum_with_each_part_kept(my_rewards):
     own = get_task("arithmetic").score(prompt, prompt.answer)
     result = task.score(prompt, prompt.answer)
     brevity = -len(prompt.answer) / 100
-    assert result.parts == {"task": own.reward, f"{my_rewards}:brevity": brevity}
+    assert result.terms == (RewardTerm("task", 1.0, own.reward), RewardTerm(f"{my_rewards}:brevity", 0.5, brevity))
+    assert result.as_row()["reward_terms"] == [{"name": "task", "weight": 1.0, "value": own.reward},
+                                               {"name": f"{my_rewards}:brevity", "weight": 0.5, "value": brevity}]
     assert result.reward == pytest.approx(own.reward + 0.5 * brevity)
     assert (result.correctness, result.format) == (own.correctness, own.format)  # what evaluation counts
     assert task.name == "arithmetic" and task.prompts("test", limit=2) == get_task("arithmetic").prompts("test", limit=2)
@@ -43,6 +45,7 @@ def test_a_failing_reward_function_fails_that_response_only(my_rewards):
     prompts = task.prompts("train", limit=2)
     results = score_responses(task, prompts, [p.answer for p in prompts])
     assert all(r.error == "RuntimeError: no" and r.reward == 0.0 for r in results)
+    assert all(r.as_row()["reward_terms"] == [] for r in results)  # no function's value: an empty sum
     bad = get_task("arithmetic", reward_funcs=[f"{my_rewards}:nan"])
     [result] = score_responses(bad, prompts[:1], ["1"])
     assert "returned nan, expected a finite number" in result.error
@@ -77,4 +80,4 @@ def test_math_as_one_of_the_rewards_of_gsm8k():
     task = get_task("gsm8k", reward_funcs=["math"])
     [prompt] = task.prompts("test", limit=1)
     right = task.score(prompt, f"Step by step... so \\boxed{{{prompt.answer}}}")
-    assert right.correctness == 1.0 and right.parts == {"math": right.reward}
+    assert right.correctness == 1.0 and right.terms == (RewardTerm("math", 1.0, right.reward),)

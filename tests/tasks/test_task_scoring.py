@@ -107,5 +107,11 @@ def test_length_mismatch():
 
 def test_as_row_matches_the_rollout_columns():
     row = RewardResult.from_parts(correct=True, formatted=False).as_row()
-    assert row == {"reward": 0.9, "reward_parts": {"correctness": 1.0, "format": -0.1}, "reward_error": None}
-    assert RewardResult.failed("timeout after 2s").as_row()["reward_error"] == "timeout after 2s"
+    assert row == {"reward": 0.9, "reward_parts": {"correctness": 1.0, "format": -0.1},
+                   "reward_terms": [{"name": "task", "weight": 1.0, "value": 0.9}], "reward_error": None}
+    failed = RewardResult.failed("timeout after 2s").as_row()
+    assert failed["reward_error"] == "timeout after 2s" and failed["reward_terms"] == []
+    from recpipe.schema import table_schema
+
+    rollout_columns = {n for n in table_schema("rollouts").names if n.startswith("reward")}
+    assert set(row) == rollout_columns
