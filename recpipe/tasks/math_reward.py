@@ -32,11 +32,14 @@ def _parse(text: str) -> list:
 
 
 def warm_up() -> None:
-    """Import math-verify and build its LaTeX parser now (~2.3 s the first time, on 2 busy cores): done by
-    the tasks that use it when they are built, not in a response's scoring time limit."""
+    """Import math-verify, build its LaTeX parser and run sympy's first simplification now (~2.5 s each the
+    first time, on 2 busy cores): done by the tasks that use it when they are built, not in a response's scoring time
+    limit (a first wrong answer, "1/3" for 1/2, took 3 s there)."""
     global _READY
     if not _READY:
-        _parse("$\\frac{1}{2}$")
+        from math_verify import verify
+
+        verify(_parse("$\\frac{1}{2}$"), _parse("1/3"), timeout_seconds=None)  # unequal: sympy's simplify runs
         _READY = True
 
 
