@@ -365,20 +365,46 @@ class LoopRecipe:
 
     def check_tokenizer(self, source_run: str) -> None:
         """Refuse to train on ``source_run``'s token ids with a model whose tokenizer differs from the one
-        that produced them (its base model's; every version of a run keeps its base model's tokenizer)."""
-        from recpipe.models.load import tokenizer_identity
+        that produced them: the fingerprint recorded with the rollouts its batches hold
+        (``generator.tokenizer``), else, for rollouts written before it was recorded, its base model's."""
+        from transformers import AutoTokenizer
 
+        from recpipe.generate.rollouts import tokenizer_fingerprint
+
+        con = self.store.connect(tables=["rollouts", "batches"])
+        try:
+            runs = {source_run} | {r for (r,) in con.execute("SELECT DISTINCT source_run FROM batches WHERE run = $run",
+                                                             {"run": source_run}).fetchall()}
+            recorded = {}  # fingerprint -> the models that sampled with it
+            for run in sorted(runs):
+                for fingerprint, model in con.execute(
+                        "SELECT DISTINCT generator.tokenizer, generator.model FROM rollouts WHERE run = $run",
+                        {"run": run}).fetchall():
+                    recorded.setdefault(fingerprint, set()).add(f"{run}: {model}")
+        finally:
+            con.close()
         source = recorded_base_model(self.cfg.store, source_run, self.cfg.storage_options or None)
-        if source is None or not (source / "config.json").is_file():
-            log.warning("retrain: the base model of run %r (%s) is not on this machine; its tokenizer cannot be "
-                        "compared with %s", source_run, source, self.model_path)
+        have_source = source is not None and (source / "config.json").is_file()
+        unrecorded = recorded.pop(None, None)  # rollouts from before schema_version 4 (or none yet)
+        if unrecorded is not None or not recorded:  # then the tokenizer of the run's base model, if still here
+            if have_source:
+                recorded.setdefault(tokenizer_fingerprint(AutoTokenizer.from_pretrained(source)), set()).update(
+                    unrecorded or {f"{source_run}: base model {source}"})
+            else:
+                log.warning("retrain: rollouts of run %r carry no tokenizer fingerprint and its base model (%s) is "
+                            "not on this machine; their tokenizer cannot be compared with %s",
+                            source_run, source, self.model_path)
+        if not recorded:
             return
-        theirs, ours = tokenizer_identity(source), tokenizer_identity(self.model_path)
-        if theirs is not None and ours is not None and theirs != ours:
+        ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(self.model_path))
+        theirs = sorted(f for f in recorded if f != ours)
+        if theirs:
+            described = "; ".join(f"{f} ({', '.join(sorted(recorded[f]))})" for f in theirs)
+            hint = (f"train from {source} (leave out --model) or from a model with the same tokenizer" if have_source
+                    else "train from a model with the same tokenizer")
             raise TokenizerMismatch(
-                f"retrain: run {source_run!r}'s rollouts are token ids of the tokenizer of {source}, and the model "
-                f"of run {self.cfg.run!r} ({self.model_path}) has another tokenizer; train from {source} (leave out "
-                "--model) or from a model with the same tokenizer")
+                f"retrain: run {source_run!r}'s rollouts are token ids of tokenizer {described}, and the model of "
+                f"run {self.cfg.run!r} ({self.model_path}) has another tokenizer, {ours}; {hint}")
 
     # ---- loops over the verbs ----------------------------------------------------------------------
     def step(self, step: int) -> Any:

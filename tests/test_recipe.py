@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from recpipe.config import load_config
+from recpipe.errors import RecpipeError
 from recpipe.models.load import tokenizer_identity
 from recpipe.recipe import LoopRecipe, TokenizerMismatch
 from recpipe.store import Store
@@ -44,3 +45,49 @@ def test_retrain_refuses_a_model_whose_tokenizer_differs_from_the_rollouts(tiny_
     same = load_config(overrides=[f"store={store.root}", "run=b", f"model.name={tiny_model}"])
     with LoopRecipe(same) as recipe, pytest.raises(ValueError, match="no recorded batches"):
         recipe.retrain("a")  # the same tokenizer passes the check (and then finds nothing to replay)
+
+
+def test_tokenizer_fingerprint_sees_the_ids_not_the_file(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from recpipe.generate.rollouts import tokenizer_fingerprint
+
+    resaved = shutil.copytree(tiny_model, tmp_path / "resaved")
+    spec = json.loads((resaved / "tokenizer.json").read_text())
+    (resaved / "tokenizer.json").write_text(json.dumps(dict(reversed(list(spec.items()))), indent=4))
+    mine = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model))
+    assert len(mine) == 16 and tokenizer_fingerprint(AutoTokenizer.from_pretrained(resaved)) == mine
+    other = other_tokenizer(tiny_model, tmp_path / "other")
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(other)) != mine
+
+
+def test_retrain_refuses_another_tokenizer_from_the_fingerprint_recorded_with_the_rollouts(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from recpipe.generate.rollouts import tokenizer_fingerprint
+
+    base = shutil.copytree(tiny_model, tmp_path / "base-a")
+    store = tmp_path / "store"
+    small = ["generate.backend=hf", "generate.group_size=2", "generate.max_tokens=4", "generate.shard_size=2"]
+    cfg = load_config(overrides=[f"store={store}", "run=a", f"model.name={base}", *small])
+    with LoopRecipe(cfg) as recipe:
+        assert recipe.generate(0, prompts=2) == 4
+    recorded = Store(store).read("rollouts", "run = 'a'").column("generator").to_pylist()
+    theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model))
+    assert {g["tokenizer"] for g in recorded} == {theirs}
+    shutil.rmtree(base)  # the rollouts' base model is gone: the check needs only what the archive recorded
+
+    other = other_tokenizer(tiny_model, tmp_path / "other")
+    ours = tokenizer_fingerprint(AutoTokenizer.from_pretrained(other))
+    cfg = load_config(overrides=[f"store={store}", "run=b", f"model.name={other}", *small])
+    with LoopRecipe(cfg) as recipe, pytest.raises(TokenizerMismatch) as refused:
+        recipe.retrain("a")
+    message = str(refused.value)
+    assert isinstance(refused.value, RecpipeError)
+    assert f"run 'a''s rollouts are token ids of tokenizer {theirs} (a: {base})" in message, message
+    assert f"run 'b' ({other}) has another tokenizer, {ours}" in message
+    assert "train from a model with the same tokenizer" in message  # base-a is gone: no --model hint
+    assert Store(store).read("policies", "run = 'b'").num_rows == 0  # refused before anything of run b
+    same = load_config(overrides=[f"store={store}", "run=b", f"model.name={tiny_model}", *small])
+    with LoopRecipe(same) as recipe, pytest.raises(ValueError, match="no recorded batches"):
+        recipe.retrain("a")  # the same tokenizer at another path passes (and then finds nothing to replay)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import threading
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,6 +71,44 @@ def shard_seed(seed: int, policy_version: int, shard_index: int) -> int:
     return int(_digest([seed, policy_version, shard_index])[:8], 16) & 0x7FFFFFFF
 
 
+_fingerprints: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_fingerprints_lock = threading.Lock()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """16 hex digits of sha256 over what maps text to token ids: the vocabulary in id order (added tokens
+    included), the BPE merges (as pairs, however tokenizer.json spells them), the special tokens. Two
+    tokenizers with the same fingerprint give the same ids for the same text; recorded with every rollout
+    (``generator.tokenizer``) so that retrain can refuse a model with another tokenizer even when the
+    rollouts' base model is gone. Computed once per tokenizer object (~1 s for a 49k vocabulary)."""
+    with _fingerprints_lock:
+        known = _fingerprints.get(tokenizer)
+    if known is not None:
+        return known
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab, key=vocab.__getitem__)).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its model's merges
+    if backend is not None:
+        model = json.loads(backend.to_str()).get("model") or {}
+        merges = [m.split(" ") if isinstance(m, str) else list(m) for m in model.get("merges") or []]
+        digest.update(json.dumps([model.get("type"), merges]).encode())
+    digest.update(json.dumps(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())).encode())
+    fingerprint = digest.hexdigest()[:16]
+    with _fingerprints_lock:
+        _fingerprints[tokenizer] = fingerprint
+    return fingerprint
+
+
+def prompt_token_ids(tokenizer: Any, task: Task, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """The prompts' token ids as the model sees them: the model's chat template (tokenize_prompts), or the
+    task's own ``chat_template`` if it has one (the dataset task's option; "none" renders the raw text)."""
+    template = getattr(task, "chat_template", None)
+    if template is None:
+        return tokenize_prompts(tokenizer, prompts)
+    return [list(tokenizer.apply_chat_template(p.messages, chat_template=template, add_generation_prompt=True,
+                                               tokenize=True, return_dict=False)) for p in prompts]
+
+
 def generate_rollouts(
     engine: Engine,
     task: Task,
@@ -93,7 +133,7 @@ def generate_rollouts(
     prompts = list(prompts)
     if len({p.prompt_id for p in prompts}) != len(prompts):
         raise ValueError(f"prompts: prompt ids repeat within shard {shard_id!r}; group ids would collide")
-    prompt_ids = tokenize_prompts(engine.tokenizer, prompts)
+    prompt_ids = prompt_token_ids(engine.tokenizer, task, prompts)
     groups = engine.sample(
         prompt_ids,
         n=n,
@@ -115,6 +155,7 @@ def generate_rollouts(
         "top_p": float(top_p),
         "max_tokens": max_tokens,
         "seed": seed,
+        "tokenizer": tokenizer_fingerprint(engine.tokenizer),
     }
     created_at = dt.datetime.now(dt.UTC)
     rows = []
@@ -159,7 +200,7 @@ def evaluate_greedy(
     if not prompts:
         raise ValueError("prompts is empty: nothing to evaluate")
     groups = engine.sample(
-        tokenize_prompts(engine.tokenizer, prompts),
+        prompt_token_ids(engine.tokenizer, task, prompts),
         n=1,
         temperature=0.0,
         top_p=1.0,

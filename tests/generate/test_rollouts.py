@@ -16,6 +16,7 @@ from recpipe.generate import (
     shard_seed,
     tokenize_prompts,
 )
+from recpipe.generate.rollouts import tokenizer_fingerprint
 from recpipe.schema import SCHEMA_VERSION, table_schema
 from recpipe.tasks import Prompt, RewardResult, get_task
 
@@ -60,7 +61,9 @@ def test_rollouts_conform_and_form_groups(engine):
             "top_p": 1.0,
             "max_tokens": 12,
             "seed": 7,
+            "tokenizer": tokenizer_fingerprint(engine.tokenizer),
         }
+        assert r["reward_terms"] == [{"name": "task", "weight": 1.0, "value": r["reward"]}]
         assert r["schema_version"] == SCHEMA_VERSION
     for p in prompts:
         group = [r for r in rows if r["prompt_id"] == p.prompt_id]
@@ -99,7 +102,7 @@ def test_scorer_failure_is_recorded_and_the_group_kept(hf_engine):
     failed = [r for r in rows if r["reward_error"] is not None]
     assert [r["rollout_id"] for r in failed] == ["v3-abc/q0/1"]
     assert "RuntimeError: scorer exploded" in failed[0]["reward_error"]
-    assert failed[0]["reward"] == 0.0
+    assert failed[0]["reward"] == 0.0 and failed[0]["reward_terms"] == []
     assert all(
         r["reward"] == pytest.approx(-0.1) or r["reward"] == pytest.approx(0.9)
         for r in rows
