@@ -1,4 +1,4 @@
-"""Batch selection: DuckDB SQL over the archive picks each training step's groups (docs/design.md).
+"""Batch selection: DuckDB SQL over the archive picks each training step's groups (docs/architecture.md).
 
     from recpipe.select import select, replay_lineage
     batch = select(store, "fresh", {"max_staleness": 2}, run="a", step=7, groups=8)

@@ -7,7 +7,7 @@
     task.prompts("train", limit=8, seed=0)
 
 Why these defaults: with SmolLM2-135M-Instruct at temperature 1.0, a + b over 1..10 is right in
-21-24% of samples and 76-80% of 8-sample groups are mixed (design.md): the reward varies inside
+21-24% of samples and 76-80% of 8-sample groups are mixed (EXPERIMENTS.md): the reward varies inside
 groups, which is what group-relative RL learns from. Wider ranges are harder (1..99: 6% right).
 
 Two operations: `operation` may chain operators with "-", e.g. "add-add" asks "What is a + b + c?"
