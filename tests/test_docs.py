@@ -16,7 +16,19 @@ from recpipe.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES_DOC = ROOT / "docs" / "tables.md"
-TRACKED = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+
+
+def _repo_files() -> list[str]:
+    """The repo's files: git's list, or (a copy without .git) every file outside ignored build folders."""
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0 and listed.stdout:
+        return listed.stdout.split()
+    skip = {".git", ".venv", "runs", "__pycache__", ".pytest_cache", ".ruff_cache"}
+    return sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*")
+                  if p.is_file() and not skip & set(p.relative_to(ROOT).parts))
+
+
+TRACKED = _repo_files()
 TEXT_FILES = [f for f in TRACKED if f.endswith((".py", ".md", ".sql", ".yaml", ".sh", ".toml", ".lock"))]
 DIRS = ("recpipe/", "flows/", "schemas/", "tests/", "bench/", "scripts/", "configs/", "docs/", "data/")
 # A repo path in prose or code: starts at a top-level folder, ends with a file extension.
