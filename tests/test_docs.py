@@ -29,7 +29,8 @@ def _repo_files() -> list[str]:
 
 
 TRACKED = _repo_files()
-TEXT_FILES = [f for f in TRACKED if f.endswith((".py", ".md", ".sql", ".yaml", ".sh", ".toml", ".lock"))]
+TEXT_FILES = [f for f in TRACKED if f.endswith((".py", ".md", ".sql", ".yaml", ".sh", ".toml", ".lock"))
+              and (ROOT / f).is_file()]  # not a file deleted but not yet committed
 DIRS = ("recpipe/", "flows/", "schemas/", "tests/", "bench/", "scripts/", "configs/", "docs/", "data/")
 # A repo path in prose or code: starts at a top-level folder, ends with a file extension.
 REPO_PATH = re.compile(r"(?<![\w./<{-])((?:" + "|".join(map(re.escape, DIRS))
