@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from recpipe.cli import app
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 
 # NULL, '', NaN, Infinity, a struct with a NULL field, a list, a map, a timestamp, text that needs quoting.
 AWKWARD = ("SELECT NULL::VARCHAR AS n, '' AS e, 'nan'::DOUBLE AS nan, 'inf'::DOUBLE AS inf, "

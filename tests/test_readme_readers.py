@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 from tests.test_status import steps_row
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -10,7 +10,7 @@ from recpipe.cli import app
 from recpipe.report import figure
 from recpipe.schema import SCHEMA_VERSION
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 from tests.test_status import eval_row, steps_row
 
 T0 = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)

@@ -13,7 +13,7 @@ from recpipe import cli
 from recpipe.cli import app
 from recpipe.schema import SCHEMA_VERSION, table_schema
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 from tests.test_export import make_store
 
 

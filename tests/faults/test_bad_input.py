@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from recpipe.cli import app
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
 from tests.faults.mounts import read_only
+from tests.support import synthetic_rollouts
 
 
 def recpipe(*args, cwd=None):

@@ -12,8 +12,8 @@ import pytest
 
 from recpipe.store import Store, StoreError, StoreWriteError
 from recpipe.store.doctor import diagnose, repair
-from recpipe.testing import synthetic_rollouts
 from tests.faults.mounts import read_only, small_disk
+from tests.support import synthetic_rollouts
 
 RECPIPE = [sys.executable, "-m", "recpipe.cli"]
 

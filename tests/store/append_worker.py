@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 
 if __name__ == "__main__":
     uri, worker, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])

@@ -18,8 +18,8 @@ from recpipe.store import RunLocked, Store, StoreError, parse_as_of
 from recpipe.store.compact import vacuum_table
 from recpipe.store.lease import Lease, LeaseLost
 from recpipe.store.location import Location, LocationError
-from recpipe.testing import synthetic_rollouts
 from tests import ROOT
+from tests.support import synthetic_rollouts
 
 
 def rows(store: Store, table: str = "rollouts", **kw) -> list[str]:
@@ -189,10 +189,10 @@ def test_kill_9_leaves_every_table_at_a_whole_version(where, during):
         "vacuum": "from recpipe.store.compact import vacuum_table\n"
                   "while True:\n    vacuum_table(s, 'rollouts', 0, keep_lineage=False)",
     }[during]
-    code = "from recpipe.testing import synthetic_rollouts\n" + code
+    code = "from tests.support import synthetic_rollouts\n" + code
     proc = subprocess.Popen([sys.executable, "-c", f"import sys\nfrom recpipe.store import Store\ns = Store(sys.argv[1])\n"
                              f"print('go', flush=True)\n{code}", where.uri], env=where.env,
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
     assert proc.stdout.readline().strip() == "go"
     deadline = time.monotonic() + 3.0
     while time.monotonic() < deadline:  # readers keep reading while it works

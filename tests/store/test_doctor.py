@@ -16,7 +16,7 @@ from recpipe.store import Store, StoreError, group_summary
 from recpipe.store.compact import compact_table
 from recpipe.store.datasets import read_table
 from recpipe.store.doctor import diagnose, repair
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 
 
 def filled_store(root: Path, shards: int = 3, versions: tuple[int, ...] = (0,)) -> Store:

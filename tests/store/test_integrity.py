@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import recpipe
 from recpipe.cli import app
 from recpipe.store import Store
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 
 RECPIPE = [sys.executable, "-m", "recpipe.cli"]
 

@@ -18,14 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from deltalake import DeltaTable
-from test_doctor import flip_page_bytes
 
 from recpipe.schema import conform, migrations, table_names, table_schema, table_spec
 from recpipe.store import MARKER, Store, StoreError, group_summary
 from recpipe.store.datasets import read_table
 from recpipe.store.doctor import diagnose, repair
 from recpipe.store.migrate import LEGACY_DIR, MigrationError, migrate_legacy, missing_columns, needs_migration
-from recpipe.testing import synthetic_rollouts
+from tests.store.test_doctor import flip_page_bytes
+from tests.support import synthetic_rollouts
 
 OLD = 2  # the schema version of the last Parquet-folder recpipe
 T0 = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)

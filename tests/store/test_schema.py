@@ -3,7 +3,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recpipe.schema import SCHEMA_VERSION, conform, table_names, table_schema
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 
 CONTRACT = {
     "rollouts": "run rollout_id group_id sample_index policy_version task prompt_id prompt_token_ids "

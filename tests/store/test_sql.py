@@ -4,7 +4,7 @@ import pytest
 
 from recpipe.store import Store
 from recpipe.store.sql import QueryRefused, QueryTimeout, run_read_only
-from recpipe.testing import synthetic_rollouts
+from tests.support import synthetic_rollouts
 
 
 @pytest.fixture

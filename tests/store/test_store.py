@@ -3,14 +3,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pyarrow.parquet as pq
 import pytest
 
 from recpipe.store import RunLocked, Store, StoreError, connect
 from recpipe.store.compact import vacuum_table
-from recpipe.testing import synthetic_rollouts
+from tests import ROOT
+from tests.support import synthetic_rollouts
 
 
 @pytest.fixture
@@ -106,27 +106,38 @@ def test_compaction_keeps_every_row_and_shard_identity(store):
 
 
 WRITER = textwrap.dedent("""
-    import sys
+    import sys, time
+    import recpipe.store
     from recpipe.store import Store
-    from recpipe.testing import synthetic_rollouts
+    from tests.support import synthetic_rollouts
+
+    write_parquet = recpipe.store.write_parquet
+
+    def write_then_stop(*args, **kwargs):  # the data file is on disk; the commit would come next
+        size = write_parquet(*args, **kwargs)
+        print("written", flush=True)
+        time.sleep(600)
+        return size
+
+    recpipe.store.write_parquet = write_then_stop
     store = Store(sys.argv[1])
-    rows = synthetic_rollouts(shard_id="big", groups=4000, group_size=8, response_length=64)
-    print("ready", flush=True)
+    rows = synthetic_rollouts(shard_id="big", groups=40, group_size=8, response_length=64)
     store.append_rollouts(rows, shard_id="big")
 """)
 
 
 def test_writer_killed_mid_write_leaves_nothing_visible(store):
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.root)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    deadline = time.monotonic() + 60
+    # Killed at the worst point: its data file is written, the commit naming it is not.
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store.root)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "written", f"the writer ended early ({proc.poll()})"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     part = store.root / "rollouts" / "run=r" / "policy_version=0"
-    while time.monotonic() < deadline and not (part.exists() and any(part.glob("*.parquet"))):
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(part.glob("*.parquet")), "the kill should have landed while the data file was being written"
-    assert store.delta("rollouts").version() == 0  # no commit: the half-written file is in no version
+    assert list(part.glob("*.parquet")), "the data file should be on disk at the kill"
+    assert store.delta("rollouts").version() == 0  # no commit: the written file is in no version
     assert store.files("rollouts") == []
     assert count(store, "rollouts") == 0
     assert vacuum_table(store, "rollouts", 0)["files_deleted"] == 1  # the unreferenced file goes

@@ -1,4 +1,5 @@
-"""Synthetic rows for tests and benchmarks (no model needed)."""
+"""Synthetic rollout rows for the tests (no model needed): ``synthetic_rollouts``, a few groups as the store
+writes them. The select tests and benches build large archives with tests/select/synthetic.py instead."""
 
 from __future__ import annotations
 
