@@ -37,7 +37,14 @@ def test_the_worked_example_runs_as_written(tmp_path, prefect_api):
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert done.stdout.splitlines()[-2:] == ["task,n", "dataset,4"]
+    lines = done.stdout.splitlines()
+    assert lines[-5:-3] == ["task,n", "dataset,4"]
+    assert lines[-3] == "name,weight,n,mean"
+    means = {}
+    for line, name, weight in zip(lines[-2:], ["math", "my_rewards:brevity"], ["1.0", "0.1"], strict=True):
+        got_name, got_weight, n, mean = line.split(",")
+        assert (got_name, got_weight, n) == (name, weight, "4"), line
+        means[name] = float(mean)
     task = get_task("dataset", path=str(tmp_path / "qa.jsonl"))
     prompts = {p.prompt_id: p for split in ("train", "test") for p in task.prompts(split)}
     rows = Store(tmp_path / "runs" / "qa").read("rollouts").to_pylist()
@@ -46,7 +53,11 @@ def test_the_worked_example_runs_as_written(tmp_path, prefect_api):
         want = math_reward(prompt, text)
         assert row["reward"] == pytest.approx(want.reward + 0.1 * (-len(text) / 100))
         assert row["reward_parts"] == {"correctness": want.correctness, "format": want.format}
+        assert row["reward_terms"] == [{"name": "math", "weight": 1.0, "value": want.reward},
+                                       {"name": "my_rewards:brevity", "weight": 0.1, "value": -len(text) / 100}]
         assert row["reward_error"] is None
+    for i, name in enumerate(means):  # what the second `recpipe sql` printed: each function's mean value
+        assert means[name] == pytest.approx(sum(r["reward_terms"][i]["value"] for r in rows) / len(rows), abs=1e-3)
 
 
 def test_the_task_class_example_is_a_task():

@@ -15,6 +15,11 @@ list of chat messages ([{"role": "user", "content": ...}], TRL's conversational 
 solution ending in "#### 42" (GSM8K) or holding ``\\boxed{...}`` (MATH) is reduced to that answer.
 ``id_column`` names a stable id; without it a prompt's id is a hash of its text (same problem, same id).
 
+Chat template: ``chat_template`` (default: the model's own) replaces the model's when the generator turns
+a prompt's messages into token ids: a Jinja template in the Hugging Face format (``messages``,
+``add_generation_prompt``, ``bos_token``...), or the path of a file holding one, or "none" for the raw
+prompt text (the messages' contents joined by blank lines, no special tokens: base models).
+
 Splits: a DatasetDict's "train" and "test" (or "validation"); else ``test_path`` (a second file); else
 ``split_column`` (rows whose value is "test"); else a fixed ``test_fraction`` of the prompts, chosen by
 the hash of their ids (so the split does not depend on the file's row order).
@@ -49,6 +54,8 @@ PROMPT_COLUMNS = ("prompt", "question", "problem", "input")
 ANSWER_COLUMNS = ("answer", "solution", "target", "output")
 MATCHES = ("auto", "number", "text", "math")
 _BOXED = "\\boxed{"
+# chat_template="none": the prompt text as written (a Jinja string literal, so trim_blocks keeps the blank line)
+RAW_TEMPLATE = "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ m['content'] }}{% endfor %}"
 _TEXT_CUE = re.compile(r"(?:####|\banswer\s*(?:is|:)\s*)(?P<answer>[^\n]*)$", re.IGNORECASE)
 
 
@@ -164,6 +171,30 @@ def _column(table: pa.Table, given: str | None, candidates: tuple[str, ...], wha
                      f"{table.column_names}: pass task.options.{what}=NAME")
 
 
+def load_chat_template(spec: str) -> str:
+    """The Jinja source ``chat_template`` names: "none" (RAW_TEMPLATE), a file, or a template itself."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"chat_template={spec!r}: expected a Jinja template, the path of a file holding one, "
+                         "or 'none' for the raw prompt text")
+    if spec.strip().lower() == "none":
+        return RAW_TEMPLATE
+    if "{{" in spec or "{%" in spec:
+        source = spec
+    else:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat_template={spec!r}: neither a file nor a Jinja template (no {{{{ }}}} or "
+                             "{% %}); pass a template, the path of a .jinja file, or 'none'")
+        source = path.read_text(encoding="utf-8")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"chat_template: line {exc.lineno}: {exc.message}") from None
+    return source
+
+
 @dataclass(frozen=True)
 class DatasetTask:
     """Prompts and gold answers from a file (see the module docstring for every option)."""
@@ -179,6 +210,7 @@ class DatasetTask:
     split_column: str | None = None
     test_fraction: float = 0.1
     name: str = "dataset"
+    chat_template: str | None = None  # after __post_init__: the Jinja source (RAW_TEMPLATE for "none"), or None
     _splits: dict[str, list[Prompt]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -186,6 +218,8 @@ class DatasetTask:
             raise ValueError(f"match={self.match!r}: expected one of {list(MATCHES)}")
         if not (isinstance(self.test_fraction, int | float) and 0 < self.test_fraction < 1):
             raise ValueError(f"test_fraction={self.test_fraction!r}: expected a number between 0 and 1")
+        if self.chat_template is not None:
+            object.__setattr__(self, "chat_template", load_chat_template(self.chat_template))
         sources = read_table(self.path)
         if self.test_path is not None:
             if "all" not in sources:

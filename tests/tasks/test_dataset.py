@@ -118,3 +118,64 @@ def test_the_chat_template_of_the_model_wraps_the_prompts(tmp_path, tiny_model):
     text = tokenizer.decode(ids)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is ")
     assert text.endswith("<|im_start|>assistant\n")
+
+
+QA = [{"question": "What is 3 + 4?", "answer": "7"}, {"question": "What is 10 - 2?", "answer": "8"},
+      {"question": "What is 2 + 2?", "answer": "4"}]
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.mark.parametrize(("chat_template", "rendered"), [
+    ("Q: {{ messages[-1]['content'] }}\nA:", "Q: {q}\nA:"),
+    ("none", "Be brief.\n\n{q}"),  # the raw text: the messages' contents, no special tokens
+    ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+     "{% if add_generation_prompt %}[assistant]{% endif %}", "<|im_start|>[system] Be brief.\n[user] {q}\n[assistant]"),
+])
+def test_a_chat_template_of_the_task_makes_the_prompt_token_ids(tmp_path, tiny_tokenizer, chat_template, rendered):
+    from recpipe.generate.rollouts import prompt_token_ids
+
+    task = get_task("dataset", path=str(write(tmp_path / "qa.jsonl", QA)), system="Be brief.",
+                    chat_template=chat_template)
+    prompts = task.prompts("train", seed=None)
+    for prompt, ids in zip(prompts, prompt_token_ids(tiny_tokenizer, task, prompts), strict=True):
+        text = rendered.format(q=prompt.messages[-1]["content"])
+        assert ids == tiny_tokenizer(text, add_special_tokens=False).input_ids
+        assert tiny_tokenizer.decode(ids) == text
+
+
+def test_a_chat_template_file_reaches_the_rollouts_and_the_weighted_rewards(tmp_path, tiny_model, tiny_tokenizer):
+    from recpipe.generate import evaluate_greedy, generate_rollouts, make_engine
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("Question: {{ messages[-1]['content'] }}\nAnswer:")
+    task = get_task("dataset", path=str(write(tmp_path / "qa.jsonl", QA)), chat_template=str(template),
+                    reward_funcs=["task"])  # wrapped in WeightedRewards: the template goes with the task
+    assert task.chat_template == template.read_text()
+    prompts = task.prompts("train", seed=None)
+    engine = make_engine(tiny_model, backend="hf", seed=0)
+    try:
+        rows = generate_rollouts(engine, task, prompts, run="r", policy_version=0, shard_id="s", n=1,
+                                 temperature=1.0, top_p=1.0, max_tokens=2, seed=0).to_pylist()
+        assert evaluate_greedy(engine, task, prompts, max_tokens=2)[2] == len(prompts)
+    finally:
+        engine.close()
+    by_id = {p.prompt_id: p for p in prompts}
+    for row in rows:
+        text = f"Question: {by_id[row['prompt_id']].messages[-1]['content']}\nAnswer:"
+        assert row["prompt_token_ids"] == tiny_tokenizer(text, add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize(("chat_template", "message"), [
+    ("chatml", "neither a file nor a Jinja template"),
+    ("{% for m in messages %}{{ m['content'] }}", "chat_template: line 1: .*endfor"),
+    ("", "expected a Jinja template"),
+])
+def test_a_bad_chat_template_is_refused_when_the_task_is_made(tmp_path, chat_template, message):
+    with pytest.raises(ValueError, match=message):
+        get_task("dataset", path=str(write(tmp_path / "qa.jsonl", QA)), chat_template=chat_template)
