@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+HERE = Path(__file__).resolve().parent
+
 pytest_plugins = ["tests.s3fixture"]  # the session's real S3 server (SeaweedFS), started on first use
 
 # Offline, in-process vLLM with a small KV cache, caches out of the home directory. Set before any test
@@ -16,6 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CACHE_ROOT", os.path.join(tempfile.gettempdir(), "recpipe-test-vllm-cache"))
+
+
+SLOW_FOLDERS = {HERE / "flows", HERE / "faults"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole-flow and fault tests are ``slow`` (pyproject.toml's markers); elsewhere a test says so itself."""
+    for item in items:
+        if SLOW_FOLDERS & set(item.path.resolve().parents):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,6 @@ import signal
 import subprocess
 import time
 
-import pytest
-
 from recpipe.config import load_config
 from recpipe.recipe import LoopRecipe
 from recpipe.store import Store
@@ -17,7 +15,7 @@ STEPS = 4
 STOP_WITHIN_S = 15  # measured 1.1-1.5 s on 2 busy cores (load 7)
 
 
-@pytest.mark.slow  # ~60 s idle, 130 s at load 7: a source run, a retrain stopped and resumed
+# ~60 s idle, 130 s at load 7: a source run, a retrain stopped and resumed
 def test_sigterm_stops_a_retrain_and_it_resumes(tmp_path, tiny_model, prefect_api):
     store = tmp_path / "store"
     overrides = [item for item in SMALL_HF if item != "--set"]
