@@ -7,8 +7,8 @@
 
 config      LossConfig, PRESETS, preset
 advantages  group_advantages, batch_group_advantages, balance_drop
-losses      policy_loss, masked_mean, token_entropy, CLIP_MASKS, WEIGHTS, REGULARIZERS
-staleness   behaviour_version, staleness, PAPER_SYNC_SETTINGS
+losses      policy_loss, masked_mean, CLIP_MASKS, WEIGHTS, REGULARIZERS
+staleness   behaviour_version, staleness
 """
 
 from recpipe.algorithms.losses import (
@@ -17,9 +17,8 @@ from recpipe.algorithms.losses import (
     WEIGHTS,
     masked_mean,
     policy_loss,
-    token_entropy,
 )
-from recpipe.algorithms.staleness import PAPER_SYNC_SETTINGS, behaviour_version, staleness
+from recpipe.algorithms.staleness import behaviour_version, staleness
 
 # LossConfig (config.py, and advantages.py through it) needs pydantic: loaded on first use (PEP 562), so
 # the loss itself imports with torch alone (bench/bench_gpu.py on a GPU machine without pydantic).
@@ -39,7 +38,6 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "CLIP_MASKS",
-    "PAPER_SYNC_SETTINGS",
     "PRESETS",
     "REGULARIZERS",
     "STD_EPS",
@@ -53,5 +51,4 @@ __all__ = [
     "policy_loss",
     "preset",
     "staleness",
-    "token_entropy",
 ]

@@ -236,24 +236,3 @@ def policy_loss(
     for flat_name, slash_name in _SLASH_NAMES.items():
         flat[slash_name] = flat[flat_name]
     return loss, flat
-
-
-@torch.no_grad()
-def token_entropy(logits: Tensor, mask: Tensor) -> float:
-    """Masked mean entropy (nats) of the full next-token distribution.
-
-    logits: (B, T, V), aligned with mask (B, T) so that logits[b, t] predicts token t of the response.
-    Computed one row at a time in float32 so the (T, V) probabilities are the only extra memory.
-    """
-    if logits.dim() != 3 or logits.shape[:2] != mask.shape:
-        raise ValueError(
-            f"logits must be (B, T, V) with (B, T) = mask.shape {tuple(mask.shape)}; "
-            f"got {tuple(logits.shape)}"
-        )
-    m = mask.float()
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for b in range(logits.shape[0]):
-        p = torch.softmax(logits[b].float(), dim=-1)  # (T, V)
-        entropy = torch.special.entr(p).sum(-1)  # (T,); entr(0) = 0, so -inf logits are fine
-        total += torch.where(m[b] != 0, entropy * m[b], 0.0).sum()
-    return (total / m.sum().clamp(min=1)).item()

@@ -11,14 +11,6 @@ from __future__ import annotations
 
 import operator
 
-# The paper's four settings, name -> (sync_interval, sync_offset).
-PAPER_SYNC_SETTINGS: dict[str, tuple[int, int]] = {
-    "on-policy": (1, 0),
-    "sync-interval-20": (20, 0),
-    "sync-offset-10": (1, 10),
-    "offline": (300, 199),  # every step of a 300-step run trains on version-0 rollouts
-}
-
 
 def _as_int(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool):

@@ -26,7 +26,6 @@ if TYPE_CHECKING:  # a type only: the engines import without the tasks (and thei
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "vllm", "hf")
-FINISH_REASONS = ("stop", "length")
 
 
 @dataclass(frozen=True)

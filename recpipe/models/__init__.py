@@ -1,7 +1,7 @@
-"""Policies: the tiny test model, the embedded SmolLM2 default, loading, log-prob recomputation."""
+"""Policies: the tiny test model, the embedded SmolLM2 default, model specs, log-prob recomputation."""
 
 from recpipe.models.cache import cache_root
-from recpipe.models.load import BUILTIN_MODELS, load_policy, resolve_model
+from recpipe.models.load import BUILTIN_MODELS, resolve_model
 from recpipe.models.logprobs import apply_top_p, recompute_logprobs, response_logprobs, sampled_token_logprobs
 from recpipe.models.smollm2 import smollm2_checkpoint, smollm2_gguf_path
 from recpipe.models.tiny import build_tiny_model
@@ -11,7 +11,6 @@ __all__ = [
     "apply_top_p",
     "build_tiny_model",
     "cache_root",
-    "load_policy",
     "recompute_logprobs",
     "response_logprobs",
     "resolve_model",

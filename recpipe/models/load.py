@@ -1,8 +1,7 @@
-"""Turn a model spec into a checkpoint directory, and load it for training.
+"""Turn a model spec into a checkpoint directory.
 
 >>> resolve_model("tiny")                         # doctest: +SKIP
 PosixPath('/root/.cache/recpipe/tiny-seed0')
->>> model, tokenizer = load_policy(resolve_model("smollm2"), "cpu", torch.float32)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -10,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-
-import torch
 
 from recpipe.models.cache import build_once, cache_root
 from recpipe.models.smollm2 import smollm2_checkpoint
@@ -51,15 +48,3 @@ def tokenizer_identity(checkpoint: str | Path) -> str | None:
     canonical = json.dumps({"model": spec.get("model"), "added_tokens": spec.get("added_tokens")}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-
-def load_policy(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[torch.nn.Module, object]:
-    """(model, tokenizer) from a checkpoint directory; the model is on ``device`` in train mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model(str(path)) if str(path) in BUILTIN_MODELS else Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    model.train()
-    return model, tokenizer

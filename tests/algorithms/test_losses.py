@@ -31,7 +31,6 @@ from recpipe.algorithms import (
     masked_mean,
     policy_loss,
     preset,
-    token_entropy,
 )
 
 RHO = [[1.0, 1.5, 0.3, 0.6], [3.5, 0.7, 1.1, 1.0]]
@@ -442,17 +441,3 @@ def test_masked_mean():
     assert masked_mean(x, m).item() == pytest.approx((1 + 2 + 4 + 6) / 4)
     torch.testing.assert_close(masked_mean(x, m, dim=-1), torch.tensor([1.5, 5.0]))
     assert masked_mean(x, torch.zeros(2, 3)).item() == 0.0
-
-
-def test_token_entropy():
-    V = 8
-    logits = torch.zeros(2, 3, V)  # uniform: entropy ln 8
-    logits[1, 0] = -float("inf")
-    logits[1, 0, 3] = 0.0  # one-hot: entropy 0
-    logits[1, 2] = 100 * torch.randn(V)  # padding: ignored
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    # (4 * ln 8 + 0) / 5
-    assert token_entropy(logits, mask) == pytest.approx(4 * math.log(V) / 5, rel=1e-6)
-    assert token_entropy(logits, torch.zeros(2, 3)) == 0.0
-    with pytest.raises(ValueError, match="logits"):
-        token_entropy(logits[0], mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recpipe.algorithms import PAPER_SYNC_SETTINGS, behaviour_version, staleness
+from recpipe.algorithms import behaviour_version, staleness
 
 
 def versions(k: int, o: int, steps: int) -> list[int]:
@@ -31,15 +31,6 @@ def test_fixed_lag():  # k=1, o=10: version s - 10, clamped at 0 for the first s
 def test_fully_offline():  # k=300, o=199: a 300-step run trains on version 0 throughout
     assert set(versions(300, 199, 300)) == {0}
     assert behaviour_version(498, 300, 199) == 0 and behaviour_version(499, 300, 199) == 300
-
-
-def test_paper_settings_table():
-    assert PAPER_SYNC_SETTINGS == {
-        "on-policy": (1, 0),
-        "sync-interval-20": (20, 0),
-        "sync-offset-10": (1, 10),
-        "offline": (300, 199),
-    }
 
 
 def test_numpy_integers_are_accepted():

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from recpipe.generate import tokenize_prompts
-from recpipe.models import load_policy, recompute_logprobs
+from recpipe.models import recompute_logprobs
 from recpipe.tasks import get_task
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_model):
-    model, _ = load_policy(tiny_model, "cpu", torch.float32)
-    return model.eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 def _sample_and_recompute(engine, model, temperature, top_p, recompute_temperature=None):

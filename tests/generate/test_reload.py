@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recpipe.generate import tokenize_prompts
-from recpipe.models import load_policy, recompute_logprobs
+from recpipe.models import recompute_logprobs
 from recpipe.tasks import get_task
 
 
 @pytest.fixture(scope="module")
 def perturbed(tiny_model, tmp_path_factory):
     """The tiny model with noise added to every weight, saved as a new checkpoint (a "policy version 1")."""
-    model, tokenizer = load_policy(tiny_model, "cpu", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():

@@ -1,11 +1,10 @@
-"""resolve_model and load_policy: specs to checkpoint directories."""
+"""resolve_model: specs to checkpoint directories."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
-from recpipe.models import load_policy, resolve_model
+from recpipe.models import resolve_model
 
 
 def test_resolve_model_rejects_missing_directory(tmp_path):
@@ -32,9 +31,3 @@ def test_resolve_tiny_builds_once_into_the_cache(tmp_path):
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary build directory left
 
-
-def test_load_policy_returns_model_on_device_and_tokenizer(tiny_model):
-    model, tokenizer = load_policy(tiny_model, "cpu", torch.float32)
-    assert next(model.parameters()).device.type == "cpu"
-    assert next(model.parameters()).dtype == torch.float32
-    assert tokenizer.eos_token == "<|im_end|>"

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from recpipe.models import apply_top_p, load_policy, recompute_logprobs, sampled_token_logprobs
+from recpipe.models import apply_top_p, recompute_logprobs, sampled_token_logprobs
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_model):
-    model, _ = load_policy(tiny_model, "cpu", torch.float32)
-    return model.eval()
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
 def test_apply_top_p_keeps_the_nucleus_like_vllm():

@@ -6,8 +6,9 @@ import os
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from recpipe.models import load_policy, smollm2
+from recpipe.models import smollm2
 from recpipe.models.smollm2 import smollm2_checkpoint
 
 
@@ -31,7 +32,8 @@ def test_smollm2_is_a_plain_float32_checkpoint(smollm2_dir):
 
 
 def test_smollm2_answers_arithmetic_greedily(smollm2_dir):
-    model, tokenizer = load_policy(smollm2_dir, "cpu", torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     messages = [{"role": "user", "content": "What is 3 + 4? Answer with just the number."}]
     ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
