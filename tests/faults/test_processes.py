@@ -1,16 +1,13 @@
 """Faults 1, 2 and 4 with real processes: kill -9 during generation, two writers on one run."""
 
+import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from recpipe.store import Store
-
-FLOWS_DIR = os.path.join(os.path.dirname(__file__), "..", "flows")
-sys.path.insert(0, FLOWS_DIR)
-from flowtools import SMALL_HF, recpipe_cmd, recpipe_env  # noqa: E402
+from tests.flows.flowtools import SMALL_HF, recpipe_cmd, recpipe_env
 
 
 def count(store, sql):
@@ -31,31 +28,50 @@ def wait_until(predicate, proc, timeout=300):
     return False
 
 
+def rows(store, sql):
+    con = Store(store).connect()
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
 def test_generation_killed_mid_run_then_rerun_commits_each_rollout_once(tmp_path, tiny_model, prefect_api):
     env = recpipe_env(tmp_path, prefect_api)
     store = tmp_path / "store"
-    # 60 shards of 2 prompts: the kill lands while later shards are being sampled or written.
-    prompts = 120
+    # 20 shards of 2 prompts x 4 samples: the kill lands right after the first shard's commit, while
+    # later shards are being sampled or written.
+    prompts, per_shard = 40, 2 * 4
     args = ["generate", "--store", str(store), "--model", str(tiny_model), "--prompts", str(prompts), *SMALL_HF,
             "--set", "generate.max_tokens=24"]
     proc = subprocess.Popen(recpipe_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    part = store / "rollouts" / "run=default" / "policy_version=0"
-    # Kill while a shard's temp file exists if the poll catches one, else right after the first commit.
-    assert wait_until(lambda: part.exists() and (any(part.glob(".*.tmp")) or any(part.glob("*.parquet"))), proc,
-                      timeout=300), "generation ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    committed = count(store, "SELECT count(*) FROM rollouts")
-    assert 0 <= committed < prompts * 4
-    assert count(store, "SELECT count(*) - count(DISTINCT rollout_id) FROM rollouts") == 0
+    first_commit = store / "rollouts" / "_delta_log" / f"{1:020d}.json"  # version 0 is the empty table
+    try:
+        assert wait_until(first_commit.exists, proc, timeout=300), "generation ended before it could be killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"generation ended by itself (rc {proc.returncode})"
+    # What the kill leaves: whole shards only (at least the first), each rollout once, and the group
+    # summaries of every shard but at most the last (a kill between a shard's two commits).
+    shards = rows(store, "SELECT shard_id, count(*), count(DISTINCT rollout_id) FROM rollouts GROUP BY 1")
+    assert shards and all(n == per_shard and distinct == n for _, n, distinct in shards), shards
+    assert len(shards) < prompts // 2
+    unsummarised = rows(store, "SELECT DISTINCT shard_id FROM rollouts ANTI JOIN groups USING (group_id)")
+    assert len(unsummarised) <= 1, unsummarised
+    kept = rows(store, "SELECT rollout_id, response_text, reward FROM rollouts")
+    kept_files = set(Store(store).files("rollouts"))
     result = subprocess.run(recpipe_cmd(*args), env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert count(store, "SELECT count(*) FROM rollouts") == prompts * 4
     assert count(store, "SELECT count(DISTINCT rollout_id) FROM rollouts") == prompts * 4
     assert count(store, "SELECT count(*) FROM groups") == prompts
     assert count(store, "SELECT count(*) FROM rollouts r ANTI JOIN groups g USING (group_id)") == 0
+    # The rerun kept what was committed before the kill: the same files, the same rows.
+    assert kept_files <= set(Store(store).files("rollouts"))
+    assert set(kept) <= set(rows(store, "SELECT rollout_id, response_text, reward FROM rollouts"))
     # A temp file the killed writer left is invisible to readers; doctor removes it and then finds nothing.
     doctor = subprocess.run(recpipe_cmd("doctor", "--store", str(store), "--repair"), env=env, capture_output=True,
                             text=True)
