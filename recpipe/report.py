@@ -28,10 +28,27 @@ QUERIES = {
                count(*) AS rollouts
         FROM rollouts WHERE run = $run GROUP BY 1 ORDER BY 1""",
     "accuracy": "SELECT policy_version, accuracy, n FROM evals WHERE run = $run ORDER BY 1",
+    "lengths": """
+        SELECT policy_version, avg(response_length) AS length_mean, max(response_length) AS length_max,
+               avg(CASE WHEN finish_reason = 'length' THEN 1.0 ELSE 0.0 END) AS truncated
+        FROM rollouts WHERE run = $run GROUP BY 1 ORDER BY 1""",
     "steps": """
-        SELECT step, loss, clip_fraction, ratio_mean, ratio_max, mismatch, entropy, staleness_mean,
+        SELECT step, loss, clip_fraction, ratio_mean, ratio_max, mismatch, entropy, grad_norm, staleness_mean,
                tokens_per_second, padding_fraction, applied
         FROM steps WHERE run = $run ORDER BY step""",
+    "reward_values": "SELECT reward FROM rollouts WHERE run = $run AND reward_error IS NULL",
+    "advantages": "SELECT advantage FROM batches WHERE run = $run",
+    # The sample browser: each step's best and worst trained response (by reward, then advantage).
+    "samples": """
+        WITH trained AS (
+            SELECT b.step, b.advantage, r.reward, r.response_length, r.finish_reason, r.response_text, r.rollout_id,
+                   row_number() OVER (PARTITION BY b.step ORDER BY r.reward DESC, b.advantage DESC, r.rollout_id) AS best,
+                   row_number() OVER (PARTITION BY b.step ORDER BY r.reward, b.advantage, r.rollout_id DESC) AS worst
+            FROM batches b JOIN rollouts r ON r.rollout_id = b.rollout_id AND r.run = b.source_run
+            WHERE b.run = $run)
+        SELECT step, CASE WHEN best = 1 THEN 'best' ELSE 'worst' END AS sample, reward, advantage,
+               response_length, finish_reason, response_text, rollout_id
+        FROM trained WHERE best = 1 OR worst = 1 ORDER BY step, best""",
     "staleness": """
         SELECT b.step - b.policy_version AS staleness, count(*) AS rollouts
         FROM batches b WHERE b.run = $run GROUP BY 1 ORDER BY 1""",
@@ -44,7 +61,8 @@ QUERIES = {
                tokens / nullif(seconds, 0) AS tokens_per_second
         FROM timings WHERE run = $run ORDER BY stage, call""",
 }
-SHOWN_TABLES = ("rewards", "accuracy", "steps", "staleness", "throughput")
+SHOWN_TABLES = ("rewards", "accuracy", "lengths", "steps", "staleness", "throughput")
+SAMPLE_CHARS = 600  # of each response shown in the sample browser
 
 
 def collect(store: Store, run: str) -> dict[str, list[dict[str, Any]]]:
@@ -79,16 +97,21 @@ def figure(title: str, series: list[Series], xlabel: str, ylabel: str, kind: str
     """One panel; ``errors[label]`` = (standard errors, n) draws that series as points with error bars."""
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for label, xs, ys in series:
-        if kind == "bar":
-            ax.bar([str(x) for x in xs], ys, label=label)
+        if kind == "hist":  # xs: the values; ys unused
+            ax.hist(xs, bins=20, alpha=0.6 if len(series) > 1 else 0.9, label=label)
+        elif kind == "bar":
+            ax.bar([str(x) for x in xs], ys, width=0.6, label=label)
+            if len(xs) == 1:  # one bar would fill the panel
+                ax.set_xlim(-1.5, 1.5)
         elif errors and label in errors:
             err, ns = errors[label]
             ax.errorbar(xs, ys, yerr=err, fmt="s", capsize=4, label=label)
             for x, y, n in zip(xs, ys, ns, strict=True):
-                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+                ax.annotate(f"n={n}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+            ax.margins(x=0.08, y=0.12)  # room for the n= labels of points at the panel's edge
         else:
             ax.plot(xs, ys, marker="o", label=label)
-    _axes(ax, title, xlabel, ylabel, integer_x=kind != "bar")
+    _axes(ax, title, xlabel, ylabel, integer_x=kind == "line")
     if len(series) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -178,6 +201,20 @@ def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) ->
          + per_run("steps", "step", "mismatch", "mean |l - l_old|", True), "step", "ratio / log-prob gap")
     plot("entropy", "Policy entropy per step", per_run("steps", "step", "entropy", "entropy", True), "step",
          "entropy (nats/token)")
+    plot("grad_norm", "Gradient norm per step (before clipping)",
+         per_run("steps", "step", "grad_norm", "grad norm", True), "step", "gradient L2 norm")
+    plot("length", "Response length per policy version",
+         per_run("lengths", "policy_version", "length_mean", "mean") + per_run("lengths", "policy_version",
+                                                                             "length_max", "max"),
+         "policy version", "response tokens")
+    plot("truncation", "Truncated responses per policy version (finish_reason = length)",
+         per_run("lengths", "policy_version", "truncated", "truncated"), "policy version", "fraction of responses")
+    plot("reward_distribution", "Reward distribution (every scored rollout)",
+         [(label(name, "reward"), _col(d["reward_values"], "reward"), []) for name, d in data.items()],
+         "reward", "rollouts", kind="hist")
+    plot("advantage_distribution", "Advantage distribution (every trained rollout)",
+         [(label(name, "advantage"), _col(d["advantages"], "advantage"), []) for name, d in data.items()],
+         "advantage", "rollouts", kind="hist")
     if several:
         plot("staleness", "Staleness of trained rollouts (step - generating version)",
              per_run("staleness", "staleness", "rollouts", "rollouts"), "staleness (steps)", "rollouts")
@@ -189,17 +226,55 @@ def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) ->
 
     tables = "".join((f"<h2>run {html.escape(name)}</h2>" if several else "")
                      + "".join(_html_table(t, d[t]) for t in SHOWN_TABLES) for name, d in data.items())
-    images = "".join(f'<figure><img src="{name}.png" alt="{html.escape(title)}"><figcaption>{html.escape(title)}'
-                     f"</figcaption></figure>" for name, title in plots)
+    samples = "".join(_samples(name, d["samples"], several) for name, d in data.items())
+    # no caption: each PNG carries its title (a caption repeated it under every panel)
+    images = "".join(f'<figure><img src="{name}.png" alt="{html.escape(title)}"></figure>' for name, title in plots)
     title = "recpipe run" + ("s " if several else " ") + html.escape(", ".join(runs))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em}"
-            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}</style>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
             f"</head><body><h1>{title}</h1><p>store: {html.escape(str(store.uri))}</p>"
-            f"{images}{tables}</body></html>")
+            f"{images}{samples}{tables}<script>{SCRIPT}</script></body></html>")
     path = out / "index.html"
     path.write_text(page)
     return path
+
+
+STYLE = ("body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em;vertical-align:top}"
+         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"
+         "tr.best td.text{background:#eefbea}tr.worst td.text{background:#fdeeee}"
+         "td.text pre{white-space:pre-wrap;max-width:70em;margin:0;font-size:0.85em}")
+# The sample browser's step filter: its options come from the rows, so a page without samples has none.
+SCRIPT = """
+for (const browser of document.querySelectorAll("section.samples")) {
+  const select = browser.querySelector("select.step-filter");
+  const rows = [...browser.querySelectorAll("tr.sample")];
+  for (const step of [...new Set(rows.map(r => r.dataset.step))]) {
+    select.add(new Option(`step ${step}`, step));
+  }
+  select.addEventListener("change", () => {
+    for (const r of rows) r.hidden = select.value !== "all" && r.dataset.step !== select.value;
+  });
+}
+"""
+
+
+def _samples(run: str, rows: list[dict[str, Any]], several: bool) -> str:
+    """Each step's best and worst trained response, with its reward and advantage; a step filter."""
+    heading = f"Samples per step, run {html.escape(run)}" if several else "Samples per step"
+    if not rows:
+        return f"<section class='samples'><h2>{heading}</h2><p>(no trained rollouts)</p></section>"
+    body = []
+    for r in rows:
+        text = r["response_text"]
+        shown = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + f" ... ({len(text)} characters)"
+        body.append(f"<tr class='sample {r['sample']}' data-step='{r['step']}'><td>{r['step']}</td><td>{r['sample']}"
+                    f"</td><td>{_fmt(r['reward'])}</td><td>{_fmt(r['advantage'])}</td><td>{r['response_length']}"
+                    f"</td><td>{html.escape(r['finish_reason'])}</td><td class='text'><pre>{html.escape(shown)}</pre>"
+                    f"</td><td>{html.escape(r['rollout_id'])}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("step", "sample", "reward", "advantage", "tokens", "finish",
+                                               "response", "rollout_id"))
+    return (f"<section class='samples'><h2>{heading}</h2><label>show <select class='step-filter'>"
+            f"<option value='all'>every step</option></select></label><table><tr>{head}</tr>{''.join(body)}"
+            "</table></section>")
 
 
 def _html_table(name: str, rows: list[dict[str, Any]]) -> str:

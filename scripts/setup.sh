@@ -10,6 +10,18 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"recpipe needs Python 3.11, found {sys.version.split()[0]}"'
 
+# Headless Chromium for the report's browser test (tests/test_report_browser.py): Debian's package, only
+# as root and only when missing; never fails the setup (without it that one test skips).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  if apt-get install -y -qq chromium >/dev/null 2>&1 \
+     || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; then
+    echo "recpipe: installed chromium (for the report's browser test)"
+  else
+    echo "recpipe: could not install chromium; tests/test_report_browser.py will skip" >&2
+  fi
+fi
+
 VENV=.venv
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then FLAVOUR=cuda; else FLAVOUR=cpu; fi
 STAMP="$VENV/.recpipe-setup"
