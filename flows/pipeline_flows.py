@@ -11,7 +11,8 @@ not Prefect's result store, is where results persist.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow, task
@@ -44,6 +45,17 @@ def _recipe(config: RecpipeConfig | dict[str, Any], progress: Any, engines: Engi
             lease: str | None = "loop") -> recipes.LoopRecipe:
     cfg = config if isinstance(config, RecpipeConfig) else RecpipeConfig.model_validate(config)
     return recipes.LoopRecipe(cfg, progress=progress, lease=lease, engines=engines, stage=as_task)
+
+
+@contextlib.contextmanager
+def _training(config: RecpipeConfig | dict[str, Any], progress: Any,
+              engines: EnginePool | None = None) -> Iterator[recipes.LoopRecipe]:
+    """A flow that trains the run: the recipe, started (``_started``); once the body is done, the run's
+    step table is published (``_publish_steps``)."""
+    with _recipe(config, progress, engines) as recipe:
+        _started(recipe)
+        yield recipe
+        _publish_steps(recipe)
 
 
 def _run_name() -> str:
@@ -91,11 +103,8 @@ def _publish_steps(recipe: recipes.LoopRecipe) -> None:
 @flow(name="loop", flow_run_name=_run_name, validate_parameters=False)
 def loop(config: dict[str, Any], progress: Any = None, engines: EnginePool | None = None) -> int:
     """generate -> select -> train for loop.steps steps (resumes from the archive)."""
-    with _recipe(config, progress, engines) as recipe:
-        _started(recipe)
-        trained = len(recipe.run())
-        _publish_steps(recipe)
-        return trained
+    with _training(config, progress, engines) as recipe:
+        return len(recipe.run())
 
 
 @flow(name="generate", flow_run_name=_run_name, validate_parameters=False)
@@ -113,11 +122,8 @@ def generate(config: dict[str, Any], version: int | None = None, prompts: int | 
 @flow(name="train", flow_run_name=_run_name, validate_parameters=False)
 def train(config: dict[str, Any], steps: int = 1, progress: Any = None) -> int:
     """Train the next ``steps`` steps on batches selected from the archive (no generation)."""
-    with _recipe(config, progress) as recipe:
-        _started(recipe)
-        trained = len(recipe.train(steps))
-        _publish_steps(recipe)
-        return trained
+    with _training(config, progress) as recipe:
+        return len(recipe.train(steps))
 
 
 @flow(name="evaluate", flow_run_name=_run_name, validate_parameters=False)
@@ -130,11 +136,8 @@ def evaluate(config: dict[str, Any], version: int | None = None, progress: Any =
 @flow(name="retrain", flow_run_name=_run_name, validate_parameters=False)
 def retrain(config: dict[str, Any], source_run: str | None = None, progress: Any = None) -> int:
     """Train a new run from archived rollouts only: replay ``source_run``'s batches, or select with the query."""
-    with _recipe(config, progress) as recipe:
-        _started(recipe)
-        trained = len(recipe.retrain(source_run))
-        _publish_steps(recipe)
-        return trained
+    with _training(config, progress) as recipe:
+        return len(recipe.retrain(source_run))
 
 
 @flow(name="generator", flow_run_name=_run_name, validate_parameters=False)
@@ -151,11 +154,8 @@ def trainer(config: dict[str, Any], wait_timeout_s: float = 3600.0, progress: An
     """The trainer role (recpipe.roles): trains each step once generators committed its rollouts."""
     from recpipe.roles import run_trainer
 
-    with _recipe(config, progress) as recipe:
-        _started(recipe)
-        trained = len(run_trainer(recipe, wait_timeout_s=wait_timeout_s))
-        _publish_steps(recipe)
-        return trained
+    with _training(config, progress) as recipe:
+        return len(run_trainer(recipe, wait_timeout_s=wait_timeout_s))
 
 
 FLOWS = {"loop": loop, "generate": generate, "train": train, "evaluate": evaluate, "retrain": retrain,

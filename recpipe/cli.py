@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -192,55 +193,115 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines
                                         "and results still print.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the resolved config (YAML) and exit; the store "
                                          "is not touched.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="tiny | smollm2 | PATH to a HF checkpoint.")]
+TaskOpt = Annotated[str | None, typer.Option("--task", help="arithmetic | gsm8k | a plugin task.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", help="Loss preset (docs/algorithms.md).")]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Training steps.")]
+SyncIntervalOpt = Annotated[int | None, typer.Option("--sync-interval", help="k (docs/algorithms.md).")]
+SyncOffsetOpt = Annotated[int | None, typer.Option("--sync-offset", help="o (docs/algorithms.md).")]
+
+# The options commands share, declared once: parameter -> (typer annotation, default, config field it sets).
+SHARED: dict[str, tuple[Any, Any, str | None]] = {
+    "config": (ConfigOpt, None, None),
+    "set_": (SetOpt, None, None),
+    "store": (StoreOpt, None, "store"),
+    "run": (RunOpt, None, "run"),
+    "steps": (StepsOpt, None, "loop.steps"),
+    "preset_": (PresetOpt, None, "loss.preset"),
+    "sync_interval": (SyncIntervalOpt, None, "loop.sync_interval"),
+    "sync_offset": (SyncOffsetOpt, None, "loop.sync_offset"),
+    "model": (ModelOpt, None, "model.name"),
+    "task": (TaskOpt, None, "task.name"),
+    "dry_run": (DryRunOpt, False, None),
+}
+CONFIG = ("config", "set_", "store")  # every command's
+RUN = (*CONFIG, "run")
+LOOP = (*RUN, "steps", "preset_", "sync_interval", "sync_offset", "model", "task")  # a run's loop settings
 
 
-def console_options(fn: F) -> F:
-    """Add --verbose / --quiet to a long command. Unless --verbose, the libraries' output goes to a log
-    file (recpipe.progress.library_output) and stderr holds only recpipe's lines."""
-    import inspect
+class Options:
+    """The shared options a command was given (``SHARED``), and the config they resolve to."""
 
-    @wraps(fn)
-    def wrapper(*args: Any, verbose: bool = False, quiet: bool = False, **kwargs: Any) -> Any:
+    def __init__(self, given: dict[str, Any]):
+        self.given = given
+
+    def build(self, extra: dict[str, Any] | None = None) -> RecpipeConfig:
+        """The config file, then --set, then the shared options, then ``extra`` (config field -> value;
+        None = not given)."""
+        fields = {key: self.given.get(name) for name, (_, _, key) in SHARED.items() if key}
+        items = list(self.given.get("set_") or [])
+        for key, value in {**fields, **(extra or {})}.items():
+            if value is not None:
+                items.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+        return load_config(self.given.get("config"), items)
+
+    def config(self, extra: dict[str, Any] | None = None) -> RecpipeConfig:
+        """``build``, then ``check``: the config of a command that runs the pipeline."""
+        return self.check(self.build(extra))
+
+    def check(self, cfg: RecpipeConfig) -> RecpipeConfig:
+        """Resolve the task and the model before anything starts (bad names fail here, the store untouched);
+        with --dry-run, print the resolved config and exit."""
+        from recpipe.recipe import preflight
+
+        preflight(cfg)
+        if self.given.get("dry_run"):
+            from recpipe.config import dump_config
+
+            out.print(dump_config(cfg), end="", highlight=False, markup=False, soft_wrap=True)
+            raise typer.Exit()
+        return cfg
+
+    @contextlib.contextmanager
+    def console(self, command: str, verbose: bool, quiet: bool) -> Iterator[None]:
+        """--verbose / --quiet. Unless --verbose, the libraries' output goes to a log file
+        (recpipe.progress.library_output) and stderr holds only recpipe's lines."""
         from recpipe import progress
 
         if verbose and quiet:
             raise ValueError("give --verbose or --quiet, not both")
         progress.OUTPUT.verbose, progress.OUTPUT.quiet = verbose, quiet
-        if kwargs.get("dry_run"):
-            return fn(*args, **kwargs)
+        if self.given.get("dry_run"):
+            yield
+            return
         try:  # only to place the log file: a bad config is the command's own error to report
-            store = make_config(kwargs.get("config"), kwargs.get("set_"), kwargs.get("store")).store
+            store = self.build().store
         except Exception:
             store = None
-        with progress.library_output(console, fn.__name__, store):
-            return fn(*args, **kwargs)
-
-    signature = inspect.signature(fn, eval_str=True)  # the Annotated typer options, not their names as strings
-    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False, annotation=kind)
-             for name, kind in (("verbose", VerboseOpt), ("quiet", QuietOpt))]
-    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**fn.__annotations__, "verbose": VerboseOpt, "quiet": QuietOpt}
-    return wrapper  # type: ignore[return-value]
+        with progress.library_output(console, command, store):
+            yield
 
 
-def dry_run_exit(cfg: RecpipeConfig) -> None:
-    """--dry-run: the resolved config on stdout, nothing else done."""
-    from recpipe.config import dump_config
+def command(*shared: str, long: bool = False) -> Callable[[F], F]:
+    """Register ``fn`` as a command that takes the ``shared`` options besides its own parameters; they
+    reach ``fn`` as its first argument, an ``Options``. Expected errors print as one line (friendly_errors).
 
-    out.print(dump_config(cfg), end="", highlight=False, markup=False, soft_wrap=True)
+    long: a pipeline command; it also takes --verbose / --quiet (``Options.console``) and stops within
+    seconds on SIGINT / SIGTERM (``stoppable``)."""
 
+    def decorate(fn: F) -> F:
+        body = stoppable(fn) if long else fn
 
-def make_config(config: Path | None, overrides: list[str] | None, store: str | None = None,
-                run: str | None = None, extra: dict[str, Any] | None = None) -> RecpipeConfig:
-    items = list(overrides or [])
-    if store is not None:
-        items.append(f"store={store}")
-    if run is not None:
-        items.append(f"run={run}")
-    for key, value in (extra or {}).items():
-        if value is not None:
-            items.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    return load_config(config, items)
+        @wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            opts = Options({name: kwargs.pop(name) for name in shared})
+            if not long:
+                return body(opts, **kwargs)
+            with opts.console(fn.__name__, kwargs.pop("verbose"), kwargs.pop("quiet")):
+                return body(opts, **kwargs)
+
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        own = [p.replace(kind=keyword) for p in list(inspect.signature(fn, eval_str=True).parameters.values())[1:]]
+        added = {name: SHARED[name][:2] for name in shared}
+        if long:
+            added.update(verbose=(VerboseOpt, False), quiet=(QuietOpt, False))
+        params = [*(inspect.Parameter(n, keyword, default=d, annotation=a) for n, (a, d) in added.items()), *own]
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        app.command(fn.__name__)(friendly_errors(wrapper))
+        return fn
+
+    return decorate
 
 
 def open_store(cfg: Any, create: bool = False) -> Any:
@@ -268,23 +329,17 @@ def print_table(table: Any, fmt: str = "table", title: str | None = None) -> Non
         console.print(f"{table.num_rows} row(s)")
 
 
-@app.command()
-@friendly_errors
-def init(config: ConfigOpt = None, set_: SetOpt = None, store: StoreOpt = None) -> None:
+@command(*CONFIG)
+def init(opts: Options) -> None:
     """Create an empty archive. Example: recpipe init --store store"""
-
-    cfg = make_config(config, set_, store)
-    st = open_store(cfg, create=True)
+    st = open_store(opts.build(), create=True)
     console.print(f"store ready at {st.root}")
 
 
-@app.command()
-@friendly_errors
+@command(*CONFIG)
 def sql(
+    opts: Options,
     query: Annotated[str, typer.Argument(help="A read-only SQL query over the tables.")],
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | csv | json (JSON lines) | parquet "
                                      "(needs --output)")] = "table",
     output_path: Annotated[str | None, typer.Option("--output", "-o", help="Write the result to this file "
@@ -299,7 +354,7 @@ def sql(
 
     if fmt not in output.FORMATS:
         raise ValueError(f"--format must be one of {', '.join(output.FORMATS)} (got {fmt!r})")
-    cfg = make_config(config, set_, store)
+    cfg = opts.build()
     target = output.output_target(output_path, fmt, cfg.store) if fmt == "parquet" or output_path else None
     con = open_store(cfg).connect(read_only=True, as_of=parse_as_of(as_of) if as_of else None)
     result = run_read_only(con, query, timeout_s=timeout)
@@ -310,14 +365,11 @@ def sql(
         console.print(f"{result.num_rows} row(s) written to {target}")
 
 
-@app.command()
-@friendly_errors
+@command(*CONFIG)
 def compact(
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    opts: Options,
     table: Annotated[str, typer.Option(help="Table to compact (default: all).")] = "all",
-    run: RunOpt = None,
+    run: Annotated[str | None, typer.Option("--run", help="Only this run's partitions (default: all).")] = None,
     vacuum: Annotated[bool, typer.Option("--vacuum/--no-vacuum", help="Then delete files no kept version "
                                          "needs.")] = True,
     retention_hours: Annotated[float, typer.Option(help="Vacuum keeps files removed less than this long ago "
@@ -329,7 +381,7 @@ def compact(
     from recpipe.schema import table_names
     from recpipe.store.compact import MIN_RETENTION_HOURS, vacuum_table
 
-    cfg = make_config(config, set_, store)
+    cfg = opts.build()
     names = table_names() if table == "all" else [table]
     for name in names:
         if name not in table_names():
@@ -351,12 +403,9 @@ def compact(
     console.print("compaction done")
 
 
-@app.command()
-@friendly_errors
+@command(*CONFIG)
 def doctor(
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    opts: Options,
     repair: Annotated[bool, typer.Option("--repair", help="Quarantine bad files, remove stale temp files.")] = False,
     migrate: Annotated[bool, typer.Option("--migrate", help="Convert an archive of the old Parquet-folder format "
                                           "to Delta tables (every row verified), and record manifests of "
@@ -366,7 +415,7 @@ def doctor(
     from recpipe.doctor import diagnose
     from recpipe.doctor import repair as repair_store
 
-    cfg = make_config(config, set_, store)
+    cfg = opts.build()
     if migrate:
         from recpipe.doctor import migrate_archive
 
@@ -405,7 +454,6 @@ WHERE b.run = $run GROUP BY b.step ORDER BY b.step
 
 
 def _summarise(cfg: RecpipeConfig) -> None:
-
     con = open_store(cfg).connect(read_only=True)
     print_table(con.sql(LOOP_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="rewards per policy version")
     print_table(con.sql(STALENESS_SUMMARY, params={"run": cfg.run}).to_arrow_table(), title="trained batches")
@@ -422,41 +470,9 @@ def _nothing_to_do(cfg: RecpipeConfig, done: int, why: str) -> None:
     out.print(f"nothing to do: run {cfg.run} already has {done} step(s) ({why})", highlight=False, soft_wrap=True)
 
 
-def _preflight(cfg: RecpipeConfig) -> None:
-    from recpipe.recipe import preflight
-
-    preflight(cfg)
-
-
-ModelOpt = Annotated[str | None, typer.Option("--model", help="tiny | smollm2 | PATH to a HF checkpoint.")]
-TaskOpt = Annotated[str | None, typer.Option("--task", help="arithmetic | gsm8k | a plugin task.")]
-PresetOpt = Annotated[str | None, typer.Option("--preset", help="Loss preset (algorithms.md).")]
-StepsOpt = Annotated[int | None, typer.Option("--steps", help="Training steps.")]
-SyncIntervalOpt = Annotated[int | None, typer.Option("--sync-interval", help="k (algorithms.md).")]
-SyncOffsetOpt = Annotated[int | None, typer.Option("--sync-offset", help="o (algorithms.md).")]
-
-
-def _loop_overrides(steps: int | None, preset_: str | None, sync_interval: int | None, sync_offset: int | None,
-                    model: str | None, task: str | None) -> dict[str, Any]:
-    return {"loop.steps": steps, "loss.preset": preset_, "loop.sync_interval": sync_interval,
-            "loop.sync_offset": sync_offset, "model.name": model, "task.name": task}
-
-
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*LOOP, "dry_run", long=True)
 def loop(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
-    steps: StepsOpt = None,
-    preset_: PresetOpt = None,
-    sync_interval: SyncIntervalOpt = None,
-    sync_offset: SyncOffsetOpt = None,
-    model: ModelOpt = None,
-    task: TaskOpt = None,
+    opts: Options,
     summary: Annotated[bool, typer.Option(help="Print the SQL summary at the end.")] = True,
     generators: Annotated[int, typer.Option(help="Generator processes beside the trainer (0: one process does "
                                             "everything in turn).")] = 0,
@@ -466,7 +482,6 @@ def loop(
     ray: Annotated[str | None, typer.Option("--ray", help="Run the --generators as Ray actors: local (a Ray "
                                             "instance for this run), auto (this machine's cluster) or ADDRESS.")]
     = None,
-    dry_run: DryRunOpt = False,
 ) -> None:
     """Run (or resume) generate -> select -> train. Example: recpipe loop --model smollm2 --steps 4 --store store
 
@@ -477,32 +492,27 @@ def loop(
         raise ValueError("--ray runs the generators as Ray actors: give --generators N (N >= 1) too")
     if ray is not None and generator_devices:
         raise ValueError("--generator-devices places local processes; with --ray, Ray places the actors")
-    cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
-    _preflight(cfg)
-    if dry_run:
-        return dry_run_exit(cfg)
+    cfg = opts.config()
     done, version, evaluated = _steps_done(cfg)
     if done >= cfg.loop.steps and evaluated:
         return _nothing_to_do(cfg, done, f"loop.steps={cfg.loop.steps}; give --steps {done + 1} or more to go on")
     from recpipe.progress import LoopProgress
 
-    if generators:
-        from recpipe.roles import launch_local, launch_ray
-
-        with LoopProgress(cfg.loop.steps, console) as progress:
-            if ray is not None:
-                launch_ray(cfg, generators, address=ray, progress=progress,
-                           trainer_devices=_devices("--trainer-devices", trainer_devices))
-            else:
-                launch_local(cfg, generators, generator_devices=_devices("--generator-devices", generator_devices),
-                             trainer_devices=_devices("--trainer-devices", trainer_devices), progress=progress)
-        if summary:
-            _summarise(cfg)
-        return
-    from flows.pipeline_flows import loop as loop_flow
-
     with LoopProgress(cfg.loop.steps, console) as progress:
-        loop_flow(to_params(cfg), progress=progress)
+        if not generators:  # the roles need no Prefect (its import alone takes seconds)
+            from flows.pipeline_flows import loop as loop_flow
+
+            loop_flow(to_params(cfg), progress=progress)
+        elif ray is not None:
+            from recpipe.roles import launch_ray
+
+            launch_ray(cfg, generators, address=ray, progress=progress,
+                       trainer_devices=_devices("--trainer-devices", trainer_devices))
+        else:
+            from recpipe.roles import launch_local
+
+            launch_local(cfg, generators, generator_devices=_devices("--generator-devices", generator_devices),
+                         trainer_devices=_devices("--trainer-devices", trainer_devices), progress=progress)
     if summary:
         _summarise(cfg)
 
@@ -516,53 +526,28 @@ def _devices(option: str, text: str | None) -> list[int]:
         raise ValueError(f"{option} must be comma-separated device numbers, e.g. 0,1 (got {text!r})") from None
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*LOOP, long=True)
 def generator(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
-    steps: StepsOpt = None,
-    preset_: PresetOpt = None,
-    sync_interval: SyncIntervalOpt = None,
-    sync_offset: SyncOffsetOpt = None,
-    model: ModelOpt = None,
-    task: TaskOpt = None,
+    opts: Options,
     exit_when_idle: Annotated[bool, typer.Option(help="Stop when no shard can be generated now, instead of "
                                                  "waiting for the trainer's next version.")] = False,
 ) -> None:
     """A generator worker: samples the shards a run's schedule needs (the loop's settings), beside a trainer,
     on this or another machine sharing the archive. Example: recpipe generator --store s3://bucket/runs --run r1"""
-    cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
-    _preflight(cfg)
     from recpipe.progress import LoopProgress
     from recpipe.recipe import LoopRecipe
     from recpipe.roles import pin_to_cpus, run_generator
 
+    cfg = opts.config()
     pin_to_cpus()
     with LoopProgress(0, console) as progress, LoopRecipe(cfg, progress=progress, lease=None) as recipe:
         rows = run_generator(recipe, exit_when_idle=exit_when_idle)
     console.print(f"{rows} rollouts written")
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*LOOP, long=True)
 def trainer(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
-    steps: StepsOpt = None,
-    preset_: PresetOpt = None,
-    sync_interval: SyncIntervalOpt = None,
-    sync_offset: SyncOffsetOpt = None,
-    model: ModelOpt = None,
-    task: TaskOpt = None,
+    opts: Options,
     wait_timeout: Annotated[float, typer.Option(help="Seconds to wait for a step's rollouts before giving up.")]
     = 3600.0,
 ) -> None:
@@ -570,40 +555,27 @@ def trainer(
     one per run. Example: recpipe trainer --store s3://bucket/runs --run r1 --steps 20"""
     if wait_timeout <= 0:
         raise ValueError(f"--wait-timeout must be > 0 seconds (got {wait_timeout})")
-    cfg = make_config(config, set_, store, run, _loop_overrides(steps, preset_, sync_interval, sync_offset, model, task))
-    _preflight(cfg)
     from recpipe.progress import LoopProgress
     from recpipe.recipe import LoopRecipe
     from recpipe.roles import pin_to_cpus, run_trainer
 
+    cfg = opts.config()
     pin_to_cpus()
     with LoopProgress(cfg.loop.steps, console) as progress, LoopRecipe(cfg, progress=progress) as recipe:
         results = run_trainer(recipe, wait_timeout_s=wait_timeout)
     console.print(f"{len(results)} step(s) trained")
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*RUN, "model", "task", "dry_run", long=True)
 def generate(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
-    model: ModelOpt = None,
-    task: TaskOpt = None,
+    opts: Options,
     version: Annotated[int | None, typer.Option(help="Policy version to sample from (default: latest).")] = None,
     prompts: Annotated[int | None, typer.Option(help="Groups to generate (default: select.groups_per_step).")] = None,
-    dry_run: DryRunOpt = False,
 ) -> None:
     """Generate rollouts into the archive. Example: recpipe generate --model tiny --prompts 16 --store store"""
     at_least("--prompts", prompts, 1)
     at_least("--version", version, 0)
-    cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
-    _preflight(cfg)
-    if dry_run:
-        return dry_run_exit(cfg)
+    cfg = opts.config()
     from flows.pipeline_flows import generate as generate_flow
     from recpipe.progress import LoopProgress
 
@@ -612,16 +584,12 @@ def generate(
     console.print(f"{rows} rollouts written")
 
 
-@app.command()
-@friendly_errors
+@command(*RUN)
 def select(
+    opts: Options,
     step: Annotated[int, typer.Option("--step", help="Training step the batch is for.")],
     query: Annotated[str | None, typer.Option("--query", help="Named query or path to a .sql file.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", help="Query parameter k=v (repeatable).")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
     as_of: AsOfOpt = None,
     rerun: Annotated[bool, typer.Option("--rerun", help="Run the step's recorded selection again as of the table "
                                         "versions it read, and compare with what was recorded.")] = False,
@@ -629,14 +597,12 @@ def select(
     """Select and record one step's batch (with --as-of or --rerun: select on the archive as it was, record
     nothing). Example: recpipe select --store store --query schedule --step 0"""
     at_least("--step", step, 0)
+    from recpipe import recipe as recipes
     from recpipe.config import apply_overrides
 
     params = apply_overrides({}, list(param or []))
-    extra: dict[str, Any] = {"select.query": query}
-    cfg = make_config(config, set_, store, run, extra)
+    cfg = opts.build({"select.query": query})
     cfg.select.params = {**cfg.select.params, **params}
-    from recpipe import recipe as recipes
-
     if rerun and as_of:
         raise ValueError("--rerun uses the versions the step recorded; give --rerun or --as-of, not both")
     if rerun or as_of:
@@ -656,28 +622,16 @@ def select(
         out.print(f"{key}: {value}", highlight=False)
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*RUN, "preset_", "model", "dry_run", long=True)
 def train(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
+    opts: Options,
     steps: Annotated[int, typer.Option("--steps", help="Steps to train (no generation).")] = 1,
-    preset_: PresetOpt = None,
-    model: ModelOpt = None,
     nproc: Annotated[int | None, typer.Option("--nproc", help="Trainer ranks (torchrun, FSDP2; default "
                                               "train.nproc): one per GPU, gloo on CPU.")] = None,
-    dry_run: DryRunOpt = False,
 ) -> None:
     """Train on batches selected from the archive. Example: recpipe train --store store --steps 2 --set select.query=fresh"""
     at_least("--steps", steps, 1)
-    cfg = make_config(config, set_, store, run, {"loss.preset": preset_, "model.name": model, "train.nproc": nproc})
-    _preflight(cfg)
-    if dry_run:
-        return dry_run_exit(cfg)
+    cfg = opts.config({"train.nproc": nproc})
     if cfg.train.nproc > 1 and "WORLD_SIZE" not in os.environ:  # start the ranks; rank 0 comes back here
         from recpipe.train.launch import relaunch
 
@@ -692,43 +646,30 @@ def train(
         train_flow(to_params(cfg), steps=steps, progress=progress)
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*RUN, "steps", "preset_", "model", "dry_run", long=True)
 def retrain(
+    opts: Options,
     source_run: Annotated[str | None, typer.Option("--from-run", help="Replay this run's recorded batches.")] = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
-    steps: StepsOpt = None,
-    preset_: PresetOpt = None,
-    model: ModelOpt = None,
-    dry_run: DryRunOpt = False,
 ) -> None:
     """Train a new run from archived rollouts only. Example: recpipe retrain --from-run base --run re1 --preset grpo"""
-    extra = {"loss.preset": preset_, "model.name": model, "loop.steps": steps}
-    cfg = make_config(config, set_, store, run, extra)
+    extra: dict[str, Any] = {}
     recorded: list[int] = []
     if source_run is not None:
         from recpipe.recipe import recorded_base_model
         from recpipe.select import recorded_steps
         from recpipe.store import Store
 
+        cfg = opts.build()
         recorded = recorded_steps(open_store(cfg), source_run) if Store.exists(cfg.store) else []
         if not recorded:
             raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
-        if steps is None:  # every recorded step (given as an override: set on the config it would not travel)
+        if opts.given["steps"] is None:  # every recorded step (given as an override: set on the config it would not travel)
             extra["loop.steps"] = recorded[-1] + 1
         # A new run replays the source run's rollouts, token ids of its tokenizer: start from its base model.
         source_base = recorded_base_model(cfg.store, source_run)
         if "name" not in cfg.model.model_fields_set and source_base and not recorded_base_model(cfg.store, cfg.run):
             extra["model.name"] = str(source_base)
-        cfg = make_config(config, set_, store, run, extra)
-    _preflight(cfg)
-    if dry_run:
-        return dry_run_exit(cfg)
+    cfg = opts.config(extra)
     done = _steps_done(cfg)[0]
     left = [s for s in recorded if done <= s < cfg.loop.steps] if source_run is not None else range(done, cfg.loop.steps)
     if not left:
@@ -747,23 +688,14 @@ def retrain(
     _summarise(cfg)
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*RUN, "model", "task", long=True)
 def evaluate(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
+    opts: Options,
     version: Annotated[int | None, typer.Option(help="Policy version (default: latest).")] = None,
-    model: ModelOpt = None,
-    task: TaskOpt = None,
 ) -> None:
     """Greedy held-out accuracy into `evals`. Example: recpipe evaluate --store store --version 0"""
     at_least("--version", version, 0)
-    cfg = make_config(config, set_, store, run, {"model.name": model, "task.name": task})
-    _preflight(cfg)
+    cfg = opts.config()
     from recpipe.store import Store
 
     if version and Store.exists(cfg.store, cfg.storage_options or None):
@@ -776,12 +708,9 @@ def evaluate(
     out.print(f"run {row['run']} v{row['policy_version']} {row['task']}: accuracy {row['accuracy']:.3f} (n={row['n']})")
 
 
-@app.command()
-@friendly_errors
+@command(*CONFIG)
 def report(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
+    opts: Options,
     runs: Annotated[list[str] | None, typer.Option("--run", help="Run name; repeat it to overlay runs "
                                                    "(default: config `run`).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for PNGs and index.html (default: <store>/reports/<run>).")] = None,
@@ -789,23 +718,19 @@ def report(
     """PNG plots + one HTML page for a run, or several overlaid. Example: recpipe report --store store --run a --run b"""
     from recpipe.report import write_report
 
-    cfg = make_config(config, set_, store, runs[0] if runs else None)
+    cfg = opts.build({"run": runs[0] if runs else None})
     names = runs or [cfg.run]
     st = open_store(cfg)
     path = write_report(st, names, out_dir or st.root / "reports" / "+".join(names))
     out.print(f"report written to {path}")
 
 
-@app.command()
-@friendly_errors
+@command(*RUN)
 def export(
+    opts: Options,
     to: Annotated[Path, typer.Option("--to", help="New folder for the Hugging Face model (config, safetensors, "
                                      "tokenizer; no optimizer state).")],
     version: Annotated[int, typer.Option("--version", help="Policy version (0: the base model).")],
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    run: RunOpt = None,
     dtype: Annotated[str | None, typer.Option("--dtype", help="float32 (as trained) | bfloat16 | float16.")] = None,
 ) -> None:
     """Write a policy version as a Hugging Face folder that from_pretrained and `vllm serve` load.
@@ -813,28 +738,20 @@ def export(
     at_least("--version", version, 0)
     from recpipe.export import export_version
 
-    cfg = make_config(config, set_, store, run)
+    cfg = opts.build()
     path = export_version(open_store(cfg), cfg.run, version, to, dtype=dtype)
     out.print(f"run {cfg.run} v{version} exported to {path}", highlight=False)
 
 
-@app.command()
-@friendly_errors
-@console_options
-@stoppable
+@command(*CONFIG, "steps", "model", "task", long=True)
 def experiment(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
+    opts: Options,
     presets: Annotated[str, typer.Option(help="Comma-separated loss presets, each optionally with overrides: "
                                          "rec-oneside-nois:0.6,2.0 (eps low, high), red-weight:temp=0.5.")] = "reinforce,rec-oneside-nois,grpo",
     settings: Annotated[str, typer.Option(help="Comma-separated sync settings scaled to --steps: onpolicy, sync, syncoffset, lag, offline, or k:o.")] = "onpolicy,sync,lag,offline",
     seeds: Annotated[str | None, typer.Option(help="Seeds, e.g. 0,1 or 0-3: each is the sampling and trainer seed of one run per cell (default: generate.seed).")] = None,
-    steps: StepsOpt = None,
     eval_every: Annotated[int | None, typer.Option(help="Held-out evaluation every N steps (default: loop.eval_every).")] = None,
     workers: Annotated[int, typer.Option(help="Runs at a time, each in its own process on its share of the cores.")] = 1,
-    model: ModelOpt = None,
-    task: TaskOpt = None,
     threshold: Annotated[float, typer.Option(help="Accuracy threshold for 'steps to threshold'.")] = 0.5,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Folder for the tables and plots (default: <store>/reports/experiment).")] = None,
 ) -> None:
@@ -849,13 +766,12 @@ def experiment(
     )
 
     at_least("--eval-every", eval_every, 0)
-    cfg = make_config(config, set_, store, None, {"loop.steps": steps, "model.name": model, "task.name": task,
-                                                  "loop.eval_every": eval_every})
+    cfg = opts.build({"loop.eval_every": eval_every})
     preset_specs = parse_presets(presets)
     grid = parse_settings(settings, cfg.loop.steps)
     seed_list = parse_seeds(seeds) if seeds is not None else None
     configs = experiment_configs(cfg, preset_specs, grid, seed_list)  # validate every run before the first starts
-    _preflight(cfg)
+    opts.check(cfg)
     from recpipe.progress import LoopProgress
 
     with LoopProgress(cfg.loop.steps * len(configs), console) as progress:
@@ -865,12 +781,9 @@ def experiment(
     out.print(f"comparison written to {path}")
 
 
-@app.command()
-@friendly_errors
+@command(*CONFIG)
 def serve(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
+    opts: Options,
     flow_name: Annotated[list[str] | None, typer.Option("--flow", help="Flow(s) to deploy: loop, generate, retrain, train, evaluate.")] = None,
     cron: Annotated[str | None, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (nightly).")] = None,
     interval: Annotated[float | None, typer.Option(help="Interval schedule in seconds, e.g. 3600.")] = None,
@@ -882,16 +795,12 @@ def serve(
     require_server("recpipe serve")  # before the flows' imports (tens of seconds on a busy machine)
     from flows.deployments import serve_deployments
 
-    cfg = make_config(config, set_, store)
-    serve_deployments(cfg, flow_name or ["loop"], cron=cron, interval=interval)
+    serve_deployments(opts.build(), flow_name or ["loop"], cron=cron, interval=interval)
 
 
-@app.command()
-@friendly_errors
+@command(*CONFIG)
 def status(
-    store: StoreOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    opts: Options,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json (one object per run and line)")] = "table",
     run: Annotated[str | None, typer.Option("--run", help="Also print this run's resolved config, as its latest "
                                             "command saved it.")] = None,
@@ -903,8 +812,7 @@ def status(
 
     if fmt not in ("table", "json"):
         raise ValueError(f"--format must be table or json (got {fmt!r})")
-    cfg = make_config(config, set_, store)
-    st = open_store(cfg)
+    st = open_store(opts.build())
     runs = runs_status(st)
     if fmt == "json":
         output.write_json_lines(runs, sys.stdout)

@@ -171,6 +171,12 @@ def pin_to_cpus(cpus: str | None = None) -> None:
         os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
 
 
+def _pin_trainer(devices: list[int] | None) -> None:
+    """Pin this process (the trainer) to the CPU cores ``devices`` names; on a CUDA machine they are GPUs
+    and nothing is pinned."""
+    pin_to_cpus(_placement(list(devices or [])).get("RECPIPE_CPUS", ""))
+
+
 def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list[int] | None = None,
                  trainer_devices: list[int] | None = None, progress: Progress | None = None,
                  wait_timeout_s: float = 3600.0) -> list[Any]:
@@ -193,7 +199,7 @@ def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list
                                           "ended with an error; their output is above")
 
             try:
-                pin_to_cpus(_placement(list(trainer_devices or [])).get("RECPIPE_CPUS", ""))
+                _pin_trainer(trainer_devices)
                 return run_trainer(recipe, wait_timeout_s=wait_timeout_s, check=check)
             finally:
                 for worker in workers:
@@ -270,7 +276,7 @@ def launch_ray(cfg: RecpipeConfig, generators: int, *, address: str = "local",
                 ray.get(ready)
 
             try:
-                pin_to_cpus(_placement(list(trainer_devices or [])).get("RECPIPE_CPUS", ""))
+                _pin_trainer(trainer_devices)
                 results = run_trainer(recipe, wait_timeout_s=wait_timeout_s, check=check)
                 ray.get(runs)  # each ends by itself once the run has all its steps; raises what one raised
                 return results
