@@ -197,3 +197,14 @@ def test_imports_follow_the_layers_of_the_architecture_doc():
                               f"(layer {layers[dst]})")
     assert not unplaced, f"modules missing from the Layers table of docs/architecture.md: {sorted(unplaced)}"
     assert upward == [], "imports that point up a layer:\n" + "\n".join(upward)
+
+
+def test_every_cited_function_is_defined_where_the_docs_say():
+    # `recpipe/x.py: name` in a doc: the file defines name (a def, a class or an assignment at any level).
+    cited = [(doc, path, name) for doc in TEXT_FILES if doc.endswith(".md")
+             for path, name in re.findall(r"`((?:recpipe|flows)/[\w/]+\.py): (\w+)`", (ROOT / doc).read_text())]
+    assert ("docs/algorithms.md", "recpipe/algorithms/losses.py", "policy_loss") in cited
+    wrong = [f"{doc}: {path}: {name}" for doc, path, name in cited
+             if not (ROOT / path).is_file()
+             or not re.search(rf"^\s*(?:def|class) {name}\b|^\s*{name}\b[^=\n]*=", (ROOT / path).read_text(), re.M)]
+    assert wrong == [], "cited but not defined there:\n" + "\n".join(wrong)
