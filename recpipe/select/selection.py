@@ -14,7 +14,9 @@ Two stages, both SQL (schemas/queries):
    columns it needs - and computes advantage and weight with window functions over each group.
 The batch is then recorded in ``batches`` (one row per response, shard ``step-<step>``). If that shard
 already exists, select() returns the recorded batch instead of choosing again: a loop that crashed
-after selecting resumes on exactly the data it had chosen.
+after selecting resumes on exactly the data it had chosen. Reading a recorded batch back (that resume,
+and replay_lineage) takes the same second stage (``_batch_rows``): its lineage rows are a per-response
+choice in the recorded order, whose recorded weights and advantages replace the computed ones.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from recpipe.select.connection import selection_connection
 from recpipe.select.queries import CONTEXT, Query, QueryError, as_int, bind, load_query, param_table
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_groups, check_result
 from recpipe.store import AsOf, Store, StoreError
-from recpipe.store.datasets import DataFile, read_table, snapshot
+from recpipe.store.datasets import DataFile, read_table
 from recpipe.store.sql import check_read_only, run_read_only
 
 DROPS = ("none", "balance")
@@ -107,7 +109,7 @@ def _rollout_files(store: Store, groups: pa.Table, version: int | None) -> list[
     for run, policy, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
                                   shard_ids, strict=True):
         shards.setdefault((run, policy), set()).add(shard)
-    by_partition = snapshot(store, "rollouts", version).by_partition  # keys (run, policy_version)
+    by_partition = store.snapshot("rollouts", version).by_partition  # keys (run, policy_version)
     files: list[DataFile] = []
     for key, wanted in sorted(shards.items()):
         present = by_partition.get(key, [])
@@ -138,11 +140,11 @@ def _responses(store: Store, chosen: pa.Table, query: str, version: int | None) 
         raise SelectionError(f"{query}: cannot read the chosen groups' rollouts ({exc})") from None
 
 
-# One row per group of a trusted result that names its groups' policy_version (and n, or one row per
-# response): no lookup in the groups summary. The column expressions are filled in by _chosen_groups.
+# One row per group of a trusted per-response choice (recorded lineage) that names its policy_version:
+# n is its own row count per group, no lookup in the groups summary.
 FROM_CHOICE = """
-SELECT run, group_id, CAST(any_value(policy_version) AS INTEGER) AS policy_version, CAST({n} AS INTEGER) AS n,
-       CAST({shard_id} AS VARCHAR) AS shard_id, any_value(group_weight) AS weight,
+SELECT run, group_id, CAST(any_value(policy_version) AS INTEGER) AS policy_version, CAST(count(*) AS INTEGER) AS n,
+       NULL::VARCHAR AS shard_id, any_value(group_weight) AS weight,
        CAST(row_number() OVER (ORDER BY min(pos)) - 1 AS INTEGER) AS position
 FROM choice
 GROUP BY run, group_id
@@ -163,14 +165,19 @@ def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: b
     weight = choice.column("weight") if per_group and "weight" in names else pa.array(np.ones(choice.num_rows))
     con.register("choice", choice.append_column("pos", pa.array(np.arange(choice.num_rows)))
                  .append_column("group_weight", weight))
-    if trust and "policy_version" in names and (not per_group or "n" in names):
-        sql = FROM_CHOICE.format(n="any_value(n)" if per_group else "count(*)",
-                                 shard_id="any_value(shard_id)" if "shard_id" in names else "NULL")
-        chosen = run_read_only(con, sql, timeout_s=timeout_s)
-        con.register("chosen", chosen)
-    else:
+    lookup = not (trust and "policy_version" in names and (not per_group or "n" in names))
+    if lookup:
         chosen = run_read_only(con, load_query("_chosen_groups").body, timeout_s=timeout_s)
-        con.register("chosen", chosen)
+    elif per_group:  # a named query's rows are its groups already, in order
+        shard_id = choice.column("shard_id") if "shard_id" in names else pa.nulls(choice.num_rows, pa.string())
+        chosen = pa.table({"run": choice.column("run"), "group_id": choice.column("group_id"),
+                           "policy_version": choice.column("policy_version"), "n": choice.column("n"),
+                           "shard_id": shard_id, "weight": weight,
+                           "position": pa.array(np.arange(choice.num_rows, dtype=np.int32))})
+    else:
+        chosen = run_read_only(con, FROM_CHOICE, timeout_s=timeout_s)
+    con.register("chosen", chosen)
+    if lookup:
         check_groups(con, query, timeout_s)
     return chosen
 
