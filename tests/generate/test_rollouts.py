@@ -35,7 +35,11 @@ def _shard(engine, task, prompts, **overrides):
     return generate_rollouts(engine, task, prompts, **args)
 
 
-def test_rollouts_conform_and_form_groups(engine):
+def test_rollouts_conform_and_form_groups(engine, tiny_model):
+    from transformers import AutoTokenizer
+
+    # what retrain compares with a new model's tokenizer: each backend records the checkpoint tokenizer's
+    checkpoint_tokenizer = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model))
     task = get_task("arithmetic")
     prompts = task.prompts("train", limit=3, seed=0)
     table = _shard(engine, task, prompts)
@@ -61,7 +65,7 @@ def test_rollouts_conform_and_form_groups(engine):
             "top_p": 1.0,
             "max_tokens": 12,
             "seed": 7,
-            "tokenizer": tokenizer_fingerprint(engine.tokenizer),
+            "tokenizer": checkpoint_tokenizer,
         }
         assert r["reward_terms"] == [{"name": "task", "weight": 1.0, "value": r["reward"]}]
         assert r["schema_version"] == SCHEMA_VERSION
