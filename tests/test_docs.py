@@ -200,7 +200,7 @@ def test_imports_follow_the_layers_of_the_architecture_doc():
 
 
 def test_every_cited_function_is_defined_where_the_docs_say():
-    # `recpipe/x.py: name` in a doc: the file defines name (a def, a class or an assignment at any level).
+    # `recpipe/<module>.py: name` in a doc: the file defines name (a def, a class or an assignment).
     cited = [(doc, path, name) for doc in TEXT_FILES if doc.endswith(".md")
              for path, name in re.findall(r"`((?:recpipe|flows)/[\w/]+\.py): (\w+)`", (ROOT / doc).read_text())]
     assert ("docs/algorithms.md", "recpipe/algorithms/losses.py", "policy_loss") in cited
