@@ -35,7 +35,9 @@ import yaml
 
 from recpipe.algorithms import PRESETS, LossConfig
 from recpipe.config import RecpipeConfig
+from recpipe.errors import OptionError, RecpipeError
 from recpipe.store import Store
+from recpipe.store.lease import RunLocked
 
 
 # Off-policy settings as (k, o) = (sync_interval, sync_offset) for a run of `steps` steps. The paper's
@@ -63,13 +65,13 @@ def parse_settings(text: str, steps: int) -> dict[str, tuple[int, int]]:
             try:
                 grid[f"k{int(k)}o{int(o)}"] = (int(k), int(o))
             except ValueError:
-                raise ValueError(f"--settings item {item!r}: expected k:o with integers") from None
+                raise OptionError(f"--settings item {item!r}: expected k:o with integers") from None
             if int(k) < 1 or int(o) < 0:
-                raise ValueError(f"--settings item {item!r}: expected k >= 1 and o >= 0")
+                raise OptionError(f"--settings item {item!r}: expected k >= 1 and o >= 0")
         else:
-            raise ValueError(f"--settings item {item!r}: expected one of {', '.join(named)} or k:o")
+            raise OptionError(f"--settings item {item!r}: expected one of {', '.join(named)} or k:o")
     if not grid:
-        raise ValueError("--settings is empty")
+        raise OptionError("--settings is empty")
     return grid
 
 
@@ -98,7 +100,11 @@ def _number(text: str, where: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"--presets item {where!r}: {text!r} is not a number") from None
+        raise OptionError(f"--presets item {where!r}: {text!r} is not a number") from None
+
+
+class ExperimentFailed(RecpipeError, RuntimeError):
+    """A worker process of the study ended with an error; the message names its log."""
 
 
 def parse_preset(spec: str) -> PresetSpec:
@@ -106,31 +112,31 @@ def parse_preset(spec: str) -> PresetSpec:
     both; temp for red-weight; beta for asymre/opmd) or ``name:field=value[,field=value]``."""
     name, sep, rest = spec.strip().partition(":")
     if name not in PRESETS:
-        raise ValueError(f"--presets item {spec!r}: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+        raise OptionError(f"--presets item {spec!r}: unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
     if not sep:
         return PresetSpec(name, name)
     items = [t.strip() for t in rest.split(",")]
     if not rest.strip() or not all(items):
-        raise ValueError(f"--presets item {spec!r}: nothing after ':' (e.g. {name}:0.6,2.0 or {name}:temp=0.5)")
+        raise OptionError(f"--presets item {spec!r}: nothing after ':' (e.g. {name}:0.6,2.0 or {name}:temp=0.5)")
     overrides: dict[str, Any] = {}
     if all("=" in t for t in items):
         for item in items:
             key, _, value = item.partition("=")
             key = key.strip()
             if key not in LossConfig.model_fields:
-                raise ValueError(f"--presets item {spec!r}: unknown field {key!r}; allowed: "
+                raise OptionError(f"--presets item {spec!r}: unknown field {key!r}; allowed: "
                                  f"{', '.join(LossConfig.model_fields)}")
             overrides[key] = yaml.safe_load(value) if value.strip() else ""  # 0.5, true, one-side
     elif any("=" in t for t in items):
-        raise ValueError(f"--presets item {spec!r}: mix of positional values and field=value; use one form")
+        raise OptionError(f"--presets item {spec!r}: mix of positional values and field=value; use one form")
     else:
         fields = _positional_fields(name)
         if not fields:
-            raise ValueError(f"--presets item {spec!r}: preset {name!r} takes no positional values; "
+            raise OptionError(f"--presets item {spec!r}: preset {name!r} takes no positional values; "
                              f"use field=value (fields: {', '.join(LossConfig.model_fields)})")
         values = [_number(t, spec) for t in items]
         if len(values) > len(fields):
-            raise ValueError(f"--presets item {spec!r}: {name!r} takes at most {len(fields)} value(s) "
+            raise OptionError(f"--presets item {spec!r}: {name!r} takes at most {len(fields)} value(s) "
                              f"({', '.join(fields)}), got {len(values)}")
         if len(values) == 1 and len(fields) == 2:
             values = values * 2  # "rec-oneside-nois:0.2": the symmetric band eps_low = eps_high
@@ -138,7 +144,7 @@ def parse_preset(spec: str) -> PresetSpec:
     try:
         LossConfig(**{**PRESETS[name], **overrides})
     except ValueError as exc:  # pydantic's message names the field and the allowed values
-        raise ValueError(f"--presets item {spec!r}: {' '.join(str(exc).split())}") from None
+        raise OptionError(f"--presets item {spec!r}: {' '.join(str(exc).split())}") from None
     label = name + "_" + "-".join(_short(v) for v in overrides.values())
     return PresetSpec(label, name, overrides)
 
@@ -169,11 +175,11 @@ def parse_presets(text: str) -> list[PresetSpec]:
         else:
             entries.append(item)
     if not entries:
-        raise ValueError("--presets is empty")
+        raise OptionError("--presets is empty")
     specs = [parse_preset(e) for e in entries]
     labels = [s.label for s in specs]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--presets lists a preset twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
+        raise OptionError(f"--presets lists a preset twice: {', '.join(sorted({x for x in labels if labels.count(x) > 1}))}")
     return specs
 
 
@@ -187,11 +193,11 @@ def parse_seeds(text: str) -> list[int]:
         try:
             seeds.extend(range(int(low), int(high) + 1) if dash and low else [int(item)])
         except ValueError:
-            raise ValueError(f"--seeds item {item!r}: expected an integer >= 0 or a range like 0-3") from None
+            raise OptionError(f"--seeds item {item!r}: expected an integer >= 0 or a range like 0-3") from None
     if not seeds or min(seeds) < 0:
-        raise ValueError(f"--seeds {text!r}: expected integers >= 0, e.g. 0,1")
+        raise OptionError(f"--seeds {text!r}: expected integers >= 0, e.g. 0,1")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {text!r}: a seed is listed twice")
+        raise OptionError(f"--seeds {text!r}: a seed is listed twice")
     return seeds
 
 
@@ -223,7 +229,7 @@ def cell_config(base: RecpipeConfig, cell: Cell) -> RecpipeConfig:
     data["train"]["seed"] = cell.seed
     cfg = RecpipeConfig.model_validate(data)  # a bad override fails before any run starts
     if len(cfg.run) > 64:
-        raise ValueError(f"run name {cfg.run!r} is longer than 64 characters: shorten the preset overrides")
+        raise OptionError(f"run name {cfg.run!r} is longer than 64 characters: shorten the preset overrides")
     return cfg
 
 
@@ -383,7 +389,7 @@ def run_workers(configs: list[RecpipeConfig], workers: int, log_dir: Path, progr
             log.close()
         os.unlink(plan.name)
     if failed:
-        raise RuntimeError("; ".join(failed))
+        raise ExperimentFailed("; ".join(failed))
 
 
 def _worker_main(plan: str, index: int) -> None:
@@ -407,7 +413,7 @@ def run_experiment(base: RecpipeConfig, presets: list[PresetSpec], grid: dict[st
     from recpipe.study import write_study
 
     if workers < 1:
-        raise ValueError(f"--workers must be >= 1 (got {workers})")
+        raise OptionError(f"--workers must be >= 1 (got {workers})")
     cells = study_cells(presets, grid, seeds or [base.generate.seed])
     configs = [cell_config(base, c) for c in cells]
     store = Store.create(base.store, base.storage_options or None)  # before workers race to create it
@@ -422,7 +428,7 @@ def run_experiment(base: RecpipeConfig, presets: list[PresetSpec], grid: dict[st
         run_workers(pending, min(workers, len(pending)), out / "logs", progress)
     missing = sorted({c.run for c in configs} - finished_runs(configs))
     if missing:  # another process holds them (the same study started twice): its table will be complete
-        raise ValueError(f"runs not finished, held by another process: {', '.join(missing)}; rerun the "
+        raise RunLocked(f"runs not finished, held by another process: {', '.join(missing)}; rerun the "
                          "same command once it ends")
     return write_study(store, cells, out, threshold=threshold)
 

@@ -15,6 +15,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+from recpipe.errors import RecpipeError
 from recpipe.status import missing_version_message, recorded_versions, require_version
 from recpipe.store import Store
 from recpipe.train import checkpoint as ckpt
@@ -22,7 +23,7 @@ from recpipe.train import checkpoint as ckpt
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ExportError(ValueError):
+class ExportError(RecpipeError, ValueError):
     """The version cannot be exported (not there, or the target is not a place to write it)."""
 
 

@@ -21,12 +21,14 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recpipe.errors import RecpipeError
+
 FORMATS = ("table", "csv", "json", "parquet")
 FILE_FORMATS = ("csv", "json", "parquet")
 CELL_CHARS = 200
 
 
-class OutputRefused(ValueError):
+class OutputRefused(RecpipeError, ValueError):
     """The output path is not one recpipe writes a result to."""
 
 

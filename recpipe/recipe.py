@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow.compute as pc
 
 from recpipe.config import RecpipeConfig
-from recpipe.errors import RecpipeError
+from recpipe.errors import OptionError, RecpipeError
 from recpipe.generate.plan import ShardPlan, generation_version, plan_shards, prompts_needed
 from recpipe.generate.pool import EnginePool
 from recpipe.schema import SCHEMA_VERSION
@@ -440,11 +440,11 @@ class LoopRecipe:
         if source_run is None:
             return self.train(self.cfg.loop.steps - self.trainer.next_step)
         if source_run == self.cfg.run:
-            raise ValueError("retrain: source_run must differ from the new run's name")
+            raise OptionError("retrain: source_run must differ from the new run's name")
         self.check_tokenizer(source_run)
         recorded = self.store.read("batches", "run = $run", {"run": source_run})
         if recorded.num_rows == 0:
-            raise ValueError(f"retrain: run {source_run!r} has no recorded batches to replay")
+            raise OptionError(f"retrain: run {source_run!r} has no recorded batches to replay")
         groups_per_step: dict[int, set[str]] = {}
         for step, group in zip(recorded.column("step").to_pylist(), recorded.column("group_id").to_pylist(),
                                strict=True):

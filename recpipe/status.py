@@ -14,6 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from recpipe.errors import RecpipeError
 from recpipe.store import Store
 from recpipe.train import checkpoint as ckpt
 
@@ -54,7 +55,7 @@ ORDER BY runs.run
 """
 
 
-class VersionMissing(ValueError):
+class VersionMissing(RecpipeError, ValueError):
     """A policy version asked for has no checkpoint folder: never trained, or removed by retention."""
 
 

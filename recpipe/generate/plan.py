@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from recpipe.algorithms import behaviour_version
 from recpipe.config import LoopConfig, RecpipeConfig, SelectConfig
+from recpipe.errors import ConfigError
 from recpipe.generate.rollouts import shard_id, shard_prompts, shard_seed
 from recpipe.tasks import Prompt, Task
 
@@ -48,7 +49,7 @@ def prompts_for_version(task: Task, cfg: RecpipeConfig, version: int, count: int
     """``count`` training prompts for one version: a seeded permutation of the pool, cycled if needed."""
     pool = task.prompts("train", limit=cfg.task.train_prompts, seed=cfg.generate.seed)
     if not pool:
-        raise ValueError(f"task {task.name!r} has no training prompts")
+        raise ConfigError(f"task {task.name!r} has no training prompts")
     order = list(range(len(pool)))
     random.Random(f"{cfg.generate.seed}/{version}").shuffle(order)
     chosen = []

@@ -39,6 +39,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, CommitProperties, Transaction
 
+from recpipe.errors import RecpipeError
 from recpipe.schema import SCHEMA_VERSION, conform, table_names, table_spec
 from recpipe.store.datasets import TableDataset, damaged, file_stats, read_table
 from recpipe.store.files import StoreWriteError, write_parquet
@@ -55,7 +56,7 @@ COMMIT_ATTEMPTS = 5  # beyond delta-rs's own retries of non-conflicting commits
 AsOf = int | dict[str, int] | dt.datetime | None
 
 
-class StoreError(ValueError):
+class StoreError(RecpipeError, ValueError):
     """The store is missing, not a recpipe store, or asked for something it cannot do."""
 
 

@@ -21,11 +21,13 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from recpipe.errors import RecpipeError
+
 TMP_SUFFIX = ".tmp"
 COMPRESSION = "zstd"
 
 
-class StoreWriteError(OSError):
+class StoreWriteError(RecpipeError, OSError):
     """A write to the store failed; nothing was committed."""
 
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from recpipe.errors import RecpipeError
 from recpipe.schema import SCHEMA_VERSION, conform
 from recpipe.store.files import StoreWriteError
 
@@ -35,11 +36,11 @@ if TYPE_CHECKING:
 DEFAULT_TTL_S = 60.0
 
 
-class RunLocked(RuntimeError):
+class RunLocked(RecpipeError, RuntimeError):
     """Another live process holds this role of the run."""
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(RecpipeError, RuntimeError):
     """The lease expired and another process took it: this one must stop writing."""
 
 

@@ -22,12 +22,14 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from recpipe.errors import RecpipeError
+
 AWS_KEYS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
             "AWS_ALLOW_HTTP", "AWS_S3_ALLOW_UNSAFE_RENAME", "AWS_S3_LOCKING_PROVIDER")
 SAFE_PUT = "etag"
 
 
-class LocationError(ValueError):
+class LocationError(RecpipeError, ValueError):
     """The store URI or its storage settings cannot be used."""
 
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from recpipe.errors import RecpipeError
 from recpipe.schema import SCHEMA_VERSION, table_spec
 from recpipe.store import Store, objects
 from recpipe.store.files import StoreWriteError, commit_dir, fsync_dir
@@ -287,7 +288,7 @@ def _disk_full(path: Path) -> bool:
 
 # ---- integrity: manifest.json (size and sha256 of every file) ---------------------------------------
 
-class CheckpointError(ValueError):
+class CheckpointError(RecpipeError, ValueError):
     """A version dir is gone or damaged; nothing was loaded from it. The message says what to do."""
 
 

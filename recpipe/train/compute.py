@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from recpipe.algorithms.losses import policy_loss
+from recpipe.errors import ConfigError
 from recpipe.models.logprobs import response_logprobs
 from recpipe.train.batching import MicroBatch, collate
 
@@ -95,7 +96,7 @@ def prepare_policy(policy: torch.nn.Module, device: torch.device, *, sharded: bo
     one layer instead of all of them.
     """
     if bf16 and device.type != "cuda":
-        raise ValueError("bf16 needs CUDA (on CPU bfloat16 matmuls are slower than float32)")
+        raise ConfigError("bf16 needs CUDA (on CPU bfloat16 matmuls are slower than float32)")
     if activation_checkpointing:
         policy.config.use_cache = False  # a KV cache is of no use in training, and transformers warns
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

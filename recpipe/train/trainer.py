@@ -47,6 +47,7 @@ from safetensors import SafetensorError
 
 from recpipe.algorithms import LossConfig
 from recpipe.config import LossSection, TrainConfig
+from recpipe.errors import ConfigError, RecpipeError
 from recpipe.schema import SCHEMA_VERSION
 from recpipe.store import Store
 from recpipe.store.files import remove_stale_temps
@@ -61,7 +62,7 @@ from recpipe.train.batching import MicroBatch, Sample, plan_micro_batches, sampl
 DEFAULT_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 1024}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RecpipeError, RuntimeError):
     """``max_bad_steps`` consecutive steps had a non-finite input, loss or gradient."""
 
 
@@ -89,9 +90,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        raise ConfigError("train.device='cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     if name not in ("cpu", "cuda"):
-        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda")
+        raise ConfigError(f"train.device={name!r}; allowed: auto, cpu, cuda")
     return torch.device(name)
 
 
@@ -226,7 +227,7 @@ class _Policy:
 
 def _bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.precision == "bf16" and device.type != "cuda":
-        raise ValueError("train.precision='bf16' needs CUDA (bfloat16 matmuls are slower than float32 on CPU); "
+        raise ConfigError("train.precision='bf16' needs CUDA (bfloat16 matmuls are slower than float32 on CPU); "
                          "use 'auto' or 'float32'")
     return device.type == "cuda" and cfg.precision != "float32"
 
@@ -378,7 +379,7 @@ class Trainer:
     def _register_base(self, policies: list[dict[str, Any]]) -> None:
         base = [r for r in policies if r["version"] == 0]
         if base and base[0]["base_model"] != str(self.model_path):
-            raise ValueError(
+            raise ConfigError(
                 f"model_path={str(self.model_path)!r}, but run {self.run!r} was started from "
                 f"{base[0]['base_model']!r}; use that model or a new run name"
             )
