@@ -20,6 +20,7 @@ from prefect import serve
 from flows import require_server
 from flows.pipeline_flows import FLOWS
 from recpipe.config import RecpipeConfig, to_params
+from recpipe.errors import OptionError
 
 # The roles too: served on separate machines sharing an S3 archive, a schedule restarts a role that ended
 # (limit=1 below: never two of one deployment at once; a generator's deployment per machine).
@@ -29,13 +30,13 @@ SCHEDULABLE = ("loop", "generate", "train", "evaluate", "retrain", "generator", 
 def build_deployments(cfg: RecpipeConfig, names: list[str], *, cron: str | None = None,
                       interval: float | None = None) -> list[Any]:
     if (cron is None) == (interval is None):
-        raise ValueError("give exactly one schedule: --cron EXPR or --interval SECONDS")
+        raise OptionError("give exactly one schedule: --cron EXPR or --interval SECONDS")
     if interval is not None and interval <= 0:
-        raise ValueError(f"--interval must be > 0 seconds (got {interval})")
+        raise OptionError(f"--interval must be > 0 seconds (got {interval})")
     deployments = []
     for name in names:
         if name not in SCHEDULABLE:
-            raise ValueError(f"--flow {name!r}: expected one of {', '.join(SCHEDULABLE)}")
+            raise OptionError(f"--flow {name!r}: expected one of {', '.join(SCHEDULABLE)}")
         schedule = {"cron": cron} if cron else {"interval": dt.timedelta(seconds=interval)}
         deployments.append(FLOWS[name].to_deployment(
             name=f"{cfg.run}-{name}", parameters={"config": to_params(cfg)},

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import server_configured
 from recpipe import recipe as recipes
 from recpipe.config import RecpipeConfig
+from recpipe.errors import OptionError
 from recpipe.generate.pool import EnginePool
 
 RETRIES = {"generate_shard": 2}
@@ -112,7 +113,7 @@ def generate(config: dict[str, Any], version: int | None = None, prompts: int | 
              progress: Any = None) -> int:
     """Generate rollouts with a policy version (default: the latest) into the archive."""
     if prompts is not None and prompts < 1:  # 0 is not "the default": refuse it before the store is touched
-        raise ValueError(f"prompts must be an integer >= 1 (got {prompts})")
+        raise OptionError(f"prompts must be an integer >= 1 (got {prompts})")
     with _recipe(config, progress) as recipe:
         _started(recipe)
         version = recipe.latest_version() if version is None else version

@@ -25,10 +25,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from recpipe.algorithms import PRESETS, LossConfig, preset
-
-
-class ConfigError(ValueError):
-    """A configuration field is missing, unknown or has a bad value."""
+from recpipe.errors import ConfigError  # raised here; importable from recpipe.config too
 
 
 def _no_bool(kind: str) -> BeforeValidator:

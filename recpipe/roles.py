@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from recpipe.config import RecpipeConfig
-from recpipe.errors import RecpipeError
+from recpipe.errors import OptionError, RecpipeError
 from recpipe.generate.plan import ShardPlan, generation_version
 from recpipe.recipe import LoopRecipe, Progress
 from recpipe.store.lease import Lease, RunLocked
@@ -143,7 +143,7 @@ def split_devices(devices: list[int], parts: int) -> list[list[int]]:
     if not devices:
         return [[] for _ in range(parts)]
     if len(devices) < parts:
-        raise ValueError(f"{parts} generator(s) need at least {parts} devices; got {devices}")
+        raise OptionError(f"{parts} generator(s) need at least {parts} devices; got {devices}")
     size, extra = divmod(len(devices), parts)
     out, start = [], 0
     for i in range(parts):
@@ -182,7 +182,7 @@ def launch_local(cfg: RecpipeConfig, generators: int, *, generator_devices: list
                  wait_timeout_s: float = 3600.0) -> list[Any]:
     """Run ``generators`` generator processes and the trainer (this process) for one run on this machine."""
     if generators < 1:
-        raise ValueError(f"--generators must be >= 1 (got {generators})")
+        raise OptionError(f"--generators must be >= 1 (got {generators})")
     parts = split_devices(list(generator_devices or []), generators)
     with tempfile.TemporaryDirectory(prefix="recpipe-roles-") as tmp:
         config = Path(tmp) / "config.yaml"
@@ -254,7 +254,7 @@ def launch_ray(cfg: RecpipeConfig, generators: int, *, address: str = "local",
     import ray
 
     if generators < 1:
-        raise ValueError(f"--generators must be >= 1 with --ray (got {generators})")
+        raise OptionError(f"--generators must be >= 1 with --ray (got {generators})")
     started_here = not ray.is_initialized()
     if started_here:
         if address == "local":

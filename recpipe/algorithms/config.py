@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from recpipe.errors import ConfigError
+
 ClipMode = Literal["none", "one-side", "two-side", "ring", "gspo-one-side"]
 Weight = Literal["none", "importance_sampling", "gspo_importance_sampling", "advantage"]
 Regularizer = Literal["none", "forward-kl", "k2"]
@@ -144,14 +146,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> LossConfig:
     """The LossConfig of a named preset, with any field overridden.
 
-    Raises ValueError for an unknown preset name or an unknown field (listing what is allowed), and
-    pydantic's ValidationError (a ValueError) for a bad value.
+    Raises ConfigError (a ValueError) for an unknown preset name or an unknown field (listing what is
+    allowed), and pydantic's ValidationError (a ValueError) for a bad value.
     """
     if name not in PRESETS:
-        raise ValueError(f"unknown loss preset {name!r}; allowed: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown loss preset {name!r}; allowed: {', '.join(PRESETS)}")
     unknown = sorted(set(overrides) - set(LossConfig.model_fields))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown LossConfig field(s) {unknown} in overrides of preset {name!r}; "
             f"allowed: {', '.join(LossConfig.model_fields)}"
         )
