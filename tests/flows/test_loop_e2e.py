@@ -79,16 +79,3 @@ def test_killed_loop_resumes_without_duplicates(tmp_path, tiny_model, run_recpip
     assert result.returncode == 0, result.stderr[-3000:]
     check_run(store, "default", steps=6, k=1, o=0)
     assert not list(store.rglob("*.tmp"))
-
-
-def test_loop_compacts_its_small_tables_and_resumes_over_them(tmp_path, tiny_model, run_recpipe):
-    store = tmp_path / "store"
-    args = ["loop", "--store", str(store), "--model", str(tiny_model), "--no-summary", *SMALL,
-            "--set", "generate.backend=hf"]
-    first = run_recpipe(*args, "--steps", "9")
-    assert first.returncode == 0, first.stderr[-3000:]
-    compacted = sorted(p.parts[-3] for p in store.rglob("compact-*.parquet"))
-    assert compacted == ["batches", "policies", "steps", "timings"]  # >= 8 files each; evals has 2
-    more = run_recpipe(*args, "--steps", "11")
-    assert more.returncode == 0, more.stderr[-3000:]
-    check_run(store, "default", steps=11, k=1, o=0)

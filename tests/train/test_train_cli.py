@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.flows.flowtools import recpipe_cmd, recpipe_env
 
 SMALL = ["--set", "select.groups_per_step=2", "--set", "generate.group_size=4", "--set", "generate.max_tokens=8",
          "--set", "generate.shard_size=2", "--set", "task.eval_prompts=4", "--set", "generate.max_model_len=128",
@@ -21,24 +21,22 @@ SMALL = ["--set", "select.groups_per_step=2", "--set", "generate.group_size=4", 
          "--preset", "asymre"]
 
 
-def _recpipe(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "RECPIPE_CACHE": str(tmp_path / "cache"),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run([sys.executable, "-m", "recpipe.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=900)
+def _recpipe(tmp_path: Path, api_url: str, *args: str) -> subprocess.CompletedProcess:
+    # Flows report to the session's Prefect server: an ephemeral one per command costs ~37 s here.
+    env = {**recpipe_env(tmp_path, api_url), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(recpipe_cmd(*args), env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow  # a loop and two train commands (one on two ranks): minutes on the loaded 2-core machine
-def test_train_on_two_ranks_gives_the_weights_of_one(tmp_path, tiny_model):
+def test_train_on_two_ranks_gives_the_weights_of_one(tmp_path, tiny_model, prefect_api):
     one = tmp_path / "one"
-    loop = _recpipe(tmp_path, "loop", "--store", str(one), "--model", str(tiny_model), "--steps", "1", *SMALL)
+    loop = _recpipe(tmp_path, prefect_api, "loop", "--store", str(one), "--model", str(tiny_model), "--steps", "1", *SMALL)
     assert loop.returncode == 0, loop.stderr[-3000:]
     two = tmp_path / "two"
     shutil.copytree(one, two)
     train = ["train", "--steps", "2", "--set", "select.query=replay", *SMALL]
     for store, extra in ((one, []), (two, ["--nproc", "2"])):
-        done = _recpipe(tmp_path, *train, "--store", str(store), *extra)
+        done = _recpipe(tmp_path, prefect_api, *train, "--store", str(store), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
     final = "checkpoints/default/v000003/model.safetensors"
     ours, expected = load_file(two / final), load_file(one / final)
