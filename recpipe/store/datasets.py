@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from recpipe.errors import RecpipeError
 from recpipe.schema import table_spec
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
 
 FORMAT = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+
+
+class DamagedFile(RecpipeError, OSError):
+    """A file of the archive cannot be read; the message names it and what to run (``damaged``)."""
 
 
 def damaged(path: str, exc: BaseException, store: str | None = None) -> str:
@@ -168,7 +173,7 @@ def _fragment(fs: pafs.FileSystem, file: DataFile, table: str, store: str) -> ds
     try:
         fragment.ensure_complete_metadata()  # the footer, parsed once
     except (OSError, pa.ArrowException) as exc:
-        raise OSError(damaged(file.path, exc, store)) from None
+        raise DamagedFile(damaged(file.path, exc, store)) from None
     with _fragments_lock:
         _fragments[file.path] = fragment
         while len(_fragments) > CACHED_FILES:
@@ -213,7 +218,7 @@ class _Scan:
                           for c in self.columns]
                 yield pa.RecordBatch.from_arrays(arrays, schema=self.projected_schema)
         except (OSError, pa.ArrowException) as exc:
-            raise OSError(self._diagnose(exc)) from None
+            raise DamagedFile(self._diagnose(exc)) from None
 
     def _diagnose(self, exc: BaseException) -> str:
         """Find which file failed: read each of the scan's files alone (only on the error path)."""
