@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
+
+from recpipe.errors import RecpipeError
 
 if TYPE_CHECKING:  # a type only: the engines import without the tasks (and their pyarrow), for bench_gpu.py
     from recpipe.tasks import Prompt
@@ -45,9 +48,24 @@ class Sample:
     finish_reason: str
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """What both backends provide.
+class EngineError(RecpipeError, ValueError):
+    """A bad engine argument: backend, checkpoint, device or a sampling argument (names it)."""
+
+
+@dataclass(frozen=True)
+class SamplingArgs:
+    """Engine.sample's arguments, checked, as the backends receive them."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: list[str]
+    seed: int | None
+
+
+class Engine(ABC):
+    """What both backends provide; ``sample`` checks its arguments here, each backend samples in ``_sample``.
 
     backend: "vllm" or "hf", recorded in the rollout table.
     model_name: the base model's name, recorded in the rollout table.
@@ -56,11 +74,17 @@ class Engine(Protocol):
     """
 
     backend: str
-    model_name: str
     tokenizer: Any
-    max_model_len: int
 
-    def load_weights(self, checkpoint: str | Path) -> None: ...
+    def __init__(self, checkpoint: str | Path, model_name: str, max_model_len: int) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.model_name = model_name
+        self.max_model_len = max_model_len
+        self.last_load_seconds: float | None = None  # how long the last load_weights took
+
+    @abstractmethod
+    def load_weights(self, checkpoint: str | Path) -> None:
+        """Load a new checkpoint (same architecture) into the running engine."""
 
     def sample(
         self,
@@ -71,9 +95,20 @@ class Engine(Protocol):
         max_tokens: int,
         stop: Sequence[str] | None = None,
         seed: int | None = None,
-    ) -> list[list[Sample]]: ...
+    ) -> list[list[Sample]]:
+        """n samples per prompt, in prompt order (see Sample). Same seed and batch, same samples."""
+        check_sampling_args(prompts_token_ids, n, temperature, top_p, max_tokens, self.max_model_len)
+        args = SamplingArgs(n, temperature, top_p, max_tokens, list(stop or ()), seed)
+        samples = self._sample([list(ids) for ids in prompts_token_ids], args)
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts_token_ids))]
 
-    def close(self) -> None: ...
+    @abstractmethod
+    def _sample(self, prompts: list[list[int]], args: SamplingArgs) -> list[Sample]:
+        """args.n samples of each prompt, flat: prompt i's at [i * n, (i + 1) * n)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the model (and the KV cache)."""
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -96,20 +131,20 @@ def check_sampling_args(
     max_tokens: int,
     max_model_len: int,
 ) -> None:
-    """Shared input checks of Engine.sample (ValueError naming the argument)."""
+    """Engine.sample's argument checks (EngineError naming the argument)."""
     if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r}: expected an int >= 1 (samples per prompt)")
+        raise EngineError(f"n={n!r}: expected an int >= 1 (samples per prompt)")
     if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0 = greedy)")
+        raise EngineError(f"temperature={temperature!r}: expected a finite number >= 0 (0 = greedy)")
     if not (isinstance(top_p, int | float) and 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
+        raise EngineError(f"top_p={top_p!r}: expected 0 < top_p <= 1")
     if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens!r}: expected an int >= 1")
+        raise EngineError(f"max_tokens={max_tokens!r}: expected an int >= 1")
     for i, ids in enumerate(prompts_token_ids):
         if len(ids) == 0:
-            raise ValueError(f"prompts_token_ids[{i}] is empty: every prompt needs at least one token")
+            raise EngineError(f"prompts_token_ids[{i}] is empty: every prompt needs at least one token")
         if len(ids) + max_tokens > max_model_len:
-            raise ValueError(
+            raise EngineError(
                 f"prompts_token_ids[{i}] has {len(ids)} tokens; with max_tokens={max_tokens} that exceeds "
                 f"max_model_len={max_model_len}: lower max_tokens or raise max_model_len"
             )
@@ -153,10 +188,10 @@ def make_engine(
         vllm_kwargs: Extra keyword arguments for vllm.LLM (e.g. gpu_memory_utilization on GPUs).
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
+        raise EngineError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").is_file():
-        raise ValueError(
+        raise EngineError(
             f"checkpoint={str(checkpoint)!r}: no config.json there (see recpipe.models.resolve_model)"
         )
     name = model_name or checkpoint.name

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from recpipe.generate.engine import Sample, check_sampling_args
+from recpipe.generate.engine import Engine, Sample, SamplingArgs
 from recpipe.models.cache import cache_root
 
 # Defaults only: anything the user exported wins.
@@ -138,7 +138,7 @@ def _visible_devices(devices: Sequence[int] | None) -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-class VLLMEngine:
+class VLLMEngine(Engine):
     """Sampling with a `vllm.LLM` kept alive across policy versions.
 
     dtype "auto" = bfloat16 on CUDA, float32 on CPU. devices (CUDA): the GPUs of vLLM's engine process
@@ -148,26 +148,14 @@ class VLLMEngine:
 
     backend = "vllm"
 
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        *,
-        model_name: str,
-        seed: int = 0,
-        max_model_len: int = 512,
-        enforce_eager: bool = True,
-        dtype: str = "auto",
-        devices: Sequence[int] | None = None,
-        sleep_mode: bool = False,
-        **llm_kwargs: Any,
-    ) -> None:
+    def __init__(self, checkpoint: str | Path, *, model_name: str, seed: int = 0, max_model_len: int = 512,
+                 enforce_eager: bool = True, dtype: str = "auto", devices: Sequence[int] | None = None,
+                 sleep_mode: bool = False, **llm_kwargs: Any) -> None:
         set_vllm_env()
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        self.model_name = model_name
-        self.max_model_len = max_model_len
-        self.checkpoint = Path(checkpoint)
+        super().__init__(checkpoint, model_name, max_model_len)
         self.on_cpu = current_platform.is_cpu()
         dtype = resolve_dtype(dtype)
         self.sleep_mode = sleep_mode and not self.on_cpu  # vLLM's sleep mode is CUDA-only
@@ -193,7 +181,6 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         self.tokenizer = self.llm.get_tokenizer()
-        self.last_load_seconds: float | None = None
         self._sleep()
 
     def _sleep(self) -> None:
@@ -221,44 +208,30 @@ class VLLMEngine:
         self._sleep()
         self.last_load_seconds = time.perf_counter() - start
 
-    def sample(
-        self,
-        prompts_token_ids: Sequence[Sequence[int]],
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
-        stop: Sequence[str] | None = None,
-        seed: int | None = None,
-    ) -> list[list[Sample]]:
-        """n samples per prompt; see recpipe.generate.engine.Sample. Same seed, same samples."""
+    def _sample(self, prompts: list[list[int]], args: SamplingArgs) -> list[Sample]:
         from vllm import SamplingParams
 
-        check_sampling_args(prompts_token_ids, n, temperature, top_p, max_tokens, self.max_model_len)
         # vLLM refuses n > 1 under greedy decoding; K identical greedy samples are K requests of n=1.
-        copies = n if temperature == 0 else 1
+        copies = args.n if args.temperature == 0 else 1
         params = SamplingParams(
-            n=n // copies,
-            temperature=temperature,
-            top_p=top_p,
+            n=args.n // copies,
+            temperature=args.temperature,
+            top_p=args.top_p,
             top_k=0,  # full distribution (0 = off)
-            max_tokens=max_tokens,
-            stop=list(stop) if stop else None,
-            seed=seed,  # vLLM gives sample i of a request the seed `seed + i`
+            max_tokens=args.max_tokens,
+            stop=args.stop or None,
+            seed=args.seed,  # vLLM gives sample i of a request the seed `seed + i`
             logprobs=0,  # only the sampled token's log-prob
         )
-        requests = [{"prompt_token_ids": list(ids)} for ids in prompts_token_ids for _ in range(copies)]
+        requests = [{"prompt_token_ids": ids} for ids in prompts for _ in range(copies)]
         self._wake()
         try:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         finally:
             self._sleep()
-        samples = [
-            self._sample(out) for request in outputs for out in sorted(request.outputs, key=lambda o: o.index)
-        ]
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts_token_ids))]
+        return [self._output(out) for request in outputs for out in sorted(request.outputs, key=lambda o: o.index)]
 
-    def _sample(self, out: Any) -> Sample:
+    def _output(self, out: Any) -> Sample:
         if out.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM finished a request with finish_reason={out.finish_reason!r}")
         token_ids = list(out.token_ids)

