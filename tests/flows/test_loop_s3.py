@@ -4,7 +4,7 @@ the table versions they read."""
 
 from recpipe.store import Store
 from recpipe.store.objects import remote_dirs
-from tests.flows.flowtools import SMALL
+from tests.flows.flowtools import SMALL_HF
 from tests.flows.test_loop_e2e import check_run
 
 
@@ -12,7 +12,7 @@ def test_loop_on_an_s3_store(tmp_path, tiny_model, run_recpipe, s3_server):
     uri = s3_server.bucket("loop-e2e") + "/archive"
     run_recpipe.env.update(s3_server.env())
     common = ["--store", uri, "--model", str(tiny_model), "--sync-interval", "2", "--sync-offset", "1",
-              "--preset", "rec-oneside-nois", *SMALL]
+              "--preset", "rec-oneside-nois", *SMALL_HF]  # the store is the subject, not vLLM
     result = run_recpipe("loop", "--steps", "4", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     store = Store(uri, s3_server.storage_options())
