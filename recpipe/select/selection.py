@@ -163,9 +163,10 @@ def _chosen_groups(con: duckdb.DuckDBPyConnection, choice: pa.Table, *, trust: b
     names = choice.column_names
     per_group = "rollout_id" not in names
     weight = choice.column("weight") if per_group and "weight" in names else pa.array(np.ones(choice.num_rows))
-    con.register("choice", choice.append_column("pos", pa.array(np.arange(choice.num_rows)))
-                 .append_column("group_weight", weight))
     lookup = not (trust and "policy_version" in names and (not per_group or "n" in names))
+    if lookup or not per_group:  # the SQL below and the per-response checks read it
+        con.register("choice", choice.append_column("pos", pa.array(np.arange(choice.num_rows)))
+                     .append_column("group_weight", weight))
     if lookup:
         chosen = run_read_only(con, load_query("_chosen_groups").body, timeout_s=timeout_s)
     elif per_group:  # a named query's rows are its groups already, in order
@@ -204,9 +205,10 @@ def _batch_rows(con: duckdb.DuckDBPyConnection, store: Store, choice: pa.Table, 
     if chosen.num_rows < min_groups:
         raise EmptySelection(f"{query}: chose {chosen.num_rows} group(s), fewer than min_groups={min_groups}")
     found = _advantages(con, store, chosen, values, query, timeout_s, rollouts())
-    con.register("found", found.append_column("i", pa.array(np.arange(found.num_rows))))
     per_response = "rollout_id" in choice.column_names
-    check_complete(con, query, per_response=per_response, counted=counted, timeout_s=timeout_s)
+    if per_response:
+        con.register("found", found.append_column("i", pa.array(np.arange(found.num_rows))))
+    check_complete(con, chosen, found, query, per_response=per_response, counted=counted, timeout_s=timeout_s)
     own = [c for c in ("weight", "advantage") if c in choice.column_names]
     if per_response and own:
         found = run_read_only(con, f"SELECT f.* EXCLUDE (i) REPLACE ({', '.join(f'c.{c} AS {c}' for c in own)}) "
