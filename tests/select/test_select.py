@@ -301,3 +301,17 @@ def test_a_non_finite_reward_is_reported(empty_store, shard):
     shard(empty_store, "n", 0, "s", [[1.0, float("nan"), 0.0, 1.0]])
     with pytest.raises(SelectionError, match="reward that is not a finite number"):
         select(empty_store, "schedule", run="n", step=0, groups=1)
+
+
+def test_a_recorded_selection_reruns_and_reads_back_the_same(archive):
+    from recpipe.select import rerun_recorded
+
+    recorded = select(archive, "fresh", {"max_staleness": 3}, run="a", step=3, groups=3,
+                      loss_config=preset("red-drop"), seed=2)
+    select(archive, "schedule", run="a", step=0, groups=2)  # newer table versions than the recorded ones
+    for again in (rerun_recorded(archive, "a", 3), replay_lineage(archive, "a", 3)):
+        assert again.rollout_ids == recorded.rollout_ids and again.advantages == recorded.advantages
+        assert again.weights == recorded.weights
+        assert again.rollouts.column("kept").equals(recorded.rollouts.column("kept"))
+        assert again.rollouts.column("response_token_ids").equals(recorded.rollouts.column("response_token_ids"))
+    assert recorded_steps(archive, "a") == [0, 3]  # neither recorded anything
