@@ -6,7 +6,7 @@ import subprocess
 import time
 
 from recpipe.algorithms import behaviour_version
-from tests.flows.flowtools import SMALL, recpipe_cmd, sql_rows
+from tests.flows.flowtools import SMALL, SMALL_HF, recpipe_cmd, sql_rows
 
 
 def check_run(store, run, steps, k, o):
@@ -58,7 +58,7 @@ def test_loop_follows_the_schedule(tmp_path, tiny_model, run_recpipe):
 def test_killed_loop_resumes_without_duplicates(tmp_path, tiny_model, run_recpipe):
     store = tmp_path / "store"
     args = ["loop", "--store", str(store), "--model", str(tiny_model), "--steps", "6", "--sync-interval", "1",
-            "--preset", "grpo", *SMALL]
+            "--preset", "grpo", *SMALL_HF]  # two engine starts: transformers 0.3 s, vLLM ~5 s (BENCHMARKS.md) and its import
     proc = subprocess.Popen(recpipe_cmd(*args), env=run_recpipe.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
