@@ -117,11 +117,13 @@ def check_stopped_cleanly(tmp_path: Path, proc: subprocess.Popen, cmd: list[str]
     assert gone_within(servers, 5), "the Prefect server outlived recpipe"
 
 
-def check_resumes(tmp_path: Path, cmd: list[str]) -> None:
+def check_resumes(tmp_path: Path, cmd: list[str], api_url: str) -> None:
+    """The same command again resumes the run; it reports to the session's Prefect server (the stop is what
+    these tests check with an ephemeral server, and a second ephemeral start costs ~37 s)."""
     store = tmp_path / "store"
     done = sql_rows(store, "SELECT count(*) FROM steps WHERE run = 'default'")[0][0]
     assert 1 <= done < STEPS
-    again = subprocess.run(cmd, env=recpipe_env(tmp_path), capture_output=True, text=True, timeout=600)
+    again = subprocess.run(cmd, env=recpipe_env(tmp_path, api_url), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert sql_rows(store, "SELECT count(*), count(DISTINCT step), min(step), max(step) FROM steps "
                            "WHERE run = 'default'") == [(STEPS, STEPS, 0, STEPS - 1)]
@@ -130,7 +132,7 @@ def check_resumes(tmp_path: Path, cmd: list[str]) -> None:
     assert sql_rows(store, "SELECT count(*) - count(DISTINCT version) FROM policies WHERE run = 'default'") == [(0,)]
 
 
-def test_ctrl_c_stops_a_loop_started_with_sigint_ignored_and_it_resumes(tmp_path, tiny_model, reap):
+def test_ctrl_c_stops_a_loop_started_with_sigint_ignored_and_it_resumes(tmp_path, tiny_model, reap, prefect_api):
     # Started as a script's background job (SIGINT ignored: the old code ran every step, exit 0); the
     # signal goes to the whole process group as a terminal's Ctrl-C does (the old code's Prefect server
     # died of it, and the loop crashed later).
@@ -140,10 +142,10 @@ def test_ctrl_c_stops_a_loop_started_with_sigint_ignored_and_it_resumes(tmp_path
     print(f"SIGINT to exit: {seconds:.1f} s")
     assert proc.returncode == 130, err_text(proc)[-3000:]
     check_stopped_cleanly(tmp_path, proc, cmd, servers, "SIGINT")
-    check_resumes(tmp_path, cmd)
+    check_resumes(tmp_path, cmd, prefect_api)
 
 
-def test_sigterm_stops_a_loop_and_it_resumes(tmp_path, tiny_model, reap):
+def test_sigterm_stops_a_loop_and_it_resumes(tmp_path, tiny_model, reap, prefect_api):
     # The old code died of the signal itself (Prefect's flow-run SIGTERM handler re-raised it): rc -15,
     # no exit handlers, so its Prefect server was orphaned.
     proc, cmd, seconds, servers = stop_mid_loop(
@@ -151,7 +153,7 @@ def test_sigterm_stops_a_loop_and_it_resumes(tmp_path, tiny_model, reap):
     print(f"SIGTERM to exit: {seconds:.1f} s")
     assert proc.returncode == 143, err_text(proc)[-3000:]
     check_stopped_cleanly(tmp_path, proc, cmd, servers, "SIGTERM")
-    check_resumes(tmp_path, cmd)
+    check_resumes(tmp_path, cmd, prefect_api)
 
 
 def test_sigint_stops_a_vllm_loop(tmp_path, tiny_model, reap):
