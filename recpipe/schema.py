@@ -77,7 +77,14 @@ def _arrow_type(spec: dict[str, Any], where: str) -> pa.DataType:
     raise ValueError(f"{where}: unknown type {kind!r}")
 
 
+_COLUMN_KEYS = {"name", "type", "nullable", "description", "fields"}
+
+
 def _field(spec: dict[str, Any], where: str) -> pa.Field:
+    # An unquoted comma in a YAML flow mapping splits a description into stray keys: refuse them.
+    unknown = set(spec) - _COLUMN_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown column keys {sorted(unknown)} (quote a description that has a comma)")
     metadata = {"description": spec["description"]} if spec.get("description") else None
     return pa.field(
         spec["name"], _arrow_type(spec, where), nullable=spec.get("nullable", True), metadata=metadata

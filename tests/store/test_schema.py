@@ -55,3 +55,14 @@ def test_every_table_builds():
     assert {"rollouts", "groups", "policies", "batches", "steps", "evals"} <= set(table_names())
     for name in table_names():
         assert len(table_schema(name)) > 3
+
+
+def test_a_description_split_by_an_unquoted_comma_is_refused():
+    import yaml
+
+    from recpipe.schema import _field
+
+    # What YAML makes of `{name: task, type: string, description: Task name (a, b).}`.
+    spec = yaml.safe_load("{name: task, type: string, description: Task name (a, b).}")
+    with pytest.raises(ValueError, match=r"unknown column keys \['b\)\.'\]"):
+        _field(spec, "rollouts.task")
