@@ -1,12 +1,10 @@
 """The group-relative REINFORCE family (docs/algorithms.md) as pure functions.
 
-    from recpipe.algorithms import preset, group_advantages, policy_loss
+    from recpipe.algorithms import preset, policy_loss
     cfg = preset("rec-oneside-nois")
-    adv, kept = group_advantages([1.0, 0.0, 1.0, 0.0], cfg)
-    loss, metrics = policy_loss(logprobs, old_logprobs, torch.tensor(adv), mask, cfg)
+    loss, metrics = policy_loss(logprobs, old_logprobs, advantages, mask, cfg)
 
 config      LossConfig, PRESETS, preset
-advantages  group_advantages, batch_group_advantages, balance_drop
 losses      policy_loss, masked_mean, CLIP_MASKS, WEIGHTS, REGULARIZERS
 staleness   behaviour_version, staleness
 """
@@ -20,10 +18,9 @@ from recpipe.algorithms.losses import (
 )
 from recpipe.algorithms.staleness import behaviour_version, staleness
 
-# LossConfig (config.py, and advantages.py through it) needs pydantic: loaded on first use (PEP 562), so
+# LossConfig (config.py) needs pydantic: loaded on first use (PEP 562), so
 # the loss itself imports with torch alone (bench/bench_gpu.py on a GPU machine without pydantic).
 _WHERE = {
-    **dict.fromkeys(("STD_EPS", "balance_drop", "batch_group_advantages", "group_advantages"), "advantages"),
     **dict.fromkeys(("PRESETS", "LossConfig", "preset"), "config"),
 }
 
@@ -40,13 +37,9 @@ __all__ = [
     "CLIP_MASKS",
     "PRESETS",
     "REGULARIZERS",
-    "STD_EPS",
     "WEIGHTS",
     "LossConfig",
-    "balance_drop",
-    "batch_group_advantages",
     "behaviour_version",
-    "group_advantages",
     "masked_mean",
     "policy_loss",
     "preset",

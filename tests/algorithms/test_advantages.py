@@ -16,16 +16,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from recpipe.algorithms import (
-    STD_EPS,
-    LossConfig,
-    balance_drop,
-    batch_group_advantages,
-    group_advantages,
-    preset,
-)
+from recpipe.algorithms import LossConfig, preset
 from recpipe.select.queries import load_query
 from recpipe.select.selection import RESPONSE_COLUMNS
+from tests.algorithms.oracle_advantages import STD_EPS, balance_drop, batch_group_advantages, group_advantages
 from tests.select.synthetic import synthetic_shard
 
 REINFORCE = preset("reinforce")

@@ -1,4 +1,4 @@
-"""The SQL advantages (_advantages.sql) agree with recpipe.algorithms.group_advantages."""
+"""The SQL advantages (_advantages.sql), through select(), agree with the oracle (tests/algorithms/oracle_advantages.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import statistics
 
 import pytest
 
-from recpipe.algorithms import balance_drop, group_advantages, preset
+from recpipe.algorithms import preset
 from recpipe.select import select
 from recpipe.store import Store
+from tests.algorithms.oracle_advantages import balance_drop, group_advantages
 
 GRID = [-0.1, 0.1, 0.9, 1.1, 0.0, 1.0]  # the default task's rewards, and a failed reward's 0
 # Groups where float summation order would flip "r >= mean" or leave a residue in A: the reference

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import pyarrow as pa
 import torch
 
-from recpipe.algorithms import LossConfig, batch_group_advantages
+from recpipe.algorithms import LossConfig
+from tests.algorithms.oracle_advantages import batch_group_advantages
 
 
 def batch_table(rows: list[dict]) -> pa.Table:

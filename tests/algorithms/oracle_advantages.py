@@ -1,4 +1,8 @@
-"""Group-relative advantages, with GRPO's std normalization and RED-Drop's balancing.
+"""The tests' reference for group-relative advantages (GRPO's std normalization, RED-Drop's balancing).
+
+Production computes advantages in SQL (schemas/queries/_advantages.sql, select()'s second stage); this is
+the independent Python version the tests check it against (tests/algorithms/test_advantages.py,
+tests/select/test_sql_advantages.py) and the trainer tests build batches with.
 
     advantages, kept = group_advantages([1.0, 0.0, 0.0, 0.0], preset("red-drop"), random.Random(0))
 
