@@ -4,14 +4,16 @@
     recpipe sql --store store "SELECT policy_version, avg(reward) FROM rollouts GROUP BY 1"
     recpipe loop --model smollm2 --task arithmetic --steps 4 --store store
 
-Every command takes ``--config FILE`` and ``--set section.field=value``;
-errors print one clear line and exit non-zero without touching the store.
+Every command takes ``--config FILE`` and ``--set section.field=value``. A user error
+(recpipe.errors.RecpipeError) prints one clear line and exits 2 without touching the store; any other
+exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import inspect
 import json
 import logging
@@ -28,7 +30,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
-from recpipe.config import ConfigError, RecpipeConfig, load_config, to_params
+from recpipe.config import RecpipeConfig, load_config, to_params
+from recpipe.errors import OptionError, RecpipeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline off-policy RL pipeline: generate -> select -> train over a Delta Lake archive.")
@@ -46,45 +49,53 @@ AsOfOpt = Annotated[str | None, typer.Option("--as-of", help="Read the archive a
 RunOpt = Annotated[str | None, typer.Option("--run", help="Run name (overrides config `run`).")]
 
 
-class _ExpectedErrorFilter(logging.Filter):
+# The OSErrors the user can act on: a path is missing, in the way, or not theirs to read or write, or the
+# disk is full or read-only. Any other OSError (an I/O error, a bad file descriptor...) is a bug.
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+USER_OS_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT})
+
+
+def user_error(exc: BaseException, user_sql: bool = False) -> bool:
+    """Whether ``exc`` is the user's to fix (one line, exit code 2) rather than a bug (its traceback): a
+    RecpipeError, an OSError of USER_OS_ERRORS / USER_OS_ERRNOS, or, where the command runs the user's
+    SQL, DuckDB's error about that SQL."""
+    if isinstance(exc, RecpipeError):
+        return True
+    if isinstance(exc, OSError):
+        return isinstance(exc, USER_OS_ERRORS) or exc.errno in USER_OS_ERRNOS
+    if user_sql:
+        import duckdb
+
+        return isinstance(exc, duckdb.Error)
+    return False
+
+
+class _UserErrorFilter(logging.Filter):
     """Prefect logs an exception raised inside a flow or task with its traceback, then re-raises it; for
     the errors that ``friendly_errors`` reports in one line, that traceback is noise."""
 
-    def __init__(self, expected: tuple[type[BaseException], ...]):
-        super().__init__()
-        self.expected = expected
-
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], self.expected))
+        return not (record.exc_info and record.exc_info[1] is not None and user_error(record.exc_info[1]))
 
 
-def friendly_errors(fn: F) -> F:
-    """Turn expected errors into one red line and exit code 2 (no traceback)."""
-    from recpipe.errors import RecpipeError
-    from recpipe.store import RunLocked, StoreError, StoreWriteError
-    from recpipe.store.sql import QueryRefused, QueryTimeout
+_QUIET = _UserErrorFilter()
 
-    # OSError (FileNotFoundError, PermissionError, a read-only file system...) names its path: one line.
-    expected = (RecpipeError, ConfigError, StoreError, StoreWriteError, RunLocked, QueryRefused, QueryTimeout,
-                ValueError, KeyError, OSError)
-    quiet = _ExpectedErrorFilter(expected)
+
+def friendly_errors(fn: F, user_sql: bool = False) -> F:
+    """A user error (``user_error``) becomes one red line and exit code 2; any other exception is a bug
+    and propagates with its traceback (exit code 1)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         for name in ("prefect.flow_runs", "prefect.task_runs"):
-            logging.getLogger(name).addFilter(quiet)  # a no-op when it is there already
+            logging.getLogger(name).addFilter(_QUIET)  # a no-op when it is there already
         try:
             return fn(*args, **kwargs)
-        except expected as exc:
+        except Exception as exc:
+            if not user_error(exc, user_sql):
+                raise
             console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, markup=True)
             raise typer.Exit(2) from None
-        except Exception as exc:  # DuckDB errors etc.: still one line, but say what kind
-            import duckdb
-
-            if isinstance(exc, duckdb.Error):
-                console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
-                raise typer.Exit(2) from None
-            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -259,7 +270,7 @@ class Options:
         from recpipe import progress
 
         if verbose and quiet:
-            raise ValueError("give --verbose or --quiet, not both")
+            raise OptionError("give --verbose or --quiet, not both")
         progress.OUTPUT.verbose, progress.OUTPUT.quiet = verbose, quiet
         if self.given.get("dry_run"):
             yield
@@ -272,12 +283,13 @@ class Options:
             yield
 
 
-def command(*shared: str, long: bool = False) -> Callable[[F], F]:
+def command(*shared: str, long: bool = False, user_sql: bool = False) -> Callable[[F], F]:
     """Register ``fn`` as a command that takes the ``shared`` options besides its own parameters; they
     reach ``fn`` as its first argument, an ``Options``. Expected errors print as one line (friendly_errors).
 
     long: a pipeline command; it also takes --verbose / --quiet (``Options.console``) and stops within
-    seconds on SIGINT / SIGTERM (``stoppable``)."""
+    seconds on SIGINT / SIGTERM (``stoppable``). user_sql: the command runs SQL the user wrote, so DuckDB's
+    errors are theirs too (a bad column, a failed cast)."""
 
     def decorate(fn: F) -> F:
         body = stoppable(fn) if long else fn
@@ -298,7 +310,7 @@ def command(*shared: str, long: bool = False) -> Callable[[F], F]:
         params = [*(inspect.Parameter(n, keyword, default=d, annotation=a) for n, (a, d) in added.items()), *own]
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        app.command(fn.__name__)(friendly_errors(wrapper))
+        app.command(fn.__name__)(friendly_errors(wrapper, user_sql))
         return fn
 
     return decorate
@@ -313,7 +325,7 @@ def open_store(cfg: Any, create: bool = False) -> Any:
 def at_least(option: str, value: int | None, low: int) -> None:
     """Refuse a too-small numeric option before anything runs (``--prompts 0`` used to mean the default)."""
     if value is not None and value < low:
-        raise ValueError(f"{option} must be an integer >= {low} (got {value})")
+        raise OptionError(f"{option} must be an integer >= {low} (got {value})")
 
 
 def print_table(table: Any, fmt: str = "table", title: str | None = None) -> None:
@@ -336,7 +348,7 @@ def init(opts: Options) -> None:
     console.print(f"store ready at {st.root}")
 
 
-@command(*CONFIG)
+@command(*CONFIG, user_sql=True)
 def sql(
     opts: Options,
     query: Annotated[str, typer.Argument(help="A read-only SQL query over the tables.")],
@@ -353,7 +365,7 @@ def sql(
     from recpipe.store.sql import run_read_only
 
     if fmt not in output.FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(output.FORMATS)} (got {fmt!r})")
+        raise OptionError(f"--format must be one of {', '.join(output.FORMATS)} (got {fmt!r})")
     cfg = opts.build()
     target = output.output_target(output_path, fmt, cfg.store) if fmt == "parquet" or output_path else None
     con = open_store(cfg).connect(read_only=True, as_of=parse_as_of(as_of) if as_of else None)
@@ -385,9 +397,9 @@ def compact(
     names = table_names() if table == "all" else [table]
     for name in names:
         if name not in table_names():
-            raise ValueError(f"--table must be one of {', '.join(table_names())} or all (got {name!r})")
+            raise OptionError(f"--table must be one of {', '.join(table_names())} or all (got {name!r})")
     if retention_hours < MIN_RETENTION_HOURS:
-        raise ValueError(f"--retention-hours must be >= {MIN_RETENTION_HOURS:g}: a query still reading files "
+        raise OptionError(f"--retention-hours must be >= {MIN_RETENTION_HOURS:g}: a query still reading files "
                          f"removed less than that ago would fail (got {retention_hours:g})")
     st = open_store(cfg)
     for name in names:
@@ -489,9 +501,9 @@ def loop(
     (recpipe.roles)."""
     at_least("--generators", generators, 0)
     if ray is not None and not generators:
-        raise ValueError("--ray runs the generators as Ray actors: give --generators N (N >= 1) too")
+        raise OptionError("--ray runs the generators as Ray actors: give --generators N (N >= 1) too")
     if ray is not None and generator_devices:
-        raise ValueError("--generator-devices places local processes; with --ray, Ray places the actors")
+        raise OptionError("--generator-devices places local processes; with --ray, Ray places the actors")
     cfg = opts.config()
     done, version, evaluated = _steps_done(cfg)
     if done >= cfg.loop.steps and evaluated:
@@ -523,7 +535,7 @@ def _devices(option: str, text: str | None) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"{option} must be comma-separated device numbers, e.g. 0,1 (got {text!r})") from None
+        raise OptionError(f"{option} must be comma-separated device numbers, e.g. 0,1 (got {text!r})") from None
 
 
 @command(*LOOP, long=True)
@@ -554,7 +566,7 @@ def trainer(
     """The trainer role: trains each step once generator workers (`recpipe generator`) committed its rollouts;
     one per run. Example: recpipe trainer --store s3://bucket/runs --run r1 --steps 20"""
     if wait_timeout <= 0:
-        raise ValueError(f"--wait-timeout must be > 0 seconds (got {wait_timeout})")
+        raise OptionError(f"--wait-timeout must be > 0 seconds (got {wait_timeout})")
     from recpipe.progress import LoopProgress
     from recpipe.recipe import LoopRecipe
     from recpipe.roles import pin_to_cpus, run_trainer
@@ -604,7 +616,7 @@ def select(
     cfg = opts.build({"select.query": query})
     cfg.select.params = {**cfg.select.params, **params}
     if rerun and as_of:
-        raise ValueError("--rerun uses the versions the step recorded; give --rerun or --as-of, not both")
+        raise OptionError("--rerun uses the versions the step recorded; give --rerun or --as-of, not both")
     if rerun or as_of:
         from recpipe.select import replay_lineage, rerun_recorded
         from recpipe.store import parse_as_of
@@ -662,7 +674,7 @@ def retrain(
         cfg = opts.build()
         recorded = recorded_steps(open_store(cfg), source_run) if Store.exists(cfg.store) else []
         if not recorded:
-            raise ValueError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
+            raise OptionError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
         if opts.given["steps"] is None:  # every recorded step (given as an override: set on the config it would not travel)
             extra["loop.steps"] = recorded[-1] + 1
         # A new run replays the source run's rollouts, token ids of its tokenizer: start from its base model.
@@ -811,7 +823,7 @@ def status(
     from recpipe.status import runs_status, table_rows
 
     if fmt not in ("table", "json"):
-        raise ValueError(f"--format must be table or json (got {fmt!r})")
+        raise OptionError(f"--format must be table or json (got {fmt!r})")
     st = open_store(opts.build())
     runs = runs_status(st)
     if fmt == "json":
@@ -823,7 +835,7 @@ def status(
 
         saved = saved_run_config(st, run)
         if saved is None:
-            raise ValueError(f"run {run!r} has no saved config in {st.uri} (runs: "
+            raise OptionError(f"run {run!r} has no saved config in {st.uri} (runs: "
                              f"{', '.join(runs.column('run').to_pylist()) or 'none'})")
         out.print(f"config of run {run}:", highlight=False)
         out.print(saved, end="", highlight=False, markup=False, soft_wrap=True)
