@@ -9,7 +9,6 @@ import pytest
 
 from recpipe.config import load_config
 from recpipe.errors import RecpipeError
-from recpipe.models.load import tokenizer_identity
 from recpipe.recipe import LoopRecipe, TokenizerMismatch
 from recpipe.store import Store
 from recpipe.train import Trainer
@@ -25,13 +24,19 @@ def other_tokenizer(tiny_model, dest):
     return dest
 
 
-def test_tokenizer_identity_ignores_formatting_and_sees_the_vocabulary(tiny_model, tmp_path):
+def test_tokenizer_fingerprint_ignores_formatting_and_sees_the_vocabulary(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from recpipe.generate.rollouts import tokenizer_fingerprint
+
+    def fingerprint(path):
+        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path))
+
     resaved = shutil.copytree(tiny_model, tmp_path / "resaved")
     spec = json.loads((resaved / "tokenizer.json").read_text())
     (resaved / "tokenizer.json").write_text(json.dumps(dict(reversed(list(spec.items()))), indent=4))
-    assert tokenizer_identity(resaved) == tokenizer_identity(tiny_model) is not None
-    assert tokenizer_identity(other_tokenizer(tiny_model, tmp_path / "other")) != tokenizer_identity(tiny_model)
-    assert tokenizer_identity(tmp_path) is None  # no tokenizer.json: nothing to compare
+    assert fingerprint(resaved) == fingerprint(tiny_model)
+    assert fingerprint(other_tokenizer(tiny_model, tmp_path / "other")) != fingerprint(tiny_model)
 
 
 def test_retrain_refuses_a_model_whose_tokenizer_differs_from_the_rollouts(tiny_model, tmp_path):

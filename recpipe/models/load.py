@@ -6,8 +6,6 @@ PosixPath('/root/.cache/recpipe/tiny-seed0')
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from recpipe.models.cache import build_once, cache_root
@@ -35,16 +33,4 @@ def resolve_model(spec: str, cache_dir: str | Path | None = None) -> Path:
             f"checkpoint directory (config.json, weights, tokenizer)"
         )
     return path.resolve()
-
-
-def tokenizer_identity(checkpoint: str | Path) -> str | None:
-    """A digest of what maps text to token ids in ``checkpoint`` (tokenizer.json's model and added tokens,
-    key order ignored), so two checkpoints with the same tokenizer match however it was saved; None when
-    the checkpoint has no tokenizer.json (nothing to compare)."""
-    path = Path(checkpoint) / "tokenizer.json"
-    if not path.is_file():
-        return None
-    spec = json.loads(path.read_text())
-    canonical = json.dumps({"model": spec.get("model"), "added_tokens": spec.get("added_tokens")}, sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -321,3 +321,10 @@ def test_null_token_ids_are_rejected():
     for vocab_size in (None, 1000):
         with pytest.raises(BatchError, match=r"response_token_ids of rollout 's0/r1' holds a null token id"):
             samples_from_table(table, vocab_size=vocab_size)
+
+
+def test_selection_batches_carry_every_column_the_trainer_requires():
+    # Two lists on purpose: what the trainer needs (a subset) and what selection writes; this keeps them in step.
+    from recpipe.select import BATCH_COLUMNS
+
+    assert set(REQUIRED_COLUMNS) | {"top_p", "kept"} <= set(BATCH_COLUMNS)
