@@ -31,7 +31,7 @@ from recpipe.config import RecpipeConfig
 from recpipe.errors import OptionError, RecpipeError
 from recpipe.generate.plan import ShardPlan, generation_version, plan_shards, prompts_needed
 from recpipe.generate.pool import EnginePool
-from recpipe.schema import SCHEMA_VERSION
+from recpipe.schema import SCHEMA_VERSION, table_spec
 from recpipe.store import Store
 from recpipe.store.lease import Lease
 from recpipe.tasks import Task, get_task
@@ -319,7 +319,7 @@ class LoopRecipe:
                        groups=groups or self.cfg.select.groups_per_step, loss_config=self.cfg.loss.build(),
                        seed=self.cfg.train.seed)
         tokens = pc.sum(pc.list_value_length(batch.rollouts.column("response_token_ids"))).as_py() or 0
-        self.record_time("select", f"step-{step:06d}", time.perf_counter() - started, tokens)
+        self.record_time("select", table_spec("steps").shard_id(step=step), time.perf_counter() - started, tokens)
         return batch
 
     def train_step(self, step: int, batch: Any) -> Any:
@@ -327,7 +327,7 @@ class LoopRecipe:
         check_stop()
         started = time.perf_counter()
         result = self.trainer.step(step, batch)
-        self.record_time("train", f"step-{step:06d}", time.perf_counter() - started, result.row.get("tokens"),
+        self.record_time("train", table_spec("steps").shard_id(step=step), time.perf_counter() - started, result.row.get("tokens"),
                          self.trainer.current_version)
         row = result.row
         self.progress("step", {"step": step, "loss": row.get("loss"), "policy_version": result.policy_version,

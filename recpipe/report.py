@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from recpipe.errors import OptionError  # noqa: E402
 from recpipe.store import Store  # noqa: E402
 
 QUERIES = {
@@ -161,7 +162,7 @@ def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) ->
     data = {name: collect(store, name) for name in runs}
     for name, d in data.items():
         if not d["rewards"] and not d["steps"]:
-            raise ValueError(f"run {name!r} has no rollouts and no steps in {store.uri}")
+            raise OptionError(f"run {name!r} has no rollouts and no steps in {store.uri}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plots = []

@@ -192,8 +192,13 @@ class Store:
 
         return snapshot(self, table, version)
 
+    @staticmethod
+    def checkpoint_key(run: str, version: int) -> str:
+        """Where version ``version`` of ``run`` lives, relative to the store (a path, or an object prefix)."""
+        return f"checkpoints/{run}/v{version:06d}"
+
     def checkpoint_dir(self, run: str, version: int) -> Path:
-        return self.root / "checkpoints" / run / f"v{version:06d}"
+        return self.root / self.checkpoint_key(run, version)
 
     def lock(self, run: str, purpose: str = "writer") -> Lease:
         """The exclusive lease of ``run`` for one ``purpose`` (loop, trainer), good across machines."""

@@ -208,7 +208,7 @@ def conform_legacy(table: str, data: pa.Table, version: int) -> pa.Table:
     for name in schema.names:
         if name not in data.column_names:
             if name not in defaults:
-                raise ValueError(f"{table}: column {name!r} missing (schema_version {version}) and tables.yaml "
+                raise StoreError(f"{table}: column {name!r} missing (schema_version {version}) and tables.yaml "
                                  "has no migration default for it")
             data = data.append_column(name, pa.array([defaults[name]] * data.num_rows, schema.field(name).type))
     return conform(table, data.replace_schema_metadata(None))

@@ -13,7 +13,7 @@ math_reward.py (math-verify), rewards.py (weighted reward functions).
 """
 
 from recpipe.tasks.arithmetic import ArithmeticTask
-from recpipe.tasks.base import Prompt, RewardResult, RewardTerm, Task
+from recpipe.tasks.base import Prompt, RewardResult, RewardTerm, Task, TaskError
 from recpipe.tasks.dataset import DatasetTask
 from recpipe.tasks.gsm8k import GSM8KTask
 from recpipe.tasks.registry import ENTRY_POINT_GROUP, get_task, register_task, task_names
@@ -32,6 +32,7 @@ __all__ = [
     "RewardResult",
     "RewardTerm",
     "Task",
+    "TaskError",
     "get_task",
     "register_task",
     "score_responses",

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import re
 
+from recpipe.tasks.base import TaskError
+
 MAX_PARSE_CHARS = 8192  # ~2k tokens; head and tail halves are kept, the middle of longer text is skipped
 _CONTEXT_CHARS = 24  # how far before / after a number its cue ("answer is", "=", "####") is looked for
 
@@ -56,7 +58,7 @@ def gold_number(answer: str) -> str:
     """Canonical form of a prompt's gold answer ("1,234" -> "1234"); ValueError if it is not one number."""
     number = canonical_number(answer) if isinstance(answer, str) else None
     if number is None:
-        raise ValueError(f"prompt.answer={answer!r:.80}: expected one number, e.g. '42' or '-3.5'")
+        raise TaskError(f"prompt.answer={answer!r:.80}: expected one number, e.g. '42' or '-3.5'")
     return number
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from recpipe.tasks import answers
-from recpipe.tasks.base import Prompt, RewardResult, check_prompts_args, check_response
+from recpipe.tasks.base import Prompt, RewardResult, TaskError, check_prompts_args, check_response
 
 OPERATIONS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b), "mul": ("*", lambda a, b: a * b)}
 PROMPT_TEMPLATE = "What is {a} {symbol} {b}? Answer with just the number."
@@ -105,18 +105,18 @@ class ArithmeticTask:
     def __post_init__(self) -> None:
         ops = self.operation.split("-") if isinstance(self.operation, str) else [None]
         if not all(op in OPERATIONS for op in ops) or len(ops) > MAX_OPERATIONS:
-            raise ValueError(f"operation={self.operation!r}: expected one of {sorted(OPERATIONS)}, or up to "
+            raise TaskError(f"operation={self.operation!r}: expected one of {sorted(OPERATIONS)}, or up to "
                              f"{MAX_OPERATIONS} of them joined by '-' (e.g. 'add-add', 'mul-add')")
         for field in ("low", "high", "n_train", "n_test", "split_seed"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{field}={value!r}: expected an int")
+                raise TaskError(f"{field}={value!r}: expected an int")
         if self.low > self.high:
-            raise ValueError(f"low={self.low} > high={self.high}: expected low <= high")
+            raise TaskError(f"low={self.low} > high={self.high}: expected low <= high")
         if self.n_train < 0 or self.n_test < 0:
-            raise ValueError(f"n_train={self.n_train}, n_test={self.n_test}: expected both >= 0")
+            raise TaskError(f"n_train={self.n_train}, n_test={self.n_test}: expected both >= 0")
         if self.n_train + self.n_test > self._n_pairs:
-            raise ValueError(
+            raise TaskError(
                 f"n_train + n_test = {self.n_train + self.n_test} > {self._n_pairs} distinct operand tuples "
                 f"in [{self.low}, {self.high}]^{self.operands}: lower n_train/n_test or widen low..high"
             )

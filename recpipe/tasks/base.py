@@ -18,6 +18,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from recpipe.errors import RecpipeError
+
+
+class TaskError(RecpipeError, ValueError):
+    """A task that cannot be built or scored as configured: bad options, unreadable data, a reward function
+    that returns no finite number."""
+
+
 CORRECT_REWARD = 1.0
 FORMAT_BONUS = 0.1  # +0.1 for the expected answer format, -0.1 otherwise
 MAX_ERROR_CHARS = 500  # error strings land in Parquet; an exception message may quote a 10 MB response
@@ -128,9 +136,9 @@ SPLITS = ("train", "test")
 def check_prompts_args(split: str, limit: int | None) -> None:
     """Shared argument checks of Task.prompts (ValueError naming the bad argument)."""
     if split not in SPLITS:
-        raise ValueError(f"split={split!r}: expected one of {list(SPLITS)}")
+        raise TaskError(f"split={split!r}: expected one of {list(SPLITS)}")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-        raise ValueError(f"limit={limit!r}: expected None or an int >= 0")
+        raise TaskError(f"limit={limit!r}: expected None or an int >= 0")
 
 
 def check_response(response: object) -> str:

@@ -48,7 +48,7 @@ from typing import Any
 import pyarrow as pa
 
 from recpipe.tasks import answers, gsm8k
-from recpipe.tasks.base import Prompt, RewardResult, check_prompts_args, check_response
+from recpipe.tasks.base import Prompt, RewardResult, TaskError, check_prompts_args, check_response
 
 PROMPT_COLUMNS = ("prompt", "question", "problem", "input")
 ANSWER_COLUMNS = ("answer", "solution", "target", "output")
@@ -63,7 +63,7 @@ def read_table(path: Path) -> dict[str, pa.Table]:
     """The rows of a data file or save_to_disk folder, by split ("all" when the source has no splits)."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise ValueError(f"path={str(path)!r} does not exist")
+        raise TaskError(f"path={str(path)!r} does not exist")
     if path.is_dir():
         return _read_saved_dataset(path)
     suffix = path.suffix.lower()
@@ -87,10 +87,10 @@ def read_table(path: Path) -> dict[str, pa.Table]:
 
             table = pq.read_table(path)
         else:
-            raise ValueError(f"path={str(path)!r}: expected a .jsonl, .json, .csv or .parquet file, or a "
+            raise TaskError(f"path={str(path)!r}: expected a .jsonl, .json, .csv or .parquet file, or a "
                              "folder written by datasets' save_to_disk")
     except pa.ArrowInvalid as exc:
-        raise ValueError(f"path={str(path)!r}: cannot read it ({exc})") from None
+        raise TaskError(f"path={str(path)!r}: cannot read it ({exc})") from None
     return {"all": table}
 
 
@@ -102,7 +102,7 @@ def _read_arrow_files(folder: Path) -> pa.Table:
         with pa.OSFile(str(folder / entry["filename"])) as source:
             tables.append(pa.ipc.open_stream(source).read_all())
     if state.get("_indices_data_files"):  # never written by save_to_disk (it flattens), but say so if seen
-        raise ValueError(f"{folder}: an indices mapping is not supported; save it with flatten_indices() first")
+        raise TaskError(f"{folder}: an indices mapping is not supported; save it with flatten_indices() first")
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
@@ -112,7 +112,7 @@ def _read_saved_dataset(folder: Path) -> dict[str, pa.Table]:
         return {split: _read_arrow_files(folder / split) for split in splits}
     if (folder / "state.json").is_file():
         return {"all": _read_arrow_files(folder)}
-    raise ValueError(f"path={str(folder)!r} is a folder but not one datasets' save_to_disk wrote "
+    raise TaskError(f"path={str(folder)!r} is a folder but not one datasets' save_to_disk wrote "
                      "(no dataset_dict.json or state.json)")
 
 
@@ -162,19 +162,19 @@ def marked_answer(response: str) -> tuple[str | None, bool]:
 def _column(table: pa.Table, given: str | None, candidates: tuple[str, ...], what: str) -> str:
     if given is not None:
         if given not in table.column_names:
-            raise ValueError(f"{what}={given!r} is not a column; the data has {table.column_names}")
+            raise TaskError(f"{what}={given!r} is not a column; the data has {table.column_names}")
         return given
     for name in candidates:
         if name in table.column_names:
             return name
-    raise ValueError(f"no {what} given and none of {list(candidates)} is a column; the data has "
+    raise TaskError(f"no {what} given and none of {list(candidates)} is a column; the data has "
                      f"{table.column_names}: pass task.options.{what}=NAME")
 
 
 def load_chat_template(spec: str) -> str:
     """The Jinja source ``chat_template`` names: "none" (RAW_TEMPLATE), a file, or a template itself."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"chat_template={spec!r}: expected a Jinja template, the path of a file holding one, "
+        raise TaskError(f"chat_template={spec!r}: expected a Jinja template, the path of a file holding one, "
                          "or 'none' for the raw prompt text")
     if spec.strip().lower() == "none":
         return RAW_TEMPLATE
@@ -183,7 +183,7 @@ def load_chat_template(spec: str) -> str:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise ValueError(f"chat_template={spec!r}: neither a file nor a Jinja template (no {{{{ }}}} or "
+            raise TaskError(f"chat_template={spec!r}: neither a file nor a Jinja template (no {{{{ }}}} or "
                              "{% %}); pass a template, the path of a .jinja file, or 'none'")
         source = path.read_text(encoding="utf-8")
     import jinja2
@@ -191,7 +191,7 @@ def load_chat_template(spec: str) -> str:
     try:
         jinja2.Environment().parse(source)
     except jinja2.TemplateSyntaxError as exc:
-        raise ValueError(f"chat_template: line {exc.lineno}: {exc.message}") from None
+        raise TaskError(f"chat_template: line {exc.lineno}: {exc.message}") from None
     return source
 
 
@@ -215,20 +215,20 @@ class DatasetTask:
 
     def __post_init__(self) -> None:
         if self.match not in MATCHES:
-            raise ValueError(f"match={self.match!r}: expected one of {list(MATCHES)}")
+            raise TaskError(f"match={self.match!r}: expected one of {list(MATCHES)}")
         if not (isinstance(self.test_fraction, int | float) and 0 < self.test_fraction < 1):
-            raise ValueError(f"test_fraction={self.test_fraction!r}: expected a number between 0 and 1")
+            raise TaskError(f"test_fraction={self.test_fraction!r}: expected a number between 0 and 1")
         if self.chat_template is not None:
             object.__setattr__(self, "chat_template", load_chat_template(self.chat_template))
         sources = read_table(self.path)
         if self.test_path is not None:
             if "all" not in sources:
-                raise ValueError("test_path: the data already has splits (a DatasetDict); give one or the other")
+                raise TaskError("test_path: the data already has splits (a DatasetDict); give one or the other")
             sources = {"train": sources["all"], "test": read_table(self.test_path).get("all")}
         splits = self._split(sources)
         for split in ("train", "test"):
             if not splits[split]:
-                raise ValueError(f"{self.path}: no {split} prompts (rows: "
+                raise TaskError(f"{self.path}: no {split} prompts (rows: "
                                  f"{ {k: len(v) for k, v in splits.items()} })")
         object.__setattr__(self, "_splits", splits)
         if self.match == "auto":
@@ -243,7 +243,7 @@ class DatasetTask:
         if "all" not in sources:  # a DatasetDict
             test_name = "test" if "test" in sources else "validation" if "validation" in sources else None
             if "train" not in sources or test_name is None:
-                raise ValueError(f"{self.path}: a DatasetDict needs a train and a test (or validation) split; "
+                raise TaskError(f"{self.path}: a DatasetDict needs a train and a test (or validation) split; "
                                  f"it has {sorted(sources)}")
             return {"train": self._prompts(sources["train"]), "test": self._prompts(sources[test_name])}
         table = sources["all"]
@@ -276,7 +276,7 @@ class DatasetTask:
                 digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
                 prompt_id = f"{self.name}-{digest}"
             if row[answer_col] is None:
-                raise ValueError(f"{self.path}: row {index} has no {answer_col!r}")
+                raise TaskError(f"{self.path}: row {index} has no {answer_col!r}")
             prompts.append(Prompt(prompt_id=prompt_id, messages=messages, answer=gold_text(row[answer_col])))
         return prompts
 
@@ -288,11 +288,11 @@ class DatasetTask:
             try:
                 content = self.template.format_map({**row, "prompt": value})
             except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"template={self.template!r}: {type(exc).__name__}: {exc} (columns: "
+                raise TaskError(f"template={self.template!r}: {type(exc).__name__}: {exc} (columns: "
                                  f"{sorted(row)}; write {{{{ and }}}} for literal braces)") from None
             messages = [{"role": "user", "content": content}]
         else:
-            raise ValueError(f"{self.path}: row {index}: {prompt_col!r} is {type(value).__name__}; expected text or "
+            raise TaskError(f"{self.path}: row {index}: {prompt_col!r} is {type(value).__name__}; expected text or "
                              "a list of chat messages ({'role', 'content'})")
         if self.system and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.system}, *messages]

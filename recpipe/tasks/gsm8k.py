@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from recpipe.tasks import answers
-from recpipe.tasks.base import Prompt, RewardResult, check_prompts_args, check_response
+from recpipe.tasks.base import Prompt, RewardResult, TaskError, check_prompts_args, check_response
 
 PROMPT_TEMPLATE = (
     "{question}\n"
@@ -57,7 +57,7 @@ def default_data_dir() -> Path:
     for candidate in candidates:
         if (candidate / "test.jsonl").is_file():
             return candidate
-    raise ValueError(
+    raise TaskError(
         f"GSM8K data not found in {[str(c) for c in candidates]}: pass data_dir=<folder with *.jsonl>"
     )
 
@@ -67,7 +67,7 @@ def gold_answer(solution: str) -> str:
     _, sep, tail = solution.rpartition("####")
     number = answers.canonical_number(tail) if sep else None
     if number is None:
-        raise ValueError(f"answer={solution[-80:]!r}: expected a solution ending in '#### <number>'")
+        raise TaskError(f"answer={solution[-80:]!r}: expected a solution ending in '#### <number>'")
     return number
 
 
@@ -81,7 +81,7 @@ def load_split(path: Path) -> tuple[tuple[str, str], ...]:
                 record = json.loads(line)
                 rows.append((record["question"], gold_answer(record["answer"])))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{line_no}: bad GSM8K record ({type(e).__name__}: {e})") from e
+                raise TaskError(f"{path}:{line_no}: bad GSM8K record ({type(e).__name__}: {e})") from e
     return tuple(rows)
 
 
@@ -119,7 +119,7 @@ class GSM8KTask:
         data_dir = Path(self.data_dir)
         for split in ("train", "test"):
             if not (data_dir / f"{split}.jsonl").is_file():
-                raise ValueError(f"data_dir={str(self.data_dir)!r}: no {split}.jsonl in it")
+                raise TaskError(f"data_dir={str(self.data_dir)!r}: no {split}.jsonl in it")
         object.__setattr__(self, "data_dir", data_dir.resolve())  # frozen: normalise once, here
 
     def prompts(self, split: str, limit: int | None = None, seed: int | None = 0) -> list[Prompt]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-from recpipe.tasks.base import Task
+from recpipe.tasks.base import Task, TaskError
 
 ENTRY_POINT_GROUP = "recpipe.tasks"
 
@@ -26,11 +26,11 @@ _FACTORIES: dict[str, Callable[..., Task]] = {}
 def register_task(name: str, factory: Callable[..., Task], *, overwrite: bool = False) -> None:
     """Register `factory(**options) -> Task` under `name` (a class works as its own factory)."""
     if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"name={name!r}: expected a non-empty str without ':' (':' marks module:callable)")
+        raise TaskError(f"name={name!r}: expected a non-empty str without ':' (':' marks module:callable)")
     if not callable(factory):
-        raise ValueError(f"factory={factory!r}: expected a callable returning a Task")
+        raise TaskError(f"factory={factory!r}: expected a callable returning a Task")
     if name in _FACTORIES and not overwrite and _FACTORIES[name] is not factory:
-        raise ValueError(f"name={name!r} is already registered; pass overwrite=True to replace it")
+        raise TaskError(f"name={name!r} is already registered; pass overwrite=True to replace it")
     _FACTORIES[name] = factory
 
 
@@ -48,17 +48,17 @@ def import_callable(spec: str, what: str = "task") -> Callable[..., Any]:
     what is wrong with it."""
     module_name, _, attr_path = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module_name or not attr_path:
-        raise ValueError(f"{what}={spec!r}: expected 'module:callable', e.g. 'my_package.tasks:MyTask'")
+        raise TaskError(f"{what}={spec!r}: expected 'module:callable', e.g. 'my_package.tasks:MyTask'")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"{what}={spec!r}: cannot import module {module_name!r} ({e})") from e
+        raise TaskError(f"{what}={spec!r}: cannot import module {module_name!r} ({e})") from e
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
-            raise ValueError(f"{what}={spec!r}: {module_name!r} has no attribute {attr_path!r}")
+            raise TaskError(f"{what}={spec!r}: {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise ValueError(f"{what}={spec!r}: {attr_path!r} is not callable")
+        raise TaskError(f"{what}={spec!r}: {attr_path!r} is not callable")
     return obj
 
 
@@ -70,7 +70,7 @@ def get_task(name: str, **options: Any) -> Task:
     reward_funcs = options.pop("reward_funcs", None)
     reward_weights = options.pop("reward_weights", None)
     if reward_weights is not None and reward_funcs is None:
-        raise ValueError("reward_weights given without reward_funcs")
+        raise TaskError("reward_weights given without reward_funcs")
     task = _build_task(name, **options)
     if reward_funcs is None:
         return task
@@ -87,7 +87,7 @@ def _build_task(name: str, **options: Any) -> Task:
     else:
         eps = _entry_points()
         if name not in eps:
-            raise ValueError(
+            raise TaskError(
                 f"task={name!r} is unknown: registered tasks are {task_names()}; "
                 "register one with register_task or pass 'module:callable'"
             )
@@ -95,7 +95,7 @@ def _build_task(name: str, **options: Any) -> Task:
     task = factory(**options)
     # Catch a wrong factory here, not halfway through a generation run.
     if not isinstance(task, Task) or not isinstance(getattr(task, "name", None), str):
-        raise ValueError(
+        raise TaskError(
             f"task={name!r}: the factory returned {type(task).__name__}, "
             "expected a Task: a str `name`, `prompts(split, limit, seed)` and `score(prompt, response)`"
         )

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from recpipe.tasks.base import Prompt, RewardResult, RewardTerm, Task
+from recpipe.tasks.base import Prompt, RewardResult, RewardTerm, Task, TaskError
 
 RewardFn = Callable[[Prompt, str], Any]
 
@@ -43,21 +43,21 @@ def resolve_rewards(task: Task, funcs: Sequence[str], weights: Sequence[float] |
     from recpipe.tasks.registry import import_callable
 
     if isinstance(funcs, str) or not funcs:
-        raise ValueError(f"reward_funcs={funcs!r}: expected a non-empty list of names ('task', 'math' or "
+        raise TaskError(f"reward_funcs={funcs!r}: expected a non-empty list of names ('task', 'math' or "
                          "'module:function')")
     weights = [1.0] * len(funcs) if weights is None else list(weights)
     if len(weights) != len(funcs):
-        raise ValueError(f"reward_weights has {len(weights)} entries, reward_funcs {len(funcs)}: one weight each")
+        raise TaskError(f"reward_weights has {len(weights)} entries, reward_funcs {len(funcs)}: one weight each")
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
-            raise ValueError(f"reward_weights={weights!r}: expected finite numbers")
+            raise TaskError(f"reward_weights={weights!r}: expected finite numbers")
     resolved = []
     for name, weight in zip(funcs, weights, strict=True):
         fn = builtin_reward(name, task) if isinstance(name, str) else None
         if fn is None:
             fn = import_callable(name, "reward_funcs entry")
         if name in [n for n, _, _ in resolved]:
-            raise ValueError(f"reward_funcs names {name!r} twice")
+            raise TaskError(f"reward_funcs names {name!r} twice")
         resolved.append((name, fn, float(weight)))
     return resolved
 

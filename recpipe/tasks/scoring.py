@@ -29,7 +29,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from recpipe.tasks.base import Prompt, RewardResult, Task
+from recpipe.tasks.base import Prompt, RewardResult, Task, TaskError
 
 
 class _Cancelled(BaseException):
@@ -84,7 +84,7 @@ def score_responses(
     timeout (for scorers known to be fast, e.g. in a subprocess that has its own limit).
     """
     if len(prompts) != len(responses):
-        raise ValueError(
+        raise TaskError(
             f"len(prompts)={len(prompts)} != len(responses)={len(responses)}: pass one prompt per response"
         )
     if timeout_s is None:
@@ -94,7 +94,7 @@ def score_responses(
         or not isinstance(timeout_s, int | float)
         or not (math.isfinite(timeout_s) and timeout_s > 0)
     ):
-        raise ValueError(f"timeout_s={timeout_s!r}: expected a finite number of seconds > 0, or None")
+        raise TaskError(f"timeout_s={timeout_s!r}: expected a finite number of seconds > 0, or None")
 
     results: list[RewardResult | None] = [None] * len(responses)
     start = 0

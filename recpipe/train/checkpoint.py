@@ -121,13 +121,9 @@ def version_dirs(store: Store, run: str) -> dict[int, Path]:
     return found
 
 
-def _relative(run: str, version: int) -> str:
-    return f"checkpoints/{run}/v{version:06d}"
-
-
 def publish_version(store: Store, run: str, version: int) -> None:
     """Upload a version written locally to a remote store's storage (manifest last); no-op on a local store."""
-    objects.publish_dir(store, store.checkpoint_dir(run, version), _relative(run, version), MANIFEST_FILE)
+    objects.publish_dir(store, store.checkpoint_dir(run, version), store.checkpoint_key(run, version), MANIFEST_FILE)
 
 
 def local_version(store: Store, run: str, version: int) -> Path:
@@ -137,7 +133,7 @@ def local_version(store: Store, run: str, version: int) -> Path:
     if store.location.is_local or (is_complete(path) and not verify_checkpoint(path, "skip")):
         return path
     try:
-        return objects.fetch_dir(store, _relative(run, version), path)
+        return objects.fetch_dir(store, store.checkpoint_key(run, version), path)
     except FileNotFoundError:
         raise CheckpointError(f"run {run!r}: version v{version:06d} is not in {store.uri}/checkpoints/{run} "
                               "(not trained yet, or removed by retention)") from None
@@ -501,7 +497,7 @@ def apply_retention(store: Store, run: str, latest: int, keep_every: int, needed
     removed = []
     for version, path in sorted(dirs.items()):
         if version not in keep:
-            objects.delete_dir(store, _relative(run, version), MANIFEST_FILE)
+            objects.delete_dir(store, store.checkpoint_key(run, version), MANIFEST_FILE)
             if path.exists():
                 _remove_dir(path)
             removed.append(version)
@@ -511,5 +507,5 @@ def apply_retention(store: Store, run: str, latest: int, keep_every: int, needed
                 (path / name).unlink(missing_ok=True)
                 if not store.location.is_local:
                     with contextlib.suppress(FileNotFoundError):
-                        store.location.fs.delete_file(store.location.path(_relative(run, version), name))
+                        store.location.fs.delete_file(store.location.path(store.checkpoint_key(run, version), name))
     return removed

@@ -273,7 +273,7 @@ class Trainer:
         self.run = run
         self.model_path = Path(model_path).resolve()
         if not (self.model_path / "config.json").is_file():
-            raise ValueError(f"model_path={str(model_path)!r} holds no config.json; pass a checkpoint directory")
+            raise ConfigError(f"model_path={str(model_path)!r} holds no config.json; pass a checkpoint directory")
         self.cfg = train_cfg or TrainConfig()
         if loss_cfg is None:
             section = LossSection(preset=preset_name) if preset_name else LossSection()

@@ -110,7 +110,7 @@ def test_bad_numeric_options_are_refused_before_anything_runs(tmp_path, tiny_mod
     model = [] if args[0] == "select" else ["--model", str(tiny_model)]
     result = recpipe(*args, "--store", str(target), *model, "--set", "generate.backend=hf", cwd=tmp_path)
     assert result.exit_code == 2, result.stdout + result.stderr
-    assert result.stderr.strip() == f"error: ValueError: {message}"
+    assert result.stderr.strip() == f"error: OptionError: {message}"
     assert not target.exists()
 
 
