@@ -17,6 +17,7 @@ Rules shared by the built-in tasks:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 
 from recpipe.tasks.base import TaskError
 
@@ -80,3 +81,19 @@ def before(text: str, match: re.Match[str]) -> str:
 def after(text: str, match: re.Match[str]) -> str:
     """The few characters behind a number: tells "3 + 4" (an expression) from "7." (a result)."""
     return text[match.end() : match.end() + _CONTEXT_CHARS]
+
+
+def cued_answer(text: str, cues: Sequence[re.Pattern[str]], *, latest_first: bool,
+                accept: Callable[[str, re.Match[str]], bool] | None = None) -> str | None:
+    """The canonical number a response gives as its answer: the first number (in text order, or from the end
+    with ``latest_first``) that a cue precedes, trying the cues in order and skipping numbers ``accept``
+    rejects; else the last number; None when there is none. Each task's cues and order are its rules."""
+    text = clip(text)
+    found = numbers(text)
+    if not found:
+        return None
+    for cue in cues:
+        for match in reversed(found) if latest_first else found:
+            if (accept is None or accept(text, match)) and cue.search(before(text, match)):
+                return canonical(match)
+    return canonical(found[-1])

@@ -57,16 +57,11 @@ _STARTS_EXPRESSION = re.compile(r"\s*[-+*/x×÷^]\s*\$?[0-9(]", re.ASCII)
 
 def extract_answer(text: str) -> str | None:
     """Canonical final answer found in an arithmetic response (rules in the module docstring), or None."""
-    text = answers.clip(text)
-    found = answers.numbers(text)
-    if not found:
-        return None
-    for cue in (_ANSWER_CUE, _RESULT_CUE):
-        for match in found:
-            is_expression = _STARTS_EXPRESSION.match(answers.after(text, match)) is not None
-            if not is_expression and cue.search(answers.before(text, match)):
-                return answers.canonical(match)
-    return answers.canonical(found[-1])
+    return answers.cued_answer(text, (_ANSWER_CUE, _RESULT_CUE), latest_first=False, accept=_not_an_operand)
+
+
+def _not_an_operand(text: str, match: re.Match[str]) -> bool:
+    return _STARTS_EXPRESSION.match(answers.after(text, match)) is None
 
 
 def evaluate_chain(values: tuple[int, ...], operations: tuple[str, ...]) -> int:

@@ -87,15 +87,7 @@ def load_split(path: Path) -> tuple[tuple[str, str], ...]:
 
 def extract_answer(text: str) -> str | None:
     """Canonical final answer of a GSM8K response (rules in the module docstring), or None."""
-    text = answers.clip(text)
-    found = answers.numbers(text)
-    if not found:
-        return None
-    for cue in (_HASHES_CUE, _ANSWER_CUE):
-        for match in reversed(found):
-            if cue.search(answers.before(text, match)):
-                return answers.canonical(match)
-    return answers.canonical(found[-1])
+    return answers.cued_answer(text, (_HASHES_CUE, _ANSWER_CUE), latest_first=True)
 
 
 def has_final_line(text: str) -> bool:
