@@ -666,21 +666,12 @@ def retrain(
     """Train a new run from archived rollouts only. Example: recpipe retrain --from-run base --run re1 --preset grpo"""
     extra: dict[str, Any] = {}
     recorded: list[int] = []
-    if source_run is not None:
-        from recpipe.recipe import recorded_base_model
-        from recpipe.select import recorded_steps
-        from recpipe.store import Store
+    if source_run is not None:  # given as overrides: set on the config they would not travel to the flow
+        from recpipe.recipe import retrain_plan
 
         cfg = opts.build()
-        recorded = recorded_steps(open_store(cfg), source_run) if Store.exists(cfg.store) else []
-        if not recorded:
-            raise OptionError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
-        if opts.given["steps"] is None:  # every recorded step (given as an override: set on the config it would not travel)
-            extra["loop.steps"] = recorded[-1] + 1
-        # A new run replays the source run's rollouts, token ids of its tokenizer: start from its base model.
-        source_base = recorded_base_model(cfg.store, source_run)
-        if "name" not in cfg.model.model_fields_set and source_base and not recorded_base_model(cfg.store, cfg.run):
-            extra["model.name"] = str(source_base)
+        extra, recorded = retrain_plan(cfg, source_run, steps_given=opts.given["steps"] is not None,
+                                       model_given="name" in cfg.model.model_fields_set)
     cfg = opts.config(extra)
     done = _steps_done(cfg)[0]
     left = [s for s in recorded if done <= s < cfg.loop.steps] if source_run is not None else range(done, cfg.loop.steps)

@@ -76,6 +76,24 @@ def recorded_base_model(store: str | Path, run: str, storage_options: dict[str, 
     return Path(rows[0]["base_model"]) if rows else None
 
 
+def retrain_plan(cfg: RecpipeConfig, source_run: str, *, steps_given: bool,
+                 model_given: bool) -> tuple[dict[str, Any], list[int]]:
+    """A retrain from ``source_run``'s recorded batches: the config overrides it implies, and the steps it
+    replays. Without ``steps_given`` it replays every recorded step; a new run starts from the source run's
+    base model (its rollouts are token ids of that model's tokenizer) unless a model is given."""
+    from recpipe.select import recorded_steps
+
+    options = cfg.storage_options or None
+    recorded = recorded_steps(Store(cfg.store, options), source_run) if Store.exists(cfg.store, options) else []
+    if not recorded:
+        raise OptionError(f"--from-run {source_run!r}: that run has no recorded batches in {cfg.store}")
+    overrides: dict[str, Any] = {} if steps_given else {"loop.steps": recorded[-1] + 1}
+    source_base = recorded_base_model(cfg.store, source_run, options)
+    if not model_given and source_base and not recorded_base_model(cfg.store, cfg.run, options):
+        overrides["model.name"] = str(source_base)
+    return overrides, recorded
+
+
 def preflight(cfg: RecpipeConfig) -> tuple[Task, Path]:
     """Resolve the task and the model before anything starts: bad names fail here, store untouched.
 

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from recpipe.config import load_config
+from recpipe.config import RecpipeConfig, load_config
 from recpipe.errors import RecpipeError
 from recpipe.recipe import LoopRecipe, TokenizerMismatch
 from recpipe.store import Store
@@ -96,3 +96,14 @@ def test_retrain_refuses_another_tokenizer_from_the_fingerprint_recorded_with_th
     same = load_config(overrides=[f"store={store}", "run=b", f"model.name={tiny_model}", *small])
     with LoopRecipe(same) as recipe, pytest.raises(ValueError, match="no recorded batches"):
         recipe.retrain("a")  # the same tokenizer at another path passes (and then finds nothing to replay)
+
+
+def test_retrain_plan_refuses_a_source_run_without_recorded_batches(tiny_model, tmp_path):
+    from recpipe.errors import OptionError
+    from recpipe.recipe import retrain_plan
+
+    store = Store.create(tmp_path / "store")
+    Trainer(store, "a", tiny_model).setup().close()  # run a exists (version 0) but never trained
+    cfg = RecpipeConfig(store=str(tmp_path / "store"), run="b")
+    with pytest.raises(OptionError, match=r"--from-run 'a': that run has no recorded batches"):
+        retrain_plan(cfg, "a", steps_given=False, model_given=False)
