@@ -153,8 +153,10 @@ from recpipe.config import load_config, to_params
 cfg = to_params(load_config(overrides=sys.argv[1:]))
 worker = threading.Thread(target=generator, args=(cfg,))
 worker.start()
-trainer(cfg, wait_timeout_s=600)
-worker.join()
+try:
+    trainer(cfg, wait_timeout_s=600)
+finally:  # a trainer error must be the last traceback on stderr, not the generator's at interpreter exit
+    worker.join()
 
 from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as client:
