@@ -161,7 +161,7 @@ def accumulate_gradients(module: PolicyLogprobs, plan: list[MicroBatch], loss_cf
     trainer compute the same distribution and it should be ~0; None when the batch holds none.
     """
     samples = [s for mb in plan for s in mb.samples]
-    total_tokens = sum(len(s.response) for s in samples)
+    total_tokens = sum(len(s.response_ids) for s in samples)
     total_responses = len(samples)
     if total_tokens == 0:
         raise ValueError("batch has no response tokens; nothing to train on")

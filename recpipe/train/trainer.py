@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
@@ -120,7 +121,7 @@ def _non_finite_inputs(samples: list[Sample]) -> str | None:
         for name, value in (("advantage", s.advantage), ("weight", s.weight)):
             if not math.isfinite(value):
                 return f"non-finite {name} {value} in rollout {s.rollout_id!r}"
-        if not all(math.isfinite(x) for x in s.old_logprobs):
+        if not np.isfinite(s.logprob_values).all():
             return f"non-finite behaviour_logprobs in rollout {s.rollout_id!r}"
     return None
 
@@ -460,7 +461,7 @@ class Trainer:
             "staleness_mean": statistics.fmean(self._version - v for v in versions),
             "drop_fraction": drop_fraction,
             "reward_mean": reward_mean, "reward_std": math.sqrt(math.fsum((r - reward_mean) ** 2 for r in rewards) / n),
-            "tokens": sum(len(s.response) for s in samples), "padded_tokens": padded,
+            "tokens": sum(len(s.response_ids) for s in samples), "padded_tokens": padded,
             "padding_fraction": 1 - real / padded if padded else 0.0,
             "applied": False, "skip_reason": None,
         }
