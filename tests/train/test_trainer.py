@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pyarrow as pa
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -198,3 +199,17 @@ def test_train_step_continues_the_run(store, tiny_model):
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     assert (AutoTokenizer.from_pretrained(second.checkpoint).apply_chat_template(messages, tokenize=False)
             == AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(messages, tokenize=False))
+
+
+@pytest.mark.parametrize("column", ["behaviour_logprobs", "advantage"])
+def test_a_non_finite_input_skips_the_step_and_names_the_rollout(store, tiny_model, column):
+    cfg = preset("reinforce")
+    batch = random_batch(0, cfg)
+    values = batch.column(column).to_pylist()
+    values[1] = [*values[1][:-1], float("nan")] if column == "behaviour_logprobs" else float("inf")
+    batch = batch.set_column(batch.column_names.index(column), column, pa.array(values, batch.schema.field(column).type))
+    with Trainer(store, "r", tiny_model, TrainConfig(), cfg, "reinforce") as trainer:
+        result = trainer.step(0, batch)
+        assert not result.applied and trainer.current_version == 0
+    rid = batch.column("rollout_id")[1].as_py()
+    assert result.skip_reason.startswith("non-finite") and repr(rid) in result.skip_reason
