@@ -116,41 +116,70 @@ def _exit_code(signum: int) -> int:
     return 128 + signum
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[list[int]]:
-    """SIGINT and SIGTERM raise ``Stopped`` in the main thread; yields the signals received so far.
+def _stop_on_signals() -> Iterator[Callable[[], list[int]]]:
+    """SIGINT and SIGTERM raise ``Stopped`` in the main thread; yields a function that returns the stop
+    signals received so far.
 
     Installed whatever the inherited disposition: a shell starts a background job (``recpipe loop &``)
     with SIGINT ignored, and Python then keeps ignoring it, so ``kill -INT`` did nothing. A second
-    signal while the first one unwinds exits at once."""
+    signal while the first one unwinds exits at once.
+
+    While a Prefect flow runs, Prefect's SIGTERM handler replaces ours and raises its own exception,
+    which a library in between may rewrap (DuckDB turns an exception raised inside its scan of a Python
+    dataset into "Query interrupted" or an InvalidInputException), so neither handler may ever learn of
+    the signal. The interpreter's C-level handler writes every signal's number to the wakeup fd whatever
+    Python handler is installed: that pipe is the record of what arrived."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():  # signal.signal works only there
-        yield received
+        yield lambda: received
         return
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def arrived() -> list[int]:
+        while True:
+            try:
+                data = os.read(read_end, 256)
+            except BlockingIOError:
+                return received
+            if not data:
+                return received
+            received.extend(sig for sig in data if sig in _STOP_SIGNALS)
+
+    handled: list[int] = []  # the signals this handler ran for (Prefect re-sends the one it caught)
 
     def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
+        handled.append(signum)
+        if not arrived():  # the wakeup write can fail (a full pipe): count the signal anyway
+            received.append(signum)
         recipe = sys.modules.get("recpipe.recipe")
         if recipe is not None:  # every later verb refuses to start, whatever swallowed the Stopped below
             recipe.STOP.set()
-        if len(received) > 1:
+        if len(handled) > 1:
             os._exit(_exit_code(received[0]))
         # What the pipeline's libraries log while they unwind ("Crash detected!" from Prefect...) is
         # noise after a stop the user asked for: one line below says what happened.
         logging.disable(logging.CRITICAL)
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS}
+    previous_fd = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
     quiet = _SignalCrashFilter()
     prefect_loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
     for logger in prefect_loggers:
         logger.addFilter(quiet)
     try:
-        yield received
+        yield arrived
     finally:
-        if not received:  # after a stop the handler stays: a second signal during shutdown exits at once
+        if not arrived():  # after a stop the handler stays: a second signal during shutdown exits at once
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            signal.set_wakeup_fd(previous_fd)
+            os.close(read_end)
+            os.close(write_end)
             for logger in prefect_loggers:
                 logger.removeFilter(quiet)
 
@@ -171,18 +200,19 @@ def stoppable(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with _stop_on_signals() as received:
+        with _stop_on_signals() as arrived:
             try:
                 result = fn(*args, **kwargs)
             except BaseException:
-                if not received:
+                if not arrived():
                     raise
                 # Stopped, or what a library made of it while unwinding: either way the run was stopped.
             else:
-                if not received:
+                if not arrived():
                     return result
                 # The signal landed where a library swallowed it (Prefect ignores a BaseException raised
                 # after the flow's code finished): it still decides the exit code.
+            received = arrived()
         name = signal.Signals(received[0]).name
         again = shlex.join(["recpipe", *sys.argv[1:]])
         console.print(f"[bold yellow]stopped[/] by {name}: committed work is kept and the run's lock is "
