@@ -140,6 +140,10 @@ class TrainConfig(_Section):
     devices: list[Int] | None = Field(
         None, description="CUDA devices of the trainer's ranks (CUDA_VISIBLE_DEVICES), one per rank; None = "
         "the first train.nproc devices. Keep them apart from generate.devices, or see generate.sleep_mode.")
+    record_token_logprobs: bool = Field(
+        True, description="Archive each trained response's per-token log-probs under the trained weights (table "
+        "trained_tokens): the report colours tokens by their importance ratio, and SQL can find where trainer and "
+        "sampler disagree. Costs about as much storage as rollouts.behaviour_logprobs for the trained rollouts.")
     max_bad_steps: Int = Field(3, ge=1, description="Consecutive NaN/Inf steps before the trainer stops.")
     keep_every: Int = Field(10, ge=1, description="Retention: keep every N-th policy version besides the latest and those still needed.")
     seed: Int = Field(0, description="Trainer seed (RED-Drop choices, dropout).")

@@ -47,7 +47,7 @@ Stage = Callable[[Callable[..., Any]], Callable[..., Any]]
 # must not let a retry or the next verb carry on.
 STOP = threading.Event()
 
-SMALL_TABLES = ("steps", "batches", "policies", "timings", "evals")
+SMALL_TABLES = ("steps", "trained_tokens", "batches", "policies", "timings", "evals")
 
 
 class TokenizerMismatch(RecpipeError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +43,18 @@ QUERIES = {
     "samples": """
         WITH trained AS (
             SELECT b.step, b.advantage, r.reward, r.response_length, r.finish_reason, r.response_text, r.rollout_id,
+                   r.response_token_ids, r.behaviour_logprobs,
                    row_number() OVER (PARTITION BY b.step ORDER BY r.reward DESC, b.advantage DESC, r.rollout_id) AS best,
                    row_number() OVER (PARTITION BY b.step ORDER BY r.reward, b.advantage, r.rollout_id DESC) AS worst
             FROM batches b JOIN rollouts r ON r.rollout_id = b.rollout_id AND r.run = b.source_run
             WHERE b.run = $run)
-        SELECT step, CASE WHEN best = 1 THEN 'best' ELSE 'worst' END AS sample, reward, advantage,
-               response_length, finish_reason, response_text, rollout_id
-        FROM trained WHERE best = 1 OR worst = 1 ORDER BY step, best""",
+        SELECT s.step, CASE WHEN best = 1 THEN 'best' ELSE 'worst' END AS sample, reward, advantage,
+               response_length, finish_reason, response_text, s.rollout_id, response_token_ids,
+               behaviour_logprobs, t.logprobs AS trained_logprobs
+        FROM trained s
+        LEFT JOIN trained_tokens t ON t.run = $run AND t.step = s.step AND t.rollout_id = s.rollout_id
+        WHERE best = 1 OR worst = 1 ORDER BY s.step, best""",
+    "base_model": "SELECT base_model FROM policies WHERE run = $run ORDER BY version LIMIT 1",
     "staleness": """
         SELECT b.step - b.policy_version AS staleness, count(*) AS rollouts
         FROM batches b WHERE b.run = $run GROUP BY 1 ORDER BY 1""",
@@ -64,6 +69,7 @@ QUERIES = {
 }
 SHOWN_TABLES = ("rewards", "accuracy", "lengths", "steps", "staleness", "throughput")
 SAMPLE_CHARS = 600  # of each response shown in the sample browser
+SAMPLE_TOKENS = 300  # of each response shown token by token, coloured by its importance ratio
 
 
 def collect(store: Store, run: str) -> dict[str, list[dict[str, Any]]]:
@@ -227,7 +233,8 @@ def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) ->
 
     tables = "".join((f"<h2>run {html.escape(name)}</h2>" if several else "")
                      + "".join(_html_table(t, d[t]) for t in SHOWN_TABLES) for name, d in data.items())
-    samples = "".join(_samples(name, d["samples"], several) for name, d in data.items())
+    samples = "".join(_samples(name, d["samples"], several, _token_text(d["base_model"]))
+                      for name, d in data.items())
     # no caption: each PNG carries its title (a caption repeated it under every panel)
     images = "".join(f'<figure><img src="{name}.png" alt="{html.escape(title)}"></figure>' for name, title in plots)
     title = "recpipe run" + ("s " if several else " ") + html.escape(", ".join(runs))
@@ -242,7 +249,8 @@ def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) ->
 STYLE = ("body{font-family:sans-serif;margin:2em}figure{display:inline-block;margin:0.5em;vertical-align:top}"
          "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px;vertical-align:top}"
          "tr.best td.text{background:#eefbea}tr.worst td.text{background:#fdeeee}"
-         "td.text pre{white-space:pre-wrap;max-width:70em;margin:0;font-size:0.85em}")
+         "td.text pre{white-space:pre-wrap;max-width:70em;margin:0;font-size:0.85em}"
+         "span.tok{border-radius:2px}")
 # The sample browser's step filter: its options come from the rows, so a page without samples has none.
 SCRIPT = """
 for (const browser of document.querySelectorAll("section.samples")) {
@@ -258,22 +266,74 @@ for (const browser of document.querySelectorAll("section.samples")) {
 """
 
 
-def _samples(run: str, rows: list[dict[str, Any]], several: bool) -> str:
-    """Each step's best and worst trained response, with its reward and advantage; a step filter."""
+TokenText = Callable[[list[int]], list[str]]
+
+
+def _token_text(rows: list[dict[str, Any]]) -> TokenText | None:
+    """Each token id's text, by the run's base model's tokenizer (the one that made the rollouts' ids:
+    recpipe refuses to train a run on another tokenizer's ids); None when it cannot be loaded here
+    (the report then shows token ids)."""
+    if not rows:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(rows[0]["base_model"])
+    except Exception:  # moved, deleted, or a hub id not in this machine's cache: ids instead of text
+        return None
+    return lambda ids: [tokenizer.decode([i]) for i in ids]
+
+
+def _ratio_colour(ratio: float) -> str:
+    """Red above 1 (the trained policy likes the token more than the sampler did), blue below; full
+    colour at a factor of e (|log ratio| >= 1)."""
+    if not math.isfinite(ratio) or ratio <= 0:
+        return "rgba(128,128,128,0.5)"
+    strength = min(abs(math.log(ratio)), 1.0) * 0.8
+    return f"rgba(220,40,40,{strength:.2f})" if ratio > 1 else f"rgba(40,90,220,{strength:.2f})"
+
+
+def _ratio_tokens(r: dict[str, Any], token_text: TokenText | None) -> str | None:
+    """The response token by token, each coloured by its importance ratio exp(l - l_old) at the step
+    (l: trained_tokens.logprobs, l_old: the behaviour log-prob); None without the step's token log-probs."""
+    trained, behaviour, ids = r["trained_logprobs"], r["behaviour_logprobs"], r["response_token_ids"]
+    if trained is None or len(trained) != len(ids):
+        return None
+    shown = ids[:SAMPLE_TOKENS]
+    pieces = token_text(shown) if token_text is not None else [f"[{i}]" for i in shown]
+    spans = []
+    for piece, token, lp, old in zip(pieces, shown, trained, behaviour, strict=False):
+        ratio = math.exp(lp - old) if math.isfinite(lp - old) else math.nan
+        spans.append(f"<span class='tok' style='background:{_ratio_colour(ratio)}' data-ratio='{ratio:.4g}' "
+                     f"title='ratio {ratio:.3g}, l {lp:.3f}, l_old {old:.3f}, id {token}'>{html.escape(piece)}</span>")
+    more = f" ... ({len(ids)} tokens)" if len(ids) > SAMPLE_TOKENS else ""
+    return "".join(spans) + more
+
+
+def _samples(run: str, rows: list[dict[str, Any]], several: bool, token_text: TokenText | None = None) -> str:
+    """Each step's best and worst trained response, with its reward and advantage, coloured token by token
+    by its importance ratio where the step's token log-probs are archived; a step filter."""
     heading = f"Samples per step, run {html.escape(run)}" if several else "Samples per step"
     if not rows:
         return f"<section class='samples'><h2>{heading}</h2><p>(no trained rollouts)</p></section>"
     body = []
     for r in rows:
-        text = r["response_text"]
-        shown = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + f" ... ({len(text)} characters)"
+        shown = _ratio_tokens(r, token_text)
+        if shown is None:
+            text = r["response_text"]
+            shown = html.escape(text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS]
+                                + f" ... ({len(text)} characters)")
         body.append(f"<tr class='sample {r['sample']}' data-step='{r['step']}'><td>{r['step']}</td><td>{r['sample']}"
                     f"</td><td>{_fmt(r['reward'])}</td><td>{_fmt(r['advantage'])}</td><td>{r['response_length']}"
-                    f"</td><td>{html.escape(r['finish_reason'])}</td><td class='text'><pre>{html.escape(shown)}</pre>"
+                    f"</td><td>{html.escape(r['finish_reason'])}</td><td class='text'><pre>{shown}</pre>"
                     f"</td><td>{html.escape(r['rollout_id'])}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("step", "sample", "reward", "advantage", "tokens", "finish",
                                                "response", "rollout_id"))
-    return (f"<section class='samples'><h2>{heading}</h2><label>show <select class='step-filter'>"
+    legend = ("<p class='legend'>Tokens are coloured by their importance ratio exp(l - l_old) at the step: "
+              "<span class='tok' style='background:rgba(220,40,40,0.8)'>above 1</span> the trained policy gives "
+              "the token more probability than the sampler did, <span class='tok' "
+              "style='background:rgba(40,90,220,0.8)'>below 1</span> less; hover a token for its numbers.</p>")
+    return (f"<section class='samples'><h2>{heading}</h2>{legend}<label>show <select class='step-filter'>"
             f"<option value='all'>every step</option></select></label><table><tr>{head}</tr>{''.join(body)}"
             "</table></section>")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from typer.testing import CliRunner
 
 from recpipe.cli import app
@@ -61,3 +62,35 @@ def test_panels_have_labels_integer_ticks_and_eval_error_bars():
     assert ticks and all(float(t).is_integer() for t in ticks)
     assert len(ax.containers) == 1  # the error bars
     assert [a.get_text() for a in ax.texts] == ["n=16", "n=16"]
+
+
+def _sample(step: int, kind: str, trained: list[float] | None) -> dict:
+    return {"step": step, "sample": kind, "reward": 1.0, "advantage": 0.5, "response_length": 3,
+            "finish_reason": "stop", "response_text": "4 + 4", "rollout_id": f"r{step}{kind}",
+            "response_token_ids": [52, 10, 52], "behaviour_logprobs": [-1.0, -2.0, -0.5], "trained_logprobs": trained}
+
+
+def test_the_sample_browser_colours_each_token_by_its_importance_ratio():
+    import math
+    import re
+
+    from recpipe.report import _samples
+
+    page = _samples("a", [_sample(0, "best", [-0.5, -2.0, -1.5]), _sample(0, "worst", None)], False,
+                    lambda ids: [{52: "4", 10: " +"}[i] for i in ids])
+    spans = re.findall(r"<span class='tok' style='background:rgba\((\d+),\d+,\d+,([\d.]+)\)' data-ratio='([^']+)'"
+                       r" title='[^']+'>([^<]*)</span>", page)
+    assert [(text, float(ratio)) for _, _, ratio, text in spans] == [
+        ("4", pytest.approx(math.exp(0.5), rel=1e-3)), (" +", 1.0), ("4", pytest.approx(math.exp(-1.0), rel=1e-3))]
+    (red, strong), (_, neutral), (blue, full) = [(int(r), float(a)) for r, a, _, _ in spans]
+    assert red == 220 and blue == 40 and neutral == 0.0 and 0 < strong < full == 0.8
+    assert "<pre>4 + 4</pre>" in page  # a step without token log-probs shows the text
+    ids_only = _samples("a", [_sample(1, "best", [-1.0, -2.0, -0.5])], False, None)
+    assert ">[52]</span><span" in ids_only and ids_only.count("data-ratio='1'") == 3
+
+
+def test_trained_token_log_probs_of_another_length_are_not_coloured():
+    from recpipe.report import _samples
+
+    page = _samples("a", [_sample(0, "best", [-0.5])], False, lambda ids: [str(i) for i in ids])
+    assert "class='tok' style" not in page.split("</p>", 1)[1] and "<pre>4 + 4</pre>" in page

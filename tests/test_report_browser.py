@@ -3,10 +3,12 @@ HTML of a small tiny-model run, runs its script, and takes a screenshot (under t
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -73,6 +75,24 @@ def test_the_report_renders_in_a_browser_with_every_panel_and_the_sample_browser
             "SELECT r.reward FROM batches b JOIN rollouts r USING (rollout_id) WHERE b.run = 'demo' AND b.step = ?",
             [int(step)]).fetchall()]
         assert float(reward) == pytest.approx(max(rewards) if kind == "best" else min(rewards), abs=1e-3)
+    # each shown response coloured token by token by its importance ratio at the step (trained_tokens)
+    for kind, step, body in re.findall(r'<tr class="sample (best|worst)" data-step="(\d+)">(.*?)</tr>', dom, re.S):
+        rollout_id = re.findall(r"<td>([^<]*)</td>", body)[-1]
+        ((trained, behaviour),) = con.execute(
+            "SELECT t.logprobs, r.behaviour_logprobs FROM trained_tokens t JOIN rollouts r USING (rollout_id) "
+            "WHERE t.run = 'demo' AND t.step = ? AND t.rollout_id = ?", [int(step), rollout_id]).fetchall()
+        shown = [float(x) for x in re.findall(r'<span class="tok" style="[^"]+" data-ratio="([^"]+)"', body)]
+        assert shown == pytest.approx([math.exp(a - b) for a, b in zip(trained, behaviour, strict=True)],
+                                      rel=1e-3), (kind, step)
+        assert shown and all(0.2 < x < 5 for x in shown)  # the loss's ratios: near 1 one step from the sampler
+    # docs/observability.md's SQL for the same ratios runs on this store and gives them
+    doc = (Path(__file__).parents[1] / "docs" / "observability.md").read_text()
+    query = re.search(r"```sql\n(SELECT t.step.*?)```", doc, re.S).group(1).replace("'default'", "'demo'")
+    for step, rollout_id, ratios in con.execute(query).fetchall():
+        ((trained, behaviour),) = con.execute(
+            "SELECT t.logprobs, r.behaviour_logprobs FROM trained_tokens t JOIN rollouts r USING (rollout_id) "
+            "WHERE t.step = ? AND t.rollout_id = ?", [step, rollout_id]).fetchall()
+        assert ratios == pytest.approx([math.exp(a - b) for a, b in zip(trained, behaviour, strict=True)], rel=1e-5)
     # the step filter's options were made by the page's script from the rows (absent from the HTML file)
     assert re.findall(r'<option value="(\w+)">', dom) == ["all", *map(str, range(STEPS))]
     assert '<option value="0">' not in (out / "index.html").read_text()

@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -150,7 +151,8 @@ def _forward(module: PolicyLogprobs, tensors: dict[str, torch.Tensor], autocast_
 
 def accumulate_gradients(module: PolicyLogprobs, plan: list[MicroBatch], loss_cfg: Any, *, pad_id: int,
                          device: torch.device, autocast_bf16: bool = False,
-                         on_policy_version: int | None = None) -> tuple[dict[str, float], str | None]:
+                         on_policy_version: int | None = None,
+                         token_logprobs: dict[str, np.ndarray] | None = None) -> tuple[dict[str, float], str | None]:
     """Forward/backward over this rank's share of ``plan`` (the whole batch's micro-batches).
 
     Every micro-batch's loss is scaled to the whole batch (token mean over all of its response tokens),
@@ -159,6 +161,9 @@ def accumulate_gradients(module: PolicyLogprobs, plan: list[MicroBatch], loss_cf
     step cannot be applied (a non-finite loss), or None. on_policy_mismatch: mean |l - l_old| over the
     tokens of rollouts sampled by ``on_policy_version`` (the weights being trained), where sampler and
     trainer compute the same distribution and it should be ~0; None when the batch holds none.
+    token_logprobs: when a dict, filled with every response's per-token log-probs under the weights being
+    trained (rollout_id -> float32 array, the l of the loss's ratio exp(l - l_old)), gathered from every
+    rank onto each.
     """
     samples = [s for mb in plan for s in mb.samples]
     total_tokens = sum(len(s.response_ids) for s in samples)
@@ -190,6 +195,11 @@ def accumulate_gradients(module: PolicyLogprobs, plan: list[MicroBatch], loss_cf
             if ranks == 1:
                 break  # no other rank waits for this one's collectives
         loss.backward()
+        if token_logprobs is not None:
+            values = logp.detach().float().cpu().numpy()
+            mask = tensors["response_mask"].cpu().numpy()
+            for row, sample in enumerate(mb.samples):
+                token_logprobs[sample.rollout_id] = values[row][mask[row]]
         n_tok, n_resp = m["tokens"], len(mb.samples)
         for key in ("loss", "policy_loss", "regularizer_loss"):
             sums[key] += m[key]
@@ -215,6 +225,11 @@ def accumulate_gradients(module: PolicyLogprobs, plan: list[MicroBatch], loss_cf
         dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         sums = dict(zip(_SUM_KEYS, packed.tolist(), strict=True))
         maxima = dict(zip(_MAX_KEYS, peaks.tolist(), strict=True))
+        if token_logprobs is not None:
+            shards: list[dict[str, np.ndarray] | None] = [None] * ranks
+            dist.all_gather_object(shards, token_logprobs)
+            for shard in shards:
+                token_logprobs.update(shard or {})
     if sums.pop("non_finite_loss"):
         return {"loss": sums["loss"]}, f"non-finite loss {sums['loss']}"
     for key in ("clip_fraction", "ratio_mean", "mismatch", "entropy"):

@@ -49,7 +49,7 @@ from safetensors import SafetensorError
 from recpipe.algorithms import LossConfig
 from recpipe.config import LossSection, TrainConfig
 from recpipe.errors import ConfigError, RecpipeError
-from recpipe.schema import SCHEMA_VERSION
+from recpipe.schema import SCHEMA_VERSION, table_spec
 from recpipe.store import Store
 from recpipe.store.files import remove_stale_temps
 from recpipe.train import checkpoint as ckpt
@@ -195,14 +195,18 @@ class _Policy:
         return samples, plan_micro_batches(samples, self.cfg.micro_batch_tokens, self.overhead_tokens)
 
     def train(self, step: int, samples: list[Sample], plan: list[MicroBatch], version: int
-              ) -> tuple[dict[str, float], str | None]:
-        """Gradients of the batch, clipped, one optimizer step: (metrics, None), or (metrics, why not)."""
+              ) -> tuple[dict[str, float], str | None, dict[str, np.ndarray]]:
+        """Gradients of the batch, clipped, one optimizer step: (metrics, None, token log-probs), or
+        (metrics, why not, ...). The token log-probs (rollout_id -> the trained weights' per-token log-probs,
+        before the update) are filled when ``train.record_token_logprobs`` is on, else empty."""
+        token_logprobs: dict[str, np.ndarray] = {}
         reason = _non_finite_inputs(samples)  # the same decision on every rank: they all see the batch
         if reason is not None:
-            return {}, reason
+            return {}, reason, token_logprobs
         try:
             with _threads(self.threads), compute.seeded(self.device, _step_seed(self.cfg.seed, step)):
-                metrics, reason = self.gradients(plan, version)
+                metrics, reason = self.gradients(plan, version,
+                                                 token_logprobs if self.cfg.record_token_logprobs else None)
                 if reason is None:
                     grad_norm = compute.clip_and_step(self.module, self.optimizer, self.cfg.grad_clip)
                     metrics["grad_norm"] = grad_norm
@@ -210,12 +214,13 @@ class _Policy:
                         reason = f"non-finite gradient norm {grad_norm}"
         finally:  # a skipped or failed step must not leak its gradient into the next one
             self.optimizer.zero_grad(set_to_none=True)
-        return metrics, reason
+        return metrics, reason, token_logprobs
 
-    def gradients(self, plan: list[MicroBatch], version: int) -> tuple[dict[str, float], str | None]:
+    def gradients(self, plan: list[MicroBatch], version: int, token_logprobs: dict[str, np.ndarray] | None = None
+                  ) -> tuple[dict[str, float], str | None]:
         return compute.accumulate_gradients(self.module, plan, self.loss_cfg, pad_id=self.pad_id,
                                             device=self.device, autocast_bf16=self.bf16 and not self.sharded,
-                                            on_policy_version=version)
+                                            on_policy_version=version, token_logprobs=token_logprobs)
 
     def gather(self) -> dict[str, torch.Tensor] | None:
         """Every rank, sharded: the consolidated weights (on rank 0). One process: None (the model's own)."""
@@ -411,14 +416,22 @@ class Trainer:
         row = self._batch_stats(step, samples, plan)
         if self._ranks > 1:
             _send(("step", step, table, self._version))
-        metrics, reason = self._policy.train(step, samples, plan, self._version)
+        metrics, reason, token_logprobs = self._policy.train(step, samples, plan, self._version)
         seconds = time.perf_counter() - start
         row.update({k: metrics.get(k) for k in _LOSS_COLUMNS})
         row.update(seconds=seconds, lr=self.optimizer.param_groups[0]["lr"],
                    tokens_per_second=row["tokens"] / seconds if seconds > 0 else None)
         if reason is not None:
             return self._skip(step, row, metrics, reason)
-        return self._commit(step, row, metrics)
+        return self._commit(step, row, metrics, self._token_rows(step, samples, token_logprobs))
+
+    def _token_rows(self, step: int, samples: list[Sample], token_logprobs: dict[str, np.ndarray]
+                    ) -> list[dict[str, Any]]:
+        """The trained_tokens rows of a step: each response's log-probs under the weights it trained."""
+        now = ckpt.now()
+        return [{"run": self.run, "step": step, "rollout_id": s.rollout_id, "policy_version": self._version,
+                 "logprobs": token_logprobs[s.rollout_id], "created_at": now, "schema_version": SCHEMA_VERSION}
+                for s in samples if s.rollout_id in token_logprobs]
 
     def gradients(self, batch: Any, micro_batch_tokens: int | None = None,
                   overhead_tokens: int | None = None) -> dict[str, torch.Tensor]:
@@ -484,7 +497,8 @@ class Trainer:
             )
         return result
 
-    def _commit(self, step: int, row: dict[str, Any], metrics: dict[str, float]) -> StepResult:
+    def _commit(self, step: int, row: dict[str, Any], metrics: dict[str, float],
+                token_rows: list[dict[str, Any]]) -> StepResult:
         """Write version v + 1: checkpoint dir (with the rows inside), then the policies and steps rows."""
         start = time.perf_counter()
         version = self._version + 1
@@ -510,6 +524,8 @@ class Trainer:
         if not self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version)):
             raise ckpt.CheckpointError(f"run {self.run!r}: version {version} was committed by another trainer; "
                                        "this one stops (one trainer per run)")
+        if token_rows:  # before the steps row: a committed step has its token log-probs
+            self.store.append("trained_tokens", token_rows, shard_id=table_spec("trained_tokens").shard_id(step=step))
         self.store.append("steps", [row], shard_id=ckpt.steps_shard(step))
         self._version, self._next_step, self._bad_streak = version, step + 1, 0
         ckpt.apply_retention(self.store, self.run, version, self.cfg.keep_every, self.needed_versions)
@@ -551,7 +567,7 @@ def follow() -> None:
             return
         _, step, table, version = message
         samples, plan = policy.plan(table)
-        _, reason = policy.train(step, samples, plan, version)
+        _, reason, _ = policy.train(step, samples, plan, version)
         if reason is None:
             message = _send(None)
             if message[0] == "close":  # rank 0 could not commit (e.g. it lost the run's lease)

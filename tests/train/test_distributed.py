@@ -90,6 +90,12 @@ def test_two_ranks_train_like_one_and_resume_on_two(two_ranks, reference, tiny_m
     for row in ours:  # the loss is the whole batch's on both
         assert abs(row["loss"] - expected[row["step"]]["loss"]) < 1e-5
         assert abs(row["grad_norm"] - expected[row["step"]]["grad_norm"]) < 1e-5 * row["grad_norm"]
+    # every response's token log-probs reach the archive, whichever rank computed them
+    tokens = {(r["step"], r["rollout_id"]): r["logprobs"] for r in reference.read("trained_tokens").to_pylist()}
+    theirs = {(r["step"], r["rollout_id"]): r["logprobs"] for r in two_ranks.read("trained_tokens").to_pylist()}
+    assert theirs.keys() == {key for key in tokens if key[0] in {r["step"] for r in ours}} and theirs
+    for key, values in theirs.items():
+        assert max(abs(a - b) for a, b in zip(values, tokens[key], strict=True)) < 1e-4, key
 
 
 def test_kill_9_of_one_rank_then_resume_on_one_gives_the_uninterrupted_weights(two_ranks, reference, tmp_path,

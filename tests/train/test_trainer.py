@@ -213,3 +213,71 @@ def test_a_non_finite_input_skips_the_step_and_names_the_rollout(store, tiny_mod
         assert not result.applied and trainer.current_version == 0
     rid = batch.column("rollout_id")[1].as_py()
     assert result.skip_reason.startswith("non-finite") and repr(rid) in result.skip_reason
+
+
+def _trained_tokens(store, step: int | None = None) -> dict[str, list[float]]:
+    where = "step = $step" if step is not None else None
+    rows = store.read("trained_tokens", where, {"step": step} if step is not None else None).to_pylist()
+    return {r["rollout_id"]: r["logprobs"] for r in rows}
+
+
+def test_trained_tokens_hold_the_log_probs_the_loss_used(store, tiny_model):
+    """ratio_mean, ratio_max and mismatch of the steps row recomputed from the archived token log-probs and
+    the batch's behaviour log-probs: the same numbers (so the report's per-token ratios are the loss's)."""
+    cfg = preset("rec-oneside-is")
+    batch = random_batch(3, cfg, groups=3, group_size=4, response_len=(1, 20))
+    with Trainer(store, "r", tiny_model, TrainConfig(micro_batch_tokens=32), cfg, "rec-oneside-is") as trainer:
+        row = trainer.step(0, batch).row
+    trained = _trained_tokens(store)
+    behaviour = dict(zip(batch.column("rollout_id").to_pylist(), batch.column("behaviour_logprobs").to_pylist(),
+                         strict=True))
+    assert trained.keys() == behaviour.keys()
+    assert all(len(trained[i]) == len(behaviour[i]) for i in behaviour)
+    gaps = [lp - old for i in behaviour for lp, old in zip(trained[i], behaviour[i], strict=True)]
+    ratios = [math.exp(g) for g in gaps]
+    assert row["ratio_mean"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-5)
+    assert row["ratio_max"] == pytest.approx(max(ratios), rel=1e-5)
+    assert row["mismatch"] == pytest.approx(sum(abs(g) for g in gaps) / len(gaps), rel=1e-5)
+    (versions,) = {r["policy_version"] for r in store.read("trained_tokens").to_pylist()}
+    assert versions == 0  # the weights that trained: the step's starting version
+
+
+def test_trained_tokens_of_an_on_policy_step_are_the_sampled_log_probs(store, tiny_model):
+    cfg = preset("grpo")
+    with Trainer(store, "r", tiny_model, TrainConfig(micro_batch_tokens=4096), cfg, "grpo") as trainer:
+        batch = sampled_batch(trainer.model, _prompts(), cfg, group_size=4, max_new_tokens=6, temperature=0.8,
+                              seed=2, eos_id=EOS, reward=_reward)
+        trainer.step(0, batch)
+    trained = _trained_tokens(store)
+    for rollout_id, old in zip(batch.column("rollout_id").to_pylist(), batch.column("behaviour_logprobs").to_pylist(),
+                               strict=True):
+        assert trained[rollout_id] == pytest.approx(old, abs=1e-4)
+
+
+def test_trained_tokens_do_not_depend_on_micro_batching_and_skipped_steps_have_none(tmp_path, tiny_model):
+    from recpipe.store import Store
+
+    cfg = preset("reinforce")
+    batch = random_batch(4, cfg, groups=4, group_size=4, prompt_len=(3, 30), response_len=(1, 24))
+    found = []
+    for budget in (24, 4096):
+        store = Store.create(tmp_path / f"store-{budget}")
+        with Trainer(store, "r", tiny_model, TrainConfig(micro_batch_tokens=budget), cfg, "reinforce") as trainer:
+            assert len(trainer._policy.plan(batch)[1]) > (3 if budget == 24 else -1)
+            trainer.step(0, batch)
+            nan = batch.set_column(batch.column_names.index("advantage"), "advantage",
+                                   [[float("nan")] * batch.num_rows])
+            assert not trainer.step(1, nan).applied
+        found.append(_trained_tokens(store))
+        assert _trained_tokens(store, step=1) == {}
+    assert found[0].keys() == found[1].keys() and len(found[0]) == batch.num_rows
+    for rollout_id in found[0]:
+        assert found[0][rollout_id] == pytest.approx(found[1][rollout_id], abs=1e-4)  # float32 sums differ by padding
+
+
+def test_record_token_logprobs_off_writes_no_trained_tokens(store, tiny_model):
+    cfg = preset("reinforce")
+    with Trainer(store, "r", tiny_model, TrainConfig(record_token_logprobs=False), cfg, "reinforce") as trainer:
+        assert trainer.step(0, random_batch(0, cfg)).applied
+    assert store.read("trained_tokens").num_rows == 0
+    assert store.read("steps").num_rows == 1
