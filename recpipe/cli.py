@@ -421,7 +421,7 @@ def compact(
     """Merge small files per partition (Delta optimize), then vacuum. Safe while other processes write.
     Example: recpipe compact --store store"""
     from recpipe.schema import table_names
-    from recpipe.store.compact import MIN_RETENTION_HOURS, vacuum_table
+    from recpipe.store.compact import MIN_RETENTION_HOURS, maintain
 
     cfg = opts.build()
     names = table_names() if table == "all" else [table]
@@ -431,17 +431,13 @@ def compact(
     if retention_hours < MIN_RETENTION_HOURS:
         raise OptionError(f"--retention-hours must be >= {MIN_RETENTION_HOURS:g}: a query still reading files "
                          f"removed less than that ago would fail (got {retention_hours:g})")
-    st = open_store(cfg)
-    for name in names:
-        stats = st.compact(name, run=run)
+    for name, stats, done in maintain(open_store(cfg), names, run=run, vacuum=vacuum, retention_hours=retention_hours):
         if stats["files_merged"]:
             console.print(f"{name}: {stats['files_merged']} files -> {stats['files_written']} "
                           f"in {stats['partitions']} partition(s)")
-        if vacuum:
-            done = vacuum_table(st, name, retention_hours)
-            if done["files_deleted"]:
-                console.print(f"{name}: vacuum deleted {done['files_deleted']} file(s) "
-                              f"(retention {done['retention_hours']} h)")
+        if done and done["files_deleted"]:
+            console.print(f"{name}: vacuum deleted {done['files_deleted']} file(s) "
+                          f"(retention {done['retention_hours']} h)")
     console.print("compaction done")
 
 

@@ -6,7 +6,7 @@
 
 config      LossConfig, PRESETS, preset
 losses      policy_loss, masked_mean, CLIP_MASKS, WEIGHTS, REGULARIZERS
-staleness   behaviour_version, staleness
+staleness   behaviour_version
 """
 
 from recpipe.algorithms.losses import (
@@ -16,7 +16,7 @@ from recpipe.algorithms.losses import (
     masked_mean,
     policy_loss,
 )
-from recpipe.algorithms.staleness import behaviour_version, staleness
+from recpipe.algorithms.staleness import behaviour_version
 
 # LossConfig (config.py) needs pydantic: loaded on first use (PEP 562), so
 # the loss itself imports with torch alone (bench/bench_gpu.py on a GPU machine without pydantic).
@@ -43,5 +43,4 @@ __all__ = [
     "masked_mean",
     "policy_loss",
     "preset",
-    "staleness",
 ]

@@ -1,6 +1,6 @@
 """Which policy version generated the batch of training step s (docs/algorithms.md, "Off-policyness").
 
-    behaviour_version(step=25, sync_interval=20, sync_offset=0)   # -> 20, staleness 5
+    behaviour_version(step=25, sync_interval=20, sync_offset=0)   # -> 20: staleness s - v(s) = 5
 
     v(s) = max(0, floor((s - o) / k) * k)
 
@@ -31,7 +31,3 @@ def behaviour_version(step: int, sync_interval: int, sync_offset: int) -> int:
     o = _as_int("sync_offset", sync_offset, 0)
     return max(0, (s - o) // k * k)  # // floors towards -inf, as floor() does
 
-
-def staleness(step: int, sync_interval: int, sync_offset: int) -> int:
-    """s - v(s): how many optimizer steps old the policy that generated step s's batch is."""
-    return step - behaviour_version(step, sync_interval, sync_offset)

@@ -2,18 +2,18 @@
 
 The generator records the log-prob of each sampled token under the distribution it sampled from
 (softmax(top_p(logits / T))); the trainer must compute the same quantity with the current weights for
-the importance ratio exp(l - l_old) to mean anything. Both the trainer (``response_logprobs`` on the
-tensors of ``recpipe.train.batching.collate``) and checks against a sampler (``recompute_logprobs`` on
-token id lists) go through ``sampled_token_logprobs`` here.
+the importance ratio exp(l - l_old) to mean anything. The trainer (``response_logprobs`` on the
+tensors of ``recpipe.train.batching.collate``) and the transformers sampler (``apply_top_p``) go through
+the functions here.
 
     logp, entropy_sum = response_logprobs(model, tensors, chunk_tokens=1024)
-    logp, mask = recompute_logprobs(model, [[1, 5, 9]], [[7, 2]], temperature=0.7)
 
 Memory: only the hidden states at response positions go through the LM head, and they go through it
 ``chunk_tokens`` rows at a time under activation checkpointing: the (tokens, vocab) float32 logits
 never exist whole (16k tokens of a 151k-vocab Qwen model would be 9.9 GB per copy, and the unchunked
 backward keeps several copies). Backward recomputes one chunk's logits at a time. Values and gradients
-equal the unchunked path up to float summation order (tests/models/test_recompute_logprobs.py).
+equal the unchunked path up to float summation order (tests/models/test_recompute_logprobs.py, with
+the token-list oracle tests/models/reference_logprobs.py).
 This assumes the usual causal-LM layout, logits = lm_head(decoder(x)) (Llama, Qwen, Mistral, SmolLM2;
 not models with logit soft-capping or scaling).
 
@@ -21,8 +21,6 @@ Imports torch only (no store, no config): the GPU benchmark runs where only torc
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -111,59 +109,3 @@ def response_logprobs(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     logp = token_logp.new_zeros(mask.shape).masked_scatter(mask, token_logp)  # (B, R), 0 on padding
     return logp, entropy_sum
 
-
-def recompute_logprobs(
-    model: torch.nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    response_ids: Sequence[Sequence[int]],
-    temperature: float,
-    top_p: float = 1.0,
-    pad_token_id: int = 0,
-    chunk_tokens: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of each response token given its prompt, in one right-padded forward pass.
-
-    Differentiable: wrap in ``torch.no_grad()`` when only values are needed.
-
-    Args:
-        model: A transformers causal LM (get_decoder / get_output_embeddings).
-        prompt_ids: B prompts, token ids exactly as the generator saw them.
-        response_ids: B responses (may be empty).
-        temperature: Sampling temperature of the behaviour policy (> 0).
-        top_p: Nucleus mass used when sampling (1.0 = off).
-        pad_token_id: Filler id for padding (never attended to: right padding, causal model).
-        chunk_tokens: LM-head rows at a time (see ``sampled_token_logprobs``).
-
-    Returns:
-        (logprobs, mask), both (B, R) with R the longest response; float32 log-probs
-        (0 at padding) and a float mask with 1 on response tokens.
-    """
-    if len(prompt_ids) != len(response_ids):
-        raise ValueError(f"prompt_ids has {len(prompt_ids)} rows but response_ids has {len(response_ids)}")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: must be > 0 (log-probs of the sampling distribution)")
-    if any(len(p) == 0 for p in prompt_ids):
-        raise ValueError("prompt_ids: every prompt needs at least one token")
-    device = next(model.parameters()).device
-    batch = len(prompt_ids)
-    max_resp = max((len(r) for r in response_ids), default=0)
-    if batch == 0 or max_resp == 0:
-        empty = torch.zeros(batch, max_resp, device=device)
-        return empty, empty.clone()
-    # The last response token is only ever a target, never an input.
-    width = max(len(p) + len(r) - 1 if r else len(p) for p, r in zip(prompt_ids, response_ids, strict=True))
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    positions = torch.zeros(batch, width, dtype=torch.bool)
-    mask = torch.zeros(batch, max_resp, dtype=torch.bool)
-    for b, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-        seq = list(p) + list(r)[:-1]
-        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        # Response token j sits at len(p) + j and is predicted by the hidden state one position earlier.
-        positions[b, len(p) - 1 : len(p) - 1 + len(r)] = True
-        mask[b, : len(r)] = True
-    targets = torch.tensor([t for r in response_ids for t in r], dtype=torch.long)
-    tensors = {"input_ids": input_ids, "positions": positions, "targets": targets, "response_mask": mask,
-               "temperature": torch.full(targets.shape, float(temperature)),
-               "top_p": torch.full(targets.shape, float(top_p))}
-    logp, _ = response_logprobs(model, {k: v.to(device) for k, v in tensors.items()}, chunk_tokens)
-    return logp, mask.to(device).float()

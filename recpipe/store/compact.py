@@ -2,6 +2,7 @@
 
     compact_table(store, "steps", run="a")      # one file per partition, in one transaction each
     vacuum_table(store, "rollouts")             # files removed long enough ago, and not in lineage
+    maintain(store, ["steps"], run="a")         # both, table by table (`recpipe compact`)
 
 Optimize: the files of a partition are read (checksums verified: a damaged file is never merged into
 a good one), sorted by the table's key (so a reader looking for a few groups skips row groups by
@@ -26,6 +27,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deltalake.transaction import RemoveAction
@@ -120,3 +122,12 @@ def vacuum_table(store: Store, table: str, retention_hours: float = DEFAULT_RETE
     return {"table": table, "retention_hours": math.ceil(retention), "lineage_version": needed,
             "files_deleted": len(deleted), "dry_run": dry_run,
             "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "files": list(deleted)}
+
+
+def maintain(store: Store, tables: Sequence[str], *, run: str | None = None, vacuum: bool = True,
+             retention_hours: float = DEFAULT_RETENTION_HOURS) -> Iterator[tuple[str, dict[str, int], dict[str, Any] | None]]:
+    """``recpipe compact``: optimize each table (only ``run``'s partitions if given), then vacuum it; yields
+    (table, compaction stats, vacuum result or None) as each table is done. Safe while others write."""
+    for table in tables:
+        merged = compact_table(store, table, run=run)
+        yield table, merged, vacuum_table(store, table, retention_hours) if vacuum else None

@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recpipe.algorithms import behaviour_version, staleness
+from recpipe.algorithms import behaviour_version
+
+
+def staleness(step: int, k: int, o: int) -> int:
+    """s - v(s): how many optimizer steps old the policy that generated step s's batch is."""
+    return step - behaviour_version(step, k, o)
 
 
 def versions(k: int, o: int, steps: int) -> list[int]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from recpipe.models import apply_top_p, recompute_logprobs, sampled_token_logprobs
+from recpipe.models import apply_top_p, sampled_token_logprobs
+from tests.models.reference_logprobs import recompute_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recpipe.algorithms import preset
-from recpipe.models import recompute_logprobs
 from recpipe.train import collate, plan_micro_batches, response_logprobs, samples_from_table
+from tests.models.reference_logprobs import recompute_logprobs
 from tests.train.train_batches import random_batch, sampled_batch
 
 
