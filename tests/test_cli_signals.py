@@ -33,6 +33,8 @@ SCRIPT = textwrap.dedent("""
 
     print("finished", stoppable(query)())
 """)
+# Without the CLI's library_output, Prefect logs to this stderr too (its flow-failure traceback, and an
+# exit-time "EventsWorker" line after ours): the stop line is looked for among them, not as the last.
 
 
 def run_script(tmp_path, prefect_api, name: str) -> subprocess.CompletedProcess:
@@ -44,10 +46,10 @@ def test_sigterm_that_duckdb_rewraps_inside_a_prefect_flow_still_exits_143(tmp_p
     done = run_script(tmp_path, prefect_api, "SIGTERM")
     assert done.returncode == 143, done.stderr[-3000:]
     assert "finished" not in done.stdout
-    assert done.stderr.strip().splitlines()[-1].startswith("stopped by SIGTERM"), done.stderr[-3000:]
+    assert any(line.startswith("stopped by SIGTERM") for line in done.stderr.splitlines()), done.stderr[-3000:]
 
 
 def test_sigint_that_duckdb_rewraps_inside_a_prefect_flow_still_exits_130(tmp_path, prefect_api):
     done = run_script(tmp_path, prefect_api, "SIGINT")
     assert done.returncode == 130, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1].startswith("stopped by SIGINT"), done.stderr[-3000:]
+    assert any(line.startswith("stopped by SIGINT") for line in done.stderr.splitlines()), done.stderr[-3000:]

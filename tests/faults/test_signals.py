@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from recpipe.store import Store
-from tests.flows.flowtools import SMALL, SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
+from tests.flows.flowtools import SMALL, SMALL_HF, committed_steps, recpipe_cmd, recpipe_env, sql_rows
 
 STEPS = 6
 STOP_WITHIN_S = 15  # measured 1-4 s on 2 busy cores; the old code never stopped, or died by the signal
@@ -62,7 +62,7 @@ def err_text(proc: subprocess.Popen) -> str:
 
 
 def steps_committed(store: Path) -> bool:
-    return any((store / "steps").glob("run=default/**/*.parquet"))
+    return committed_steps(store, "default") > 0
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 from recpipe.config import load_config
 from recpipe.recipe import LoopRecipe
 from recpipe.store import Store
-from tests.flows.flowtools import SMALL_HF, recpipe_cmd, recpipe_env, sql_rows
+from tests.flows.flowtools import SMALL_HF, committed_steps, recpipe_cmd, recpipe_env, sql_rows
 
 STEPS = 4
 STOP_WITHIN_S = 15  # measured 1.1-1.5 s on 2 busy cores (load 7)
@@ -28,10 +28,10 @@ def test_sigterm_stops_a_retrain_and_it_resumes(tmp_path, tiny_model, prefect_ap
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not any((store / "steps").glob("run=re/**/*.parquet")):
+        while not committed_steps(store, "re"):
             assert proc.poll() is None, (tmp_path / "err.txt").read_text()[-3000:]
             assert time.monotonic() < deadline, "retrain committed no step"
-            time.sleep(0.1)
+            time.sleep(0.2)
         sent = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=STOP_WITHIN_S)

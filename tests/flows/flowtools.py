@@ -51,3 +51,13 @@ def sql_rows(store: Path | str | object, sql: str) -> list[tuple]:
         return con.execute(sql).fetchall()
     finally:
         con.close()
+
+
+def committed_steps(store: Path, run: str) -> int:
+    """Steps rows of ``run`` committed to the store (a data file alone is not a commit: a process stopped
+    between writing it and committing the Delta log entry leaves the file and no row)."""
+    if not any((store / "steps").glob(f"run={run}/**/*.parquet")):  # cheap: no file, no row yet
+        return 0
+    from recpipe.store import Store
+
+    return Store(store).read("steps", "run = $run", {"run": run}).num_rows

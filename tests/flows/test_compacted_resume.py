@@ -57,6 +57,6 @@ def test_a_compacted_ten_step_run_reselects_every_step_and_resumes(compacted):
 
 def test_loop_compacts_its_small_tables_and_resumes_over_them(compacted):
     store, left, _, resumed = compacted
-    assert left["compacted"] == ["batches", "policies", "steps", "timings"]  # >= 8 files each; evals has 2
+    assert left["compacted"] == ["batches", "policies", "steps", "timings", "trained_tokens"]  # >= 8 files each; evals has 2
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_run(store, "default", steps=STEPS + 2, k=1, o=0)

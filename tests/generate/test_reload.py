@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recpipe.generate import tokenize_prompts
-from recpipe.models import recompute_logprobs
 from recpipe.tasks import get_task
+from tests.models.reference_logprobs import recompute_logprobs
 
 
 @pytest.fixture(scope="module")
