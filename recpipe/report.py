@@ -42,16 +42,16 @@ QUERIES = {
     # The sample browser: each step's best and worst trained response (by reward, then advantage).
     "samples": """
         WITH trained AS (
-            SELECT b.step, b.advantage, r.reward, r.response_length, r.finish_reason, r.response_text, r.rollout_id,
-                   r.response_token_ids, r.behaviour_logprobs,
+            SELECT b.step, b.advantage, r.reward, r.rollout_id, b.source_run,
                    row_number() OVER (PARTITION BY b.step ORDER BY r.reward DESC, b.advantage DESC, r.rollout_id) AS best,
                    row_number() OVER (PARTITION BY b.step ORDER BY r.reward, b.advantage, r.rollout_id DESC) AS worst
             FROM batches b JOIN rollouts r ON r.rollout_id = b.rollout_id AND r.run = b.source_run
             WHERE b.run = $run)
-        SELECT s.step, CASE WHEN best = 1 THEN 'best' ELSE 'worst' END AS sample, reward, advantage,
-               response_length, finish_reason, response_text, s.rollout_id, response_token_ids,
-               behaviour_logprobs, t.logprobs AS trained_logprobs
-        FROM trained s
+        -- the texts and token lists of the two shown rollouts per step only, not of every trained one
+        SELECT s.step, CASE WHEN best = 1 THEN 'best' ELSE 'worst' END AS sample, s.reward, advantage,
+               r.response_length, r.finish_reason, r.response_text, s.rollout_id, r.response_token_ids,
+               r.behaviour_logprobs, t.logprobs AS trained_logprobs
+        FROM trained s JOIN rollouts r ON r.rollout_id = s.rollout_id AND r.run = s.source_run
         LEFT JOIN trained_tokens t ON t.run = $run AND t.step = s.step AND t.rollout_id = s.rollout_id
         WHERE best = 1 OR worst = 1 ORDER BY s.step, best""",
     "base_model": "SELECT base_model FROM policies WHERE run = $run ORDER BY version LIMIT 1",
@@ -233,7 +233,7 @@ def write_report(store: Store, run: str | Sequence[str], out_dir: str | Path) ->
 
     tables = "".join((f"<h2>run {html.escape(name)}</h2>" if several else "")
                      + "".join(_html_table(t, d[t]) for t in SHOWN_TABLES) for name, d in data.items())
-    samples = "".join(_samples(name, d["samples"], several, _token_text(d["base_model"]))
+    samples = "".join(_samples(name, d["samples"], several, _token_text(d["base_model"], d["samples"]))
                       for name, d in data.items())
     # no caption: each PNG carries its title (a caption repeated it under every panel)
     images = "".join(f'<figure><img src="{name}.png" alt="{html.escape(title)}"></figure>' for name, title in plots)
@@ -269,11 +269,11 @@ for (const browser of document.querySelectorAll("section.samples")) {
 TokenText = Callable[[list[int]], list[str]]
 
 
-def _token_text(rows: list[dict[str, Any]]) -> TokenText | None:
+def _token_text(rows: list[dict[str, Any]], samples: list[dict[str, Any]]) -> TokenText | None:
     """Each token id's text, by the run's base model's tokenizer (the one that made the rollouts' ids:
     recpipe refuses to train a run on another tokenizer's ids); None when it cannot be loaded here
-    (the report then shows token ids)."""
-    if not rows:
+    (the report then shows token ids), or when no sample is shown token by token (nothing to load)."""
+    if not rows or all(r["trained_logprobs"] is None for r in samples):
         return None
     try:
         from transformers import AutoTokenizer

@@ -524,7 +524,10 @@ class Trainer:
         if not self.store.append("policies", [policy], shard_id=ckpt.policies_shard(version)):
             raise ckpt.CheckpointError(f"run {self.run!r}: version {version} was committed by another trainer; "
                                        "this one stops (one trainer per run)")
-        if token_rows:  # before the steps row: a committed step has its token log-probs
+        # After the policies row (the one-trainer fence: only the version's owner writes them), before the
+        # steps row. A trainer killed in between leaves a step whose rows recover_rows heals from the
+        # checkpoint without token log-probs (they are diagnostics; the report then shows plain text).
+        if token_rows:
             self.store.append("trained_tokens", token_rows, shard_id=table_spec("trained_tokens").shard_id(step=step))
         self.store.append("steps", [row], shard_id=ckpt.steps_shard(step))
         self._version, self._next_step, self._bad_streak = version, step + 1, 0
