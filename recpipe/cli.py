@@ -450,29 +450,20 @@ def doctor(
                                           "checkpoints written before them.")] = False,
 ) -> None:
     """Check the archive; exit 1 if problems remain. Example: recpipe doctor --store store --repair"""
-    from recpipe.doctor import diagnose
-    from recpipe.doctor import repair as repair_store
+    from recpipe.doctor import check
 
     cfg = opts.build()
-    if migrate:
-        from recpipe.doctor import migrate_archive
-
-        converted = migrate_archive(cfg.store, cfg.storage_options or None)  # before the Store: it refuses an old store
-        if converted is not None:
-            for item in converted["quarantined"]:
-                out.print(f"[yellow]quarantined[/] {item['path']}: {item['reason']}", highlight=False)
-            out.print(f"[green]migrated[/] {converted['message']}", highlight=False)
-    st = open_store(cfg)
-    report = diagnose(st)
-    for problem in report.problems:
+    done = check(cfg.store, cfg.storage_options or None, fix=repair, migrate=migrate)
+    if done.migrated is not None:
+        for item in done.migrated["quarantined"]:
+            out.print(f"[yellow]quarantined[/] {item['path']}: {item['reason']}", highlight=False)
+        out.print(f"[green]migrated[/] {done.migrated['message']}", highlight=False)
+    for problem in done.found.problems:
         out.print(f"[yellow]{problem.kind}[/] {problem.path}: {problem.detail}", highlight=False)
-    if repair or migrate:
-        repair_store(st, report, migrate=migrate)  # Delta transactions: safe beside running writers
-        for line in report.repaired:
-            out.print(f"[green]repaired[/] {line}", highlight=False)
-        report = diagnose(st)
-    out.print(f"{report.files_checked} files checked, {len(report.problems)} problem(s)")
-    if not report.ok:
+    for line in done.repaired:
+        out.print(f"[green]repaired[/] {line}", highlight=False)
+    out.print(f"{done.final.files_checked} files checked, {len(done.final.problems)} problem(s)")
+    if not done.final.ok:
         raise typer.Exit(1)
 
 

@@ -10,6 +10,7 @@ converts it (recpipe.store.migrate) and must run before the Store is opened.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,31 @@ from recpipe.train.checkpoint import (
     write_manifest,
 )
 
-__all__ = ["Problem", "Report", "checkpoint_problems", "diagnose", "migrate_archive", "repair",
+__all__ = ["Checkup", "Problem", "Report", "check", "checkpoint_problems", "diagnose", "migrate_archive", "repair",
            "unregistered_checkpoints"]
+
+
+@dataclass
+class Checkup:
+    """What ``recpipe doctor`` did: the migration (if any), the problems found, the repairs, and the state after."""
+
+    found: Report                                  # before any repair
+    final: Report                                  # after the repairs (``found`` when nothing was repaired)
+    migrated: dict[str, Any] | None = None         # migrate_archive's result: message, quarantined files
+    repaired: list[str] = field(default_factory=list)
+
+
+def check(uri: str | Path, storage_options: dict[str, str] | None = None, *, fix: bool = False,
+          migrate: bool = False) -> Checkup:
+    """``recpipe doctor``: migrate an old-format archive (``migrate``), diagnose, repair (``fix`` or
+    ``migrate``; Delta transactions, safe beside running writers), and diagnose again."""
+    migrated = migrate_archive(uri, storage_options) if migrate else None  # before the Store: it refuses an old one
+    store = Store(uri, storage_options)
+    found = diagnose(store)
+    if not (fix or migrate):
+        return Checkup(found, found, migrated)
+    repair(store, found, migrate=migrate)
+    return Checkup(found, diagnose(store), migrated, list(found.repaired))
 
 
 def migrate_archive(uri: str | Path, storage_options: dict[str, str] | None = None) -> dict[str, Any] | None:

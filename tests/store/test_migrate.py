@@ -399,3 +399,21 @@ def test_missing_columns_names_struct_fields():
                       pa.field("g", pa.struct([pa.field("m", pa.string()), pa.field("t", pa.string())]))])
     assert [(f.name, names) for f, names in missing_columns(have, want)] == [("b", ["b"]), ("g", ["g.t"])]
     assert missing_columns(want, want) == []
+
+
+def test_doctor_migrate_through_the_cli_upgrades_then_finds_nothing_wrong(tmp_path):
+    from typer.testing import CliRunner
+
+    from recpipe.cli import app
+
+    root = tmp_path / "store"
+    before = by_key("rollouts", delta_store_v3(root).read("rollouts"))
+    result = CliRunner().invoke(app, ["doctor", "--store", str(root), "--migrate"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("migrated ") and "from version 3 to 4" in lines[0]
+    assert lines[-1].endswith("files checked, 0 problem(s)")
+    assert not needs_migration(root)
+    assert by_key("rollouts", Store(root).read("rollouts")).equals(before)
+    again = CliRunner().invoke(app, ["doctor", "--store", str(root), "--migrate"])  # nothing left to migrate
+    assert again.exit_code == 0 and "migrated" not in again.output
