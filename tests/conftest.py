@@ -10,7 +10,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
-pytest_plugins = ["tests.s3fixture"]  # the session's real S3 server (SeaweedFS), started on first use
+pytest_plugins = ["tests.s3fixture", "tests.ordering"]  # the real S3 server; longest test files first
 
 # Offline, in-process vLLM with a small KV cache, caches out of the home directory. Set before any test
 # module imports vllm or transformers; a value exported by the user wins.
