@@ -13,6 +13,16 @@ library's engine (generate_rollouts, the loop's own stage) and greedy-decodes th
 (evaluate_greedy, the loop's evaluation); nothing is written to a store. step-cost runs the loop through
 its public library function on a throw-away store and reads the stage times back from `timings`.
 Numbers go to EXPERIMENTS.md with the machine they were measured on.
+
+    # Keep a study's finished runs in git, and put them back into a fresh store on another machine
+    .venv/bin/python bench/bench_study.py save-results --store runs/study --steps 9 --to docs/study/results
+    .venv/bin/python bench/bench_study.py restore-results --store runs/study --from docs/study/results
+
+A study of 30 runs can outlive the machine it started on (this project's machines are replaced
+between sessions, and the archive with its ~1 GB checkpoints is not in git). save-results writes the
+rows the study's tables and figures read (steps, evals, timings) of every *finished* run to Parquet;
+restore-results appends them to a new store, so `recpipe experiment` with the same command skips those
+runs and its report covers all of them. Unfinished runs are left out: they start again from version 0.
 """
 
 from __future__ import annotations
@@ -106,6 +116,51 @@ def step_cost(args: argparse.Namespace) -> dict:
     return result
 
 
+RESULT_TABLES = ("steps", "evals", "timings")  # what recpipe.study reads, and experiment's "finished" check
+
+
+def save_results(args: argparse.Namespace) -> list[str]:
+    import pyarrow.parquet as pq
+
+    from recpipe.store import Store
+
+    store = Store(args.store)
+    con = store.connect(read_only=True)
+    try:  # the condition of recpipe.experiment.finished_runs, for runs of --steps steps
+        runs = sorted(r for (r,) in con.execute(
+            "WITH s AS (SELECT run, count(DISTINCT step) AS n, max_by(policy_version, step) AS final "
+            "           FROM steps GROUP BY run) "
+            "SELECT s.run FROM s JOIN evals e ON e.run = s.run AND e.policy_version = s.final WHERE s.n >= $steps",
+            {"steps": args.steps}).fetchall())
+    finally:
+        con.close()
+    out = Path(args.to)
+    out.mkdir(parents=True, exist_ok=True)
+    for table in RESULT_TABLES:
+        pq.write_table(store.read(table, "list_contains($runs, run)", {"runs": runs}), out / f"{table}.parquet")
+    (out / "runs.txt").write_text("".join(f"{r}\n" for r in runs))
+    print(json.dumps({"finished_runs": len(runs), "to": str(out)}))
+    return runs
+
+
+def restore_results(args: argparse.Namespace) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from recpipe.store import Store
+
+    store = Store.create(args.store)
+    source = Path(getattr(args, "from"))
+    added = 0
+    for table in RESULT_TABLES:
+        rows = pq.read_table(source / f"{table}.parquet")
+        for run in sorted(set(rows.column("run").to_pylist())):  # one partition per commit
+            if store.append(table, rows.filter(pc.equal(rows["run"], run)), shard_id=f"restored-{table}"):
+                added += 1
+    print(json.dumps({"restored_commits": added, "store": args.store}))
+    return added
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,8 +178,17 @@ def main() -> None:
     cost.add_argument("--config", type=Path, default=None)
     cost.add_argument("--steps", type=int, default=3)
     cost.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    save = sub.add_parser("save-results", help="the finished runs' rows of a study, as Parquet")
+    save.add_argument("--store", required=True)
+    save.add_argument("--steps", type=int, required=True, help="the study's --steps (a run with fewer is unfinished)")
+    save.add_argument("--to", required=True)
+    restore = sub.add_parser("restore-results", help="append saved rows to a (new) store")
+    restore.add_argument("--store", required=True)
+    restore.add_argument("--from", required=True)
     args = parser.parse_args()
-    (calibrate if args.command == "calibrate" else step_cost)(args)
+    commands = {"calibrate": calibrate, "step-cost": step_cost, "save-results": save_results,
+                "restore-results": restore_results}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
