@@ -116,49 +116,29 @@ def step_cost(args: argparse.Namespace) -> dict:
     return result
 
 
-RESULT_TABLES = ("steps", "evals", "timings")  # what recpipe.study reads, and experiment's "finished" check
-
-
-def save_results(args: argparse.Namespace) -> list[str]:
-    import pyarrow.parquet as pq
-
+def save_results(args: argparse.Namespace) -> None:
     from recpipe.store import Store
+    from recpipe.study import save_results as save
 
     store = Store(args.store)
     con = store.connect(read_only=True)
-    try:  # the condition of recpipe.experiment.finished_runs, for runs of --steps steps
-        runs = sorted(r for (r,) in con.execute(
+    try:  # recpipe.experiment.finished_runs' condition, for runs of --steps steps
+        runs = [r for (r,) in con.execute(
             "WITH s AS (SELECT run, count(DISTINCT step) AS n, max_by(policy_version, step) AS final "
             "           FROM steps GROUP BY run) "
             "SELECT s.run FROM s JOIN evals e ON e.run = s.run AND e.policy_version = s.final WHERE s.n >= $steps",
-            {"steps": args.steps}).fetchall())
+            {"steps": args.steps}).fetchall()]
     finally:
         con.close()
-    out = Path(args.to)
-    out.mkdir(parents=True, exist_ok=True)
-    for table in RESULT_TABLES:
-        pq.write_table(store.read(table, "list_contains($runs, run)", {"runs": runs}), out / f"{table}.parquet")
-    (out / "runs.txt").write_text("".join(f"{r}\n" for r in runs))
-    print(json.dumps({"finished_runs": len(runs), "to": str(out)}))
-    return runs
+    print(json.dumps({"finished_runs": len(runs), "to": str(save(store, runs, args.to))}))
 
 
-def restore_results(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
+def restore_results(args: argparse.Namespace) -> None:
     from recpipe.store import Store
+    from recpipe.study import restore_results as restore
 
-    store = Store.create(args.store)
-    source = Path(getattr(args, "from"))
-    added = 0
-    for table in RESULT_TABLES:
-        rows = pq.read_table(source / f"{table}.parquet")
-        for run in sorted(set(rows.column("run").to_pylist())):  # one partition per commit
-            if store.append(table, rows.filter(pc.equal(rows["run"], run)), shard_id=f"restored-{table}"):
-                added += 1
+    added = restore(Store.create(args.store), getattr(args, "from"))
     print(json.dumps({"restored_commits": added, "store": args.store}))
-    return added
 
 
 def main() -> None:

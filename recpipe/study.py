@@ -203,3 +203,35 @@ def write_study(store: Store, cells: Sequence[Cell], out: str | Path, *,
              "mismatch_mean"]
     table = pa.Table.from_pylist([{k: row[k] for k in shown} for row in summary])
     return table, out / "comparison.csv"
+
+
+# ---- a study that outlives its machine -----------------------------------------------------------
+# What the tables and figures above and recpipe.experiment.finished_runs read: a store holding these
+# rows of a run counts it as finished and reports it, without its rollouts or checkpoints.
+RESULT_TABLES = ("steps", "evals", "timings")
+
+
+def save_results(store: Store, runs: Sequence[str], to: str | Path) -> Path:
+    """Write the ``RESULT_TABLES`` rows of ``runs`` (finished runs of a study) to ``<to>/<table>.parquet``."""
+    import pyarrow.parquet as pq
+
+    out = Path(to)
+    out.mkdir(parents=True, exist_ok=True)
+    for table in RESULT_TABLES:
+        pq.write_table(store.read(table, "list_contains($runs, run)", {"runs": list(runs)}), out / f"{table}.parquet")
+    (out / "runs.txt").write_text("".join(f"{run}\n" for run in sorted(runs)))
+    return out
+
+
+def restore_results(store: Store, source: str | Path) -> int:
+    """Append rows saved by save_results to ``store``, one commit per table and run; returns the commits
+    made. Idempotent: rows already restored (the same shard id) are not added again."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    added = 0
+    for table in RESULT_TABLES:
+        rows = pq.read_table(Path(source) / f"{table}.parquet")
+        for run in sorted(set(rows.column("run").to_pylist())):  # a commit holds one partition
+            added += store.append(table, rows.filter(pc.equal(rows["run"], run)), shard_id=f"restored-{table}")
+    return added

@@ -26,6 +26,7 @@ from recpipe.experiment import (
     study_cells,
 )
 from recpipe.store import Store
+from recpipe.study import restore_results, save_results
 
 # The tiny model with the transformers backend (starts in a second): small groups, short answers.
 SMALL = ["select.groups_per_step=2", "generate.group_size=4", "generate.max_tokens=8", "generate.shard_size=2",
@@ -145,6 +146,16 @@ def test_small_study_table_and_figure(tmp_path, tiny_model):
     timings = store.read("timings").num_rows
     again, _ = run_experiment(base, presets, grid, [0, 1], threshold=0.0)
     assert again.to_pylist() == summary and store.read("timings").num_rows == timings
+
+    # A study that outlives its machine: the finished runs' result rows, saved and appended to a new store,
+    # make the same study there run nothing and report the same table (restoring twice adds nothing).
+    saved = save_results(store, sorted(final), tmp_path / "results")
+    moved = load_config(None, [f"store={tmp_path / 'moved'}", f"model.name={tiny_model}", "loop.steps=2",
+                               "loop.eval_every=1", *SMALL])
+    assert restore_results(Store.create(moved.store), saved) == 3 * 4  # steps, evals, timings x 4 runs
+    assert restore_results(Store(moved.store), saved) == 0
+    there, _ = run_experiment(moved, presets, grid, [0, 1], threshold=0.0)
+    assert there.to_pylist() == summary and Store(moved.store).read("timings").num_rows == timings
 
 
 def test_figure_grid_has_a_panel_per_setting_and_a_line_per_preset(tmp_path):
