@@ -152,7 +152,8 @@ class Store:
         cached = self._tables.get(table)
         if cached is not None:
             if fresh_since is None or self._refreshed.get(table, -math.inf) < fresh_since:
-                cached.update_incremental()
+                if self._has_newer_commit(table, cached.version()):
+                    cached.update_incremental()
                 self._refreshed[table] = time.monotonic()
             return cached
         try:
@@ -168,6 +169,16 @@ class Store:
         self._tables[table] = table_obj
         self._refreshed[table] = time.monotonic()
         return table_obj
+
+    def _has_newer_commit(self, table: str, version: int) -> bool:
+        """Whether commit ``version + 1`` of ``table`` exists. Delta commits are the files
+        ``_delta_log/<version, 20 digits>.json``, each written once and in order, so its absence means the
+        table is still at ``version``: one stat (an S3 HEAD) instead of delta-rs listing the whole log."""
+        path = self.location.path(table, "_delta_log", f"{version + 1:020d}.json")
+        try:
+            return self.location.fs.get_file_info(path).type != pafs.FileType.NotFound
+        except OSError:
+            return True  # cannot tell: let delta-rs read the log (and raise what it finds)
 
     def versions(self, tables: list[str] | None = None) -> dict[str, int]:
         """The current version of each table (what a selection records, and ``as_of`` takes back)."""
@@ -226,6 +237,20 @@ class Store:
         if key not in memo[1]:
             memo[1][key] = delta.transaction_version(key) or 0
         return memo[1][key]
+
+    def _after_commit(self, table: str, delta: DeltaTable, read: int, txns: Sequence[tuple[str, int]]) -> None:
+        """Bring the cached table to our commit. If it landed right after the version we read (no other
+        commit between), the application transaction versions remembered for ``read`` still hold, plus
+        ours: the next "already committed?" question is answered without delta-rs scanning the log."""
+        try:
+            delta.update_incremental()
+        except OSError:
+            self._refreshed.pop(table, None)  # the next read loads it
+            return
+        self._refreshed[table] = time.monotonic()
+        memo = self._txns.get(table)
+        if memo is not None and memo[0] == read and delta.version() == read + 1:
+            self._txns[table] = (read + 1, {**memo[1], **dict(txns)})
 
     def is_committed(self, table: str, values: dict[str, Any], shard_id: str,
                      fresh_since: float | None = None) -> bool:
@@ -296,11 +321,12 @@ class Store:
                 done = delta.transaction_version(app_id)
                 if done is not None and done >= app_version:
                     break
+            read = delta.version()
             try:
                 delta.create_write_transaction([*adds, *(removes or [])], mode="append", schema=spec.schema,
                                                partition_by=list(spec.partition_by) or None,
                                                commit_properties=props)
-                self._refreshed.pop(table, None)  # our own commit: the next read sees it
+                self._after_commit(table, delta, read, [(app_id, app_version), *also])
                 return True
             except CommitFailedError as exc:  # a concurrent commit of the same app id: re-read, then decide
                 error = exc

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -52,6 +53,31 @@ def test_append_is_idempotent_per_shard(store):
     # The shard is one Delta transaction, named by its application transaction id.
     assert store.delta("rollouts").transaction_version("run=r/policy_version=0/s1") == 1
     assert store.delta("rollouts").version() == 1
+
+
+def test_shard_answers_stay_right_between_two_writers_of_one_table(store):
+    """A store remembers which shards it saw committed (and its own commits) between reads of the log; a
+    commit by another writer in between must still be seen, whatever this store remembered before it."""
+    other = Store(store.root)
+    rows = {s: synthetic_rollouts(shard_id=s, groups=1, group_size=2) for s in "abcd"}
+    partition = {"run": "r", "policy_version": 0}
+    assert store.append("rollouts", rows["a"], shard_id="a")
+    assert store.append("rollouts", rows["b"], shard_id="b")   # right after our own: nothing between
+    since = time.monotonic()
+    assert not store.is_committed("rollouts", partition, "c")  # remembered as absent; the log read here
+    # is newer than `since`, so an append given fresh_since=since does not read it again
+    assert other.append("rollouts", rows["c"], shard_id="c")   # another writer commits c meanwhile
+    assert store.append("rollouts", rows["d"], shard_id="d", fresh_since=since)  # lands after theirs
+    for shard in "abcd":                                       # c is not added a second time
+        assert store.append("rollouts", rows[shard], shard_id=shard) is False
+        assert other.append("rollouts", rows[shard], shard_id=shard) is False
+        assert store.is_committed("rollouts", partition, shard)
+    assert count(store, "rollouts") == 8
+    # An unchanged table is not read again, and a changed one is.
+    version = store.delta("rollouts").version()
+    assert store.delta("rollouts").version() == version
+    assert other.append("rollouts", synthetic_rollouts(shard_id="e", groups=1, group_size=2), shard_id="e")
+    assert store.delta("rollouts").version() == version + 1
 
 
 def test_partition_columns_keep_their_types(store):
