@@ -360,7 +360,7 @@ def _version_range(query: str) -> tuple[int, int] | None:
 
 
 def _polars_groups(root: str, query: str, run: str, summary: bool):  # noqa: ANN202
-    """Per-group rows (run, group_id, policy_version, n_errors, created_at): recpipe's groups table, or
+    """Per-group rows (run, group_id, policy_version, shard_id, n_errors, created_at): recpipe's groups table, or
     (summary=False) computed from the rollouts themselves, as one would without that table."""
     import polars as pl
 
@@ -370,7 +370,7 @@ def _polars_groups(root: str, query: str, run: str, summary: bool):  # noqa: ANN
     versions = _version_range(query)
     if versions is not None:
         rollouts = rollouts.filter((pl.col("run") == run) & pl.col("policy_version").is_between(*versions))
-    return rollouts.group_by(["run", "policy_version", "group_id"]).agg(
+    return rollouts.group_by(["run", "policy_version", "group_id", "shard_id"]).agg(
         pl.col("reward_error").is_not_null().sum().alias("n_errors"), pl.col("created_at").max())
 
 
@@ -386,7 +386,7 @@ def polars_select(root: str, query: str, run: str, groups: int, summary: bool = 
     if query == "schedule":
         chosen = (eligible.filter((pl.col("run") == run) & (pl.col("policy_version") == VERSION))
                   .join(used_lf, on=["run", "group_id"], how="anti")
-                  .sort(["created_at", "group_id"]).head(groups))
+                  .sort(["shard_id", "group_id"]).head(groups))  # schedule.sql: id order, not commit order
     elif query == "fresh":
         chosen = (eligible.filter((pl.col("run") == run) & pl.col("policy_version").is_between(*_version_range(query)))
                   .join(used_lf, on=["run", "group_id"], how="anti")
@@ -432,10 +432,12 @@ def _pandas_groups(root: str, query: str, run: str, summary: bool):  # noqa: ANN
     if versions is not None:
         where = [("run", "=", run), ("policy_version", "in", [str(v) for v in range(versions[0], versions[1] + 1)])]
     if summary:
-        return _delta_pandas(f"{root}/groups", ["run", "group_id", "policy_version", "n_errors", "created_at"], where)
-    rows = _delta_pandas(f"{root}/rollouts", ["run", "group_id", "policy_version", "reward_error", "created_at"], where)
+        return _delta_pandas(f"{root}/groups", ["run", "group_id", "policy_version", "shard_id", "n_errors",
+                                                "created_at"], where)
+    rows = _delta_pandas(f"{root}/rollouts", ["run", "group_id", "policy_version", "shard_id", "reward_error",
+                                              "created_at"], where)
     rows["error"] = rows["reward_error"].notna()
-    g = rows.groupby(["run", "policy_version", "group_id"], observed=True, as_index=False).agg(
+    g = rows.groupby(["run", "policy_version", "group_id", "shard_id"], observed=True, as_index=False).agg(
         n_errors=("error", "sum"), created_at=("created_at", "max"))
     g["run"] = g["run"].astype(str)
     return g
@@ -456,7 +458,7 @@ def pandas_select(root: str, query: str, run: str, groups: int, summary: bool = 
                        indicator=True)
         g = used[used["_merge"] == "left_only"].drop(columns="_merge")
         if query == "schedule":
-            chosen = g.sort_values(["created_at", "group_id"]).head(groups)
+            chosen = g.sort_values(["shard_id", "group_id"]).head(groups)
         else:
             chosen = g.sort_values(["policy_version", "created_at", "group_id"],
                                    ascending=[False, False, True]).head(groups)
