@@ -74,15 +74,46 @@ class DataFile:
         return name.split("~", 1)[0] if "~" in name else None
 
 
-@dataclass(frozen=True)
 class Snapshot:
-    table: str
-    version: int
-    files: tuple[DataFile, ...]
+    """The data files of one version of a table: its Delta log's add actions as an Arrow table (one row per
+    file: path, size_bytes, partition.<column>). DataFile objects are built only for what is asked - every
+    file (``files``), or one run's (``files_of``) - since an archive of 100M rollouts has ~200k groups files
+    and a selection needs one run's."""
 
-    def partitions(self) -> list[dict[str, Any]]:
-        by_values = self.by_partition
-        return [by_values[k][0].values for k in sorted(by_values)]
+    def __init__(self, store: Store, table: str, version: int, actions: pa.Table):
+        self.table, self.version, self.actions = table, version, actions
+        self._store, self._spec = store, table_spec(table)
+
+    @functools.cached_property
+    def files(self) -> tuple[DataFile, ...]:
+        """Every data file, in path order."""
+        key = (self._store.uri, self.table)
+        with _snapshots_lock:
+            known = _parsed.get(key, {})
+        files = tuple(self._data_files(self.actions, known))
+        with _snapshots_lock:
+            _parsed[key] = {f.relative: f for f in files}  # what the newest version read lists
+        return files
+
+    def files_of(self, run: str) -> list[DataFile]:
+        """The data files of one run, in path order."""
+        if "run" not in self._spec.partition_by or not self.actions.num_rows:
+            return [f for f in self.files if f.values.get("run") == run]
+        return self._data_files(self.actions.filter(pc.equal(self.actions.column("partition.run"), run)))
+
+    def partitions(self, run: str | None = None) -> list[dict[str, Any]]:
+        """The partition values of every partition holding a file (of ``run`` only, if given), sorted."""
+        columns = [f"partition.{c}" for c in self._spec.partition_by]
+        if not columns or not self.actions.num_rows:
+            return [{}] if self.actions.num_rows else []
+        actions = self.actions
+        if run is not None and "run" in self._spec.partition_by:
+            actions = actions.filter(pc.equal(actions.column("partition.run"), run))
+        distinct = actions.select(columns).group_by(columns).aggregate([])
+        values = [dict(zip(self._spec.partition_by, (_typed(self._spec.schema, c, v) for c, v in
+                                                     zip(self._spec.partition_by, row, strict=True)), strict=True))
+                  for row in zip(*(distinct.column(c).to_pylist() for c in columns), strict=True)]
+        return sorted(values, key=lambda v: tuple(v.values()))
 
     @functools.cached_property
     def by_partition(self) -> dict[tuple[Any, ...], list[DataFile]]:
@@ -92,11 +123,27 @@ class Snapshot:
             index.setdefault(tuple(f.values.values()), []).append(f)
         return index
 
+    def _data_files(self, actions: pa.Table, known: dict[str, DataFile] | None = None) -> list[DataFile]:
+        actions = actions.sort_by("path")
+        paths = actions.column("path").to_pylist()
+        sizes = actions.column("size_bytes").to_pylist()
+        columns = {c: actions.column(f"partition.{c}").to_pylist() for c in self._spec.partition_by}
+        location, schema, known = self._store.location, self._spec.schema, known or {}
+        files = []
+        for i, relative in enumerate(paths):
+            file = known.get(relative)
+            if file is None:
+                values = {c: _typed(schema, c, columns[c][i]) for c in self._spec.partition_by}
+                file = DataFile(location.path(self.table, relative), relative, sizes[i], values)
+            files.append(file)
+        return files
+
 
 _snapshots: OrderedDict[tuple[str, str, int], Snapshot] = OrderedDict()
 _snapshots_lock = threading.Lock()
+CACHED_ACTIONS = 2_000_000
 # The DataFile of each path a table's log has listed, per (store, table): a new version of a table adds a
-# few files to thousands, so only those are parsed again (the loop reads a new version at every step).
+# few files to thousands, so only those are built again when every file is listed.
 _parsed: dict[tuple[str, str], dict[str, DataFile]] = {}
 
 
@@ -114,28 +161,13 @@ def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
     delta = store.delta(table, version)
     spec = table_spec(table)
     actions = pa.table(delta.get_add_actions(flatten=True))
-    actions = actions.sort_by("path")
-    paths = actions.column("path").to_pylist()
+    snap = Snapshot(store, table, delta.version(),
+                    actions.select(["path", "size_bytes", *(f"partition.{c}" for c in spec.partition_by)]))
     with _snapshots_lock:
-        known = _parsed.get((store.uri, table), {})
-    files = []
-    new_rows = [i for i, relative in enumerate(paths) if relative not in known]
-    if new_rows:
-        picked = actions.take(new_rows)
-        sizes = picked.column("size_bytes").to_pylist()
-        columns = {c: picked.column(f"partition.{c}").to_pylist() for c in spec.partition_by}
-        fresh = {}
-        for j, i in enumerate(new_rows):
-            values = {c: _typed(spec.schema, c, columns[c][j]) for c in spec.partition_by}
-            fresh[paths[i]] = DataFile(store.location.path(table, paths[i]), paths[i], sizes[j], values)
-    else:
-        fresh = {}
-    files = [known.get(relative) or fresh[relative] for relative in paths]
-    snap = Snapshot(table, delta.version(), tuple(files))
-    with _snapshots_lock:
-        _parsed[(store.uri, table)] = {f.relative: f for f in files}  # what the newest version read lists
         _snapshots[key] = snap
-        while len(_snapshots) > 64:
+        # At most 64 versions, and at most CACHED_ACTIONS files over all of them (~100 bytes each).
+        while len(_snapshots) > 1 and (len(_snapshots) > 64 or
+                                       sum(s.actions.num_rows for s in _snapshots.values()) > CACHED_ACTIONS):
             _snapshots.popitem(last=False)
     return snap
 
@@ -252,8 +284,8 @@ class TableDataset(ds.FileSystemDataset):
         if self.pinned_files is not None:
             return self.pinned_files
         version = self.version() if callable(self.version) else self.version
-        files = snapshot(self.store, self.table, version).files
-        return [f for f in files if self.run is None or f.values.get("run") == self.run]
+        snap = snapshot(self.store, self.table, version)
+        return list(snap.files) if self.run is None else snap.files_of(self.run)
 
     def scanner(self, columns: Sequence[str] | None = None, filter: ds.Expression | None = None,  # noqa: A002
                 **kwargs: Any) -> _Scan:

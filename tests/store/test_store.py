@@ -192,3 +192,18 @@ def test_second_writer_is_refused_and_stale_lock_is_taken(store):
         holder.wait()
     with store.lock("r", "loop") as lock:  # the killed holder's lease is free at once (same host, pid gone)
         assert lock.held
+
+
+def test_a_snapshot_lists_one_runs_files_and_partitions_as_its_whole_file_list_does(store):
+    for run, version, shard in (("a", 0, "s1"), ("b", 0, "s2"), ("a", 3, "s3"), ("a", 3, "s4")):
+        store.append_rollouts(synthetic_rollouts(run=run, policy_version=version, shard_id=shard), shard_id=shard)
+    snap = store.snapshot("groups")
+    assert [f.relative for f in snap.files] == sorted(f.relative for f in snap.files) and len(snap.files) == 4
+    for run in ("a", "b", "missing"):
+        assert snap.files_of(run) == [f for f in snap.files if f.values["run"] == run]
+        assert snap.partitions(run) == [v for v in snap.partitions() if v["run"] == run]
+    assert snap.partitions() == [{"run": "a", "policy_version": 0}, {"run": "a", "policy_version": 3},
+                                 {"run": "b", "policy_version": 0}]
+    assert [type(v["policy_version"]) for v in snap.partitions()] == [int, int, int]
+    empty = store.snapshot("evals")
+    assert (empty.files, empty.files_of("a"), empty.partitions(), empty.partitions("a")) == ((), [], [], [])
