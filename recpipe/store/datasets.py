@@ -82,12 +82,14 @@ class Snapshot:
 
     def __init__(self, store: Store, table: str, version: int, actions: pa.Table):
         self.table, self.version, self.actions = table, version, actions
-        self._store, self._spec = store, table_spec(table)
+        # The store's location, not the store: a cached snapshot must not keep a Store (and the Delta
+        # tables it holds, ~0.5 GB each at 100M rollouts) alive.
+        self._uri, self._location, self._spec = store.uri, store.location, table_spec(table)
 
     @functools.cached_property
     def files(self) -> tuple[DataFile, ...]:
         """Every data file, in path order."""
-        key = (self._store.uri, self.table)
+        key = (self._uri, self.table)
         with _snapshots_lock:
             known = _parsed.get(key, {})
         files = tuple(self._data_files(self.actions, known))
@@ -128,7 +130,7 @@ class Snapshot:
         paths = actions.column("path").to_pylist()
         sizes = actions.column("size_bytes").to_pylist()
         columns = {c: actions.column(f"partition.{c}").to_pylist() for c in self._spec.partition_by}
-        location, schema, known = self._store.location, self._spec.schema, known or {}
+        location, schema, known = self._location, self._spec.schema, known or {}
         files = []
         for i, relative in enumerate(paths):
             file = known.get(relative)
@@ -141,7 +143,7 @@ class Snapshot:
 
 _snapshots: OrderedDict[tuple[str, str, int], Snapshot] = OrderedDict()
 _snapshots_lock = threading.Lock()
-CACHED_ACTIONS = 2_000_000
+CACHED_ACTION_BYTES = 128 << 20
 # The DataFile of each path a table's log has listed, per (store, table): a new version of a table adds a
 # few files to thousands, so only those are built again when every file is listed.
 _parsed: dict[tuple[str, str], dict[str, DataFile]] = {}
@@ -165,9 +167,9 @@ def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
                     actions.select(["path", "size_bytes", *(f"partition.{c}" for c in spec.partition_by)]))
     with _snapshots_lock:
         _snapshots[key] = snap
-        # At most 64 versions, and at most CACHED_ACTIONS files over all of them (~100 bytes each).
+        # At most 64 versions, holding at most CACHED_ACTION_BYTES of file lists (~100 bytes a file).
         while len(_snapshots) > 1 and (len(_snapshots) > 64 or
-                                       sum(s.actions.num_rows for s in _snapshots.values()) > CACHED_ACTIONS):
+                                       sum(s.actions.nbytes for s in _snapshots.values()) > CACHED_ACTION_BYTES):
             _snapshots.popitem(last=False)
     return snap
 
