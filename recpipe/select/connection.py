@@ -45,7 +45,7 @@ _database_lock = threading.Lock()
 
 def archive_versions(store: Store, run: str | None = None, version: int | None = None) -> pa.Table:
     """(run, policy_version) of every groups partition holding a file (of ``run`` only, if given)."""
-    parts = [v for v in store.snapshot("groups", version).partitions(run) if run is None or v["run"] == run]
+    parts = store.snapshot("groups", version).partitions(run)
     return pa.table({"run": pa.array([v["run"] for v in parts], pa.string()),
                      "policy_version": pa.array([v["policy_version"] for v in parts], pa.int32())})
 

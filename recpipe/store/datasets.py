@@ -99,23 +99,26 @@ class Snapshot:
 
     def files_of(self, run: str) -> list[DataFile]:
         """The data files of one run, in path order."""
-        if "run" not in self._spec.partition_by or not self.actions.num_rows:
-            return [f for f in self.files if f.values.get("run") == run]
-        return self._data_files(self.actions.filter(pc.equal(self.actions.column("partition.run"), run)))
+        return self._data_files(self._actions_of(run))
 
     def partitions(self, run: str | None = None) -> list[dict[str, Any]]:
         """The partition values of every partition holding a file (of ``run`` only, if given), sorted."""
-        columns = [f"partition.{c}" for c in self._spec.partition_by]
-        if not columns or not self.actions.num_rows:
-            return [{}] if self.actions.num_rows else []
-        actions = self.actions
-        if run is not None and "run" in self._spec.partition_by:
-            actions = actions.filter(pc.equal(actions.column("partition.run"), run))
+        by, actions = self._spec.partition_by, self._actions_of(run)
+        if not by:
+            return [{}] if actions.num_rows else []
+        columns = [f"partition.{c}" for c in by]
         distinct = actions.select(columns).group_by(columns).aggregate([])
-        values = [dict(zip(self._spec.partition_by, (_typed(self._spec.schema, c, v) for c, v in
-                                                     zip(self._spec.partition_by, row, strict=True)), strict=True))
-                  for row in zip(*(distinct.column(c).to_pylist() for c in columns), strict=True)]
+        rows = zip(*(distinct.column(c).to_pylist() for c in columns), strict=True)
+        values = [{c: _typed(self._spec.schema, c, v) for c, v in zip(by, row, strict=True)} for row in rows]
         return sorted(values, key=lambda v: tuple(v.values()))
+
+    def _actions_of(self, run: str | None) -> pa.Table:
+        """The add actions of every file, or of one run's (none, in a table not partitioned by run)."""
+        if run is None:
+            return self.actions
+        if "run" not in self._spec.partition_by:
+            return self.actions.slice(0, 0)
+        return self.actions.filter(pc.equal(self.actions.column("partition.run"), run))
 
     @functools.cached_property
     def by_partition(self) -> dict[tuple[Any, ...], list[DataFile]]:
