@@ -32,6 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -154,7 +155,8 @@ _parsed: dict[tuple[str, str], dict[str, DataFile]] = {}
 
 def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
     """The data files of ``table`` at ``version`` (default: the latest), from the Delta log. A version's
-    files never change, so each is read from the log once per process."""
+    files never change, so each is read from the log once per process: from an earlier cached version and
+    the commits after it when there are few of those (``_advance``), else from delta-rs."""
     if version is None:
         version = store.delta(table).version()
     key = (store.uri, table, version)
@@ -163,11 +165,14 @@ def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
         if hit is not None:
             _snapshots.move_to_end(key)
             return hit
-    delta = store.delta(table, version)
-    spec = table_spec(table)
-    actions = pa.table(delta.get_add_actions(flatten=True))
-    snap = Snapshot(store, table, delta.version(),
-                    actions.select(["path", "size_bytes", *(f"partition.{c}" for c in spec.partition_by)]))
+        earlier = [s for (uri, name, v), s in _snapshots.items() if uri == store.uri and name == table and v < version]
+    base = max(earlier, key=lambda s: s.version, default=None)
+    actions = _advance(store, base, version) if base is not None and version - base.version <= MAX_TAIL else None
+    if actions is None:
+        spec = table_spec(table)
+        actions = pa.table(store.delta(table, version).get_add_actions(flatten=True))
+        actions = actions.select(["path", "size_bytes", *(f"partition.{c}" for c in spec.partition_by)])
+    snap = Snapshot(store, table, version, actions)
     with _snapshots_lock:
         _snapshots[key] = snap
         # At most 64 versions, holding at most CACHED_ACTION_BYTES of file lists (~100 bytes a file).
@@ -175,6 +180,60 @@ def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
                                        sum(s.actions.nbytes for s in _snapshots.values()) > CACHED_ACTION_BYTES):
             _snapshots.popitem(last=False)
     return snap
+
+
+# Commits after a cached version read directly; beyond this many, delta-rs (from a checkpoint) is cheaper.
+MAX_TAIL = 100
+# Actions of a commit that change nothing about which files are live. Any other (metaData: a schema or
+# partitioning change; protocol; cdc) makes _advance hand the version to delta-rs.
+_NO_FILE_CHANGE = frozenset({"commitInfo", "txn", "domainMetadata", "checkpointMetadata", "sidecar"})
+
+
+def _advance(store: Store, base: Snapshot, version: int) -> pa.Table | None:
+    """The add actions of ``version``: ``base``'s, then the adds and removes of commits base+1..version, read
+    from their ``_delta_log/<version>.json`` (newline-delimited actions; paths URI-encoded, partition values
+    as strings). delta-rs's get_add_actions rebuilds every file's statistics for each new version (~8 ms for
+    a rollouts table of 800 files, ~40 ms for a groups table of 200k); this costs the new commits only.
+    None when a commit is missing or holds an action this does not follow (the caller asks delta-rs)."""
+    added: dict[str, tuple[int, dict[str, str | None]]] = {}
+    gone: set[str] = set()  # base files removed (or re-added: the re-add is in ``added``)
+    fs = store.location.fs
+    for number in range(base.version + 1, version + 1):
+        try:
+            with fs.open_input_stream(store.location.path(base.table, "_delta_log", f"{number:020d}.json")) as f:
+                lines = f.read().decode().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            if not line.strip():
+                continue
+            action = json.loads(line)
+            if "add" in action:
+                add = action["add"]
+                if add.get("deletionVector"):
+                    return None
+                path = unquote(add["path"])
+                gone.add(path)
+                added[path] = (int(add["size"]), add.get("partitionValues") or {})
+            elif "remove" in action:
+                path = unquote(action["remove"]["path"])
+                gone.add(path)
+                added.pop(path, None)
+            elif not _NO_FILE_CHANGE.issuperset(action):
+                return None
+    actions = base.actions
+    if gone:
+        actions = actions.filter(pc.invert(pc.is_in(actions.column("path"), pa.array(sorted(gone), pa.string()))))
+    if added:
+        paths = list(added)
+        columns = {"path": pa.array(paths, pa.string()),
+                   "size_bytes": pa.array([added[p][0] for p in paths], pa.int64())}
+        for name in base.actions.column_names[2:]:  # partition.<column>, typed as delta-rs types them
+            column = name.removeprefix("partition.")
+            columns[name] = pa.array([added[p][1].get(column) for p in paths], pa.string()).cast(
+                base.actions.schema.field(name).type)
+        actions = pa.concat_tables([actions, pa.table(columns, schema=base.actions.schema)])
+    return actions.combine_chunks() if actions.column(0).num_chunks > 16 else actions
 
 
 def _typed(schema: pa.Schema, column: str, value: Any) -> Any:

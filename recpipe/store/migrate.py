@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 from deltalake.transaction import AddAction, CommitProperties, Transaction
 
 from recpipe.schema import SCHEMA_VERSION, conform, migrations, table_names, table_schema, table_spec
-from recpipe.store import FORMAT, MARKER, Store, StoreError, read_marker
+from recpipe.store import COMMIT_HOOKS, FORMAT, MARKER, Store, StoreError, read_marker
 from recpipe.store.datasets import DataFile, file_stats, read_table
 from recpipe.store.files import fsync_dir, write_parquet
 from recpipe.store.location import Location, LocationError
@@ -251,7 +251,7 @@ def _commit_partition(store: Store, table: str, values: dict[str, Any],
         custom_metadata={"recpipe.operation": f"migrate {name or table} ({len(written)} legacy files)"})
     store.delta(table).create_write_transaction(adds, mode="append", schema=spec.schema,
                                                 partition_by=list(spec.partition_by) or None,
-                                                commit_properties=props)
+                                                commit_properties=props, post_commithook_properties=COMMIT_HOOKS)
 
 
 def _new_name(values_path: str, shards: list[str]) -> str:

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
+from recpipe.schema import table_spec
 from recpipe.store import RunLocked, Store, StoreError, parse_as_of
 from recpipe.store.compact import vacuum_table
 from recpipe.store.lease import Lease, LeaseLost
@@ -207,3 +208,59 @@ def test_kill_9_leaves_every_table_at_a_whole_version(where, during):
     for shard in shards - {f"base{i}" for i in range(base)}:  # each committed shard is whole
         size = 50 * 4 if during == "commit" else 2 * 4
         assert after.read("rollouts", "shard_id = $s", {"s": shard}).num_rows == size, shard
+
+
+def _delta_rs_files(store: Store, table: str, version: int) -> list[tuple]:
+    """The oracle: delta-rs's own list of the version's live files (path, size, partition values)."""
+    actions = pa.table(DeltaTable(store.table_uri(table), version=version,
+                                  storage_options=store.location.storage_options or None).get_add_actions(flatten=True))
+    parts = [c for c in actions.column_names if c.startswith("partition.")]
+    return sorted(zip(*(actions.column(c).to_pylist() for c in ["path", "size_bytes", *parts]), strict=True))
+
+
+def _snapshot_files(snap) -> list[tuple]:
+    return sorted(zip(*(snap.actions.column(c).to_pylist() for c in snap.actions.column_names), strict=True))
+
+
+def test_a_snapshot_advanced_from_the_commits_after_a_cached_version_lists_what_delta_rs_lists(where, monkeypatch):
+    """A new version's file list is built from an earlier cached one plus the commits after it (adds,
+    compaction's removes, a repair's withdrawal); it must equal delta-rs's list of that version, and a
+    commit that changes the table's metadata must send the reader back to delta-rs."""
+    store = where.create()
+    for run, version, shard in (("a", 0, "s1"), ("a", 0, "s2"), ("b", 1, "s3")):
+        store.append_rollouts(synthetic_rollouts(run=run, policy_version=version, shard_id=shard), shard_id=shard)
+    store.snapshot("groups")  # the cached base
+    full = DeltaTable.get_add_actions
+    monkeypatch.setattr(DeltaTable, "get_add_actions", lambda *a, **k: pytest.fail("advanced without delta-rs"))
+    for run, version, shard in (("a", 0, "s4"), ("b", 1, "s5"), ("c", 2, "s6")):
+        store.append_rollouts(synthetic_rollouts(run=run, policy_version=version, shard_id=shard), shard_id=shard)
+        snap = store.snapshot("groups")  # one commit after the last cached version
+    assert store.compact("groups", run="a")["files_merged"] == 3  # one commit: 1 add, 3 removes
+    snap = store.snapshot("groups")
+    monkeypatch.setattr(DeltaTable, "get_add_actions", full)
+    assert len(snap.actions) == 4 and _snapshot_files(snap) == _delta_rs_files(store, "groups", snap.version)
+    assert [f.values for f in snap.files_of("a")] == [{"run": "a", "policy_version": 0}]
+    assert snap.actions.schema == store.snapshot("groups", 1).actions.schema  # typed as delta-rs types them
+    store.delta("groups").alter.set_table_properties({"delta.appendOnly": "false"})  # a metaData action
+    store.append_rollouts(synthetic_rollouts(run="c", policy_version=2, shard_id="s7"), shard_id="s7")
+    calls = []
+    monkeypatch.setattr(DeltaTable, "get_add_actions", lambda self, *a, **k: calls.append(1) or full(self, *a, **k))
+    snap = store.snapshot("groups")
+    assert calls and _snapshot_files(snap) == _delta_rs_files(store, "groups", snap.version)
+
+
+def test_tables_keep_every_commit_for_time_travel_and_checkpoint_every_100(tmp_path):
+    """recpipe never deletes log entries (a recorded selection may be re-run as of any version it read);
+    delta-rs still writes its checkpoint every 100 commits, so a reader of a long log starts from it."""
+    store = Store.create(tmp_path / "store")
+    delta = store.delta("steps")
+    assert delta.metadata().configuration.get("delta.enableExpiredLogCleanup") == "false"
+    blank = dict.fromkeys(table_spec("steps").schema.names)
+    for step in range(101):
+        row = {**blank, "run": "a", "step": step, "policy_version": step, "applied": True, "tokens": 0,
+               "seconds": 0.0, "created_at": dt.datetime.now(dt.UTC), "schema_version": 1}
+        store.append("steps", [row], shard_id=f"step-{step:06d}")
+    log = tmp_path / "store" / "steps" / "_delta_log"
+    assert [p.name for p in log.glob("*.checkpoint.parquet")] == [f"{99:020d}.checkpoint.parquet"]
+    assert len(list(log.glob("*.json"))) == 102  # versions 0 (create) .. 101
+    assert store.read("steps", as_of={"steps": 1}).num_rows == 1
