@@ -222,8 +222,10 @@ def _advance(store: Store, base: Snapshot, version: int) -> pa.Table | None:
             elif not _NO_FILE_CHANGE.issuperset(action):
                 return None
     actions = base.actions
-    if gone:
-        actions = actions.filter(pc.invert(pc.is_in(actions.column("path"), pa.array(sorted(gone), pa.string()))))
+    if gone:  # filtering copies the whole list (~17 ms for 200k files): only when a base file is gone
+        hit = pc.is_in(actions.column("path"), value_set=pa.array(sorted(gone), pa.string()))
+        if pc.any(hit).as_py():
+            actions = actions.filter(pc.invert(hit))
     if added:
         paths = list(added)
         columns = {"path": pa.array(paths, pa.string()),
