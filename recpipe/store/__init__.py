@@ -181,7 +181,7 @@ class Store:
         """Whether commit ``version + 1`` of ``table`` exists. Delta commits are the files
         ``_delta_log/<version, 20 digits>.json``, each written once and in order, so its absence means the
         table is still at ``version``: one stat (an S3 HEAD) instead of delta-rs listing the whole log."""
-        path = self.location.path(table, "_delta_log", f"{version + 1:020d}.json")
+        path = self.location.commit_file(table, version + 1)
         try:
             return self.location.fs.get_file_info(path).type != pafs.FileType.NotFound
         except OSError:

@@ -200,7 +200,7 @@ def _advance(store: Store, base: Snapshot, version: int) -> pa.Table | None:
     fs = store.location.fs
     for number in range(base.version + 1, version + 1):
         try:
-            with fs.open_input_stream(store.location.path(base.table, "_delta_log", f"{number:020d}.json")) as f:
+            with fs.open_input_stream(store.location.commit_file(base.table, number)) as f:
                 lines = f.read().decode().splitlines()
         except OSError:
             return None

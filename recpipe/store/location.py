@@ -68,6 +68,10 @@ class Location:
         base = self.uri if self.is_local else self.uri[len("s3://"):]
         return "/".join([base, *parts])
 
+    def commit_file(self, table: str, version: int) -> str:
+        """The path on ``fs`` of commit ``version`` of ``table``: ``_delta_log/<version, 20 digits>.json``."""
+        return self.path(table, "_delta_log", f"{version:020d}.json")
+
     @property
     def fs(self) -> pafs.FileSystem:
         return _filesystem(self.uri, tuple(sorted(self.storage_options.items())))

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable
 
-from recpipe.schema import table_spec
+from recpipe.schema import SCHEMA_VERSION, table_spec
 from recpipe.store import RunLocked, Store, StoreError, parse_as_of
 from recpipe.store.compact import vacuum_table
 from recpipe.store.lease import Lease, LeaseLost
@@ -224,7 +224,7 @@ def _snapshot_files(snap) -> list[tuple]:
 
 def test_a_snapshot_advanced_from_the_commits_after_a_cached_version_lists_what_delta_rs_lists(where, monkeypatch):
     """A new version's file list is built from an earlier cached one plus the commits after it (adds,
-    compaction's removes, a repair's withdrawal); it must equal delta-rs's list of that version, and a
+    compaction's removes); it must equal delta-rs's list of that version, and a
     commit that changes the table's metadata must send the reader back to delta-rs."""
     store = where.create()
     for run, version, shard in (("a", 0, "s1"), ("a", 0, "s2"), ("b", 1, "s3")):
@@ -234,7 +234,7 @@ def test_a_snapshot_advanced_from_the_commits_after_a_cached_version_lists_what_
     monkeypatch.setattr(DeltaTable, "get_add_actions", lambda *a, **k: pytest.fail("advanced without delta-rs"))
     for run, version, shard in (("a", 0, "s4"), ("b", 1, "s5"), ("c", 2, "s6")):
         store.append_rollouts(synthetic_rollouts(run=run, policy_version=version, shard_id=shard), shard_id=shard)
-        snap = store.snapshot("groups")  # one commit after the last cached version
+        store.snapshot("groups")  # one commit after the last cached version
     assert store.compact("groups", run="a")["files_merged"] == 3  # one commit: 1 add, 3 removes
     snap = store.snapshot("groups")
     monkeypatch.setattr(DeltaTable, "get_add_actions", full)
@@ -258,7 +258,7 @@ def test_tables_keep_every_commit_for_time_travel_and_checkpoint_every_100(tmp_p
     blank = dict.fromkeys(table_spec("steps").schema.names)
     for step in range(101):
         row = {**blank, "run": "a", "step": step, "policy_version": step, "applied": True, "tokens": 0,
-               "seconds": 0.0, "created_at": dt.datetime.now(dt.UTC), "schema_version": 1}
+               "seconds": 0.0, "created_at": dt.datetime.now(dt.UTC), "schema_version": SCHEMA_VERSION}
         store.append("steps", [row], shard_id=f"step-{step:06d}")
     log = tmp_path / "store" / "steps" / "_delta_log"
     assert [p.name for p in log.glob("*.checkpoint.parquet")] == [f"{99:020d}.checkpoint.parquet"]
