@@ -13,8 +13,8 @@ groups and timings tables have as many commits). The log is filled with small re
 (1 group x 8 x 8 tokens: files, application transactions, checkpoints as usual) up to each point,
 and --spread small shards follow each measured one, so the measured shards spread over a checkpoint
 cycle (with --spread 2, 30 shards span ~90 commits).
-delta-rs writes a checkpoint with every 100th commit (versions 99, 199, ...); a commit's cost depends on
-where it falls in that cycle (measured: the further from the last checkpoint, the slower), so the fill's
+delta-rs writes a checkpoint with every 10th commit (the tables' delta.checkpointInterval; versions 9, 19,
+...); a commit's cost depends on where it falls in that cycle (measured: the further from the last checkpoint, the slower), so the fill's
 commits are also reported by their place in it. Also measured: a one-row commit (a `timings` row, as the loop
 writes several per step), and the share of the shard commit spent writing Parquet
 (recpipe.store.files.write_parquet) - the rest is summarising the groups and the Delta log.
@@ -44,6 +44,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from recpipe.store import TABLE_CONFIGURATION
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_STEP_S = 25.0  # BENCHMARKS.md, "The README main command": 5.5 s generation + 18.4 s training + selection
@@ -162,14 +164,16 @@ def measure_backend(name: str, uri: str, options: dict[str, str] | None, args: a
     return points
 
 
-PHASES = ("1-25", "26-50", "51-75", "76-99", "100: writes a checkpoint")
+INTERVAL = int(TABLE_CONFIGURATION["delta.checkpointInterval"])  # the tables' checkpoint interval
+HALF = (INTERVAL - 1) // 2
+PHASES = (f"1-{HALF}", f"{HALF + 1}-{INTERVAL - 1}", f"{INTERVAL}th: writes a checkpoint")
 
 
 def _phase(version: int) -> str:
     """Where a commit falls in delta-rs's checkpoint cycle: the how-manieth commit since the last checkpoint
-    (delta-rs writes one with the 100th: versions 99, 199, ...)."""
-    since = version % 100 + 1
-    return PHASES[4] if since == 100 else PHASES[min(3, (since - 1) // 25)]
+    (delta-rs writes one with every INTERVAL-th: versions INTERVAL - 1, 2 INTERVAL - 1, ...)."""
+    since = version % INTERVAL + 1
+    return PHASES[2] if since == INTERVAL else PHASES[0 if since <= HALF else 1]
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def main() -> None:
     parser.add_argument("--at", default="10,100,1000", help="prior commits of the tables at each measured point")
     parser.add_argument("--shards", type=int, default=30, help="measured shards per point")
     parser.add_argument("--spread", type=int, default=2, help="small fill shards after each measured one, so the "
-                        "measured shards spread over a checkpoint cycle (2: 30 shards span 90 commits)")
+                        "measured shards spread over a checkpoint cycle (2: 30 shards span 90 commits, nine checkpoint cycles)")
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=200, help="response tokens per response")

@@ -51,12 +51,19 @@ __all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "MA
 MARKER = ".recpipe-store"
 FORMAT = "delta"
 COMMIT_ATTEMPTS = 5  # beyond delta-rs's own retries of non-conflicting commits
-# After each commit delta-rs writes a checkpoint every 100 versions (kept) and, by default, lists the log to
-# delete commit files older than the log retention (30 days): that listing was ~7 ms of every ~15-25 ms
-# commit at 10M rollouts, and deleting old commits would end time travel to the versions recorded
-# selections read. recpipe never deletes log entries (the table property says so to other writers too).
+# After each commit delta-rs writes a checkpoint (every delta.checkpointInterval versions, kept) and, by
+# default, lists the log to delete commit files older than the log retention (30 days): that listing was
+# ~7 ms of every ~15-25 ms commit at 10M rollouts, and deleting old commits would end time travel to the
+# versions recorded selections read. recpipe never deletes log entries (the table property says so to other writers too).
 COMMIT_HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
-TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false"}
+# Table properties of every table (set at creation; `recpipe doctor --repair` sets them on older tables):
+# - no expired-log cleanup by any writer, so every version a recorded selection read stays loadable;
+# - a checkpoint every 10 commits (Delta's default: 100). delta-rs 1.6.6 replays the log from the last
+#   checkpoint in every commit, refresh and application-transaction lookup, so their cost grows with the
+#   commits since it: a lineage commit plus refresh on the 750-file batches table took 10 + 8 ms at 26
+#   commits past a checkpoint and 21 + 19 ms at 86; every 10 commits it is ~15 ms all told, checkpoint
+#   writes included (bench_commit, BENCHMARKS.md).
+TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false", "delta.checkpointInterval": "10"}
 
 # as_of: a version of every table read, {table: version}, or a point in time (each table as of it).
 AsOf = int | dict[str, int] | dt.datetime | None

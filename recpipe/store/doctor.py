@@ -15,6 +15,9 @@ What is checked, in each table's current version:
 * ``duplicate-rollouts``: rollout ids stored more than once (reported, never repaired automatically).
 * ``missing-checkpoint``: the latest policy version of a run without its checkpoint.
 * ``stale-temp``: checkpoint temp dirs left by killed writers.
+* ``table-settings``: a table whose properties lack recpipe's (recpipe.store.TABLE_CONFIGURATION: no
+  expired-log cleanup, a checkpoint every 10 commits), e.g. created by an older recpipe; the repair sets
+  them (one metadata commit per table; concurrent appends re-read and commit after it).
 
 Repairs are Delta transactions, safe beside running writers:
 
@@ -55,7 +58,7 @@ import pyarrow.parquet as pq
 from deltalake.transaction import RemoveAction
 
 from recpipe.schema import added_columns, fits_older, table_names, table_spec
-from recpipe.store import Store, StoreError, group_summary
+from recpipe.store import TABLE_CONFIGURATION, Store, StoreError, group_summary
 from recpipe.store.datasets import DataFile, file_schema, read_table
 from recpipe.store.files import StoreWriteError, stale_temps
 
@@ -69,7 +72,7 @@ BAD_KINDS = ("corrupt", "missing-file")  # problems of one data file: its rows c
 class Problem:
     path: str | Path  # a data file or partition (on the store's filesystem), or a checkpoint dir
     # corrupt | missing-file | missing-groups | orphan-groups | duplicate-rollouts | missing-checkpoint
-    # | stale-temp; recpipe.doctor adds damaged-checkpoint | no-manifest | unregistered-checkpoint
+    # | stale-temp | table-settings; recpipe.doctor adds damaged-checkpoint | no-manifest | unregistered-checkpoint
     kind: str
     detail: str
     shards: tuple[str, ...] = ()  # missing-groups / orphan-groups: the generation shards concerned
@@ -196,11 +199,40 @@ def diagnose(store: Store) -> Report:
     report.problems.extend(shard_problems(store, bad))
     report.problems.extend(duplicate_rollouts(store, bad))
     report.problems.extend(missing_checkpoints(store, bad))
+    report.problems.extend(table_settings(store))
     checkpoints = store.root / "checkpoints"
     if checkpoints.is_dir():
         for temp in stale_temps(checkpoints):
             report.problems.append(Problem(temp, "stale-temp", "left by a killed writer; never visible to readers"))
     return report
+
+
+def _unset_properties(store: Store, table: str) -> tuple[dict[str, str], dict[str, str]]:
+    """recpipe's table properties (recpipe.store.TABLE_CONFIGURATION) that ``table`` lacks, and its own."""
+    configuration = store.delta(table).metadata().configuration
+    return {key: value for key, value in TABLE_CONFIGURATION.items() if configuration.get(key) != value}, configuration
+
+
+def table_settings(store: Store) -> list[Problem]:
+    """Tables whose Delta properties differ from recpipe's."""
+    problems = []
+    for table in table_names():
+        wrong, configuration = _unset_properties(store, table)
+        if wrong:
+            shown = ", ".join(f"{key}={configuration.get(key, '(unset)')} (recpipe sets {value})"
+                              for key, value in wrong.items())
+            problems.append(Problem(store.location.path(table), "table-settings", shown, table=table))
+    return problems
+
+
+def set_table_settings(store: Store, table: str) -> list[str]:
+    """Set recpipe's table properties on ``table`` (one metadata commit; nothing if they are set already)."""
+    wrong, _ = _unset_properties(store, table)
+    if not wrong:
+        return []
+    store.delta(table).alter.set_table_properties(wrong, raise_if_not_exists=False)
+    store.delta(table)  # re-read: the cached table is at the new version
+    return [f"set {', '.join(f'{k}={v}' for k, v in wrong.items())} on table {table!r}"]
 
 
 def shard_problems(store: Store, bad: dict[str, set[str]]) -> list[Problem]:
@@ -420,6 +452,8 @@ def repair(store: Store, report: Report, *, migrate: bool = False) -> Report:
         report.repaired.extend(drop_orphan_groups(store, problem.values))
     for problem in [p for p in problems if p.kind == "missing-groups"]:
         report.repaired.extend(summarise_missing(store, problem.values, problem.shards))
+    for problem in [p for p in problems if p.kind == "table-settings"]:
+        report.repaired.extend(set_table_settings(store, problem.table))
     for problem in [p for p in problems if p.kind == "stale-temp"]:
         path = Path(problem.path)
         if path.is_dir():

@@ -249,18 +249,21 @@ def test_a_snapshot_advanced_from_the_commits_after_a_cached_version_lists_what_
     assert calls and _snapshot_files(snap) == _delta_rs_files(store, "groups", snap.version)
 
 
-def test_tables_keep_every_commit_for_time_travel_and_checkpoint_every_100(tmp_path):
+def test_tables_keep_every_commit_for_time_travel_and_checkpoint_every_10(tmp_path):
     """recpipe never deletes log entries (a recorded selection may be re-run as of any version it read);
-    delta-rs still writes its checkpoint every 100 commits, so a reader of a long log starts from it."""
+    delta-rs writes a checkpoint every 10 commits (the table property), so a commit, refresh or
+    transaction lookup replays at most 9 commits after it."""
     store = Store.create(tmp_path / "store")
     delta = store.delta("steps")
     assert delta.metadata().configuration.get("delta.enableExpiredLogCleanup") == "false"
+    assert delta.metadata().configuration.get("delta.checkpointInterval") == "10"
     blank = dict.fromkeys(table_spec("steps").schema.names)
     for step in range(101):
         row = {**blank, "run": "a", "step": step, "policy_version": step, "applied": True, "tokens": 0,
                "seconds": 0.0, "created_at": dt.datetime.now(dt.UTC), "schema_version": SCHEMA_VERSION}
         store.append("steps", [row], shard_id=f"step-{step:06d}")
     log = tmp_path / "store" / "steps" / "_delta_log"
-    assert [p.name for p in log.glob("*.checkpoint.parquet")] == [f"{99:020d}.checkpoint.parquet"]
+    assert sorted(p.name for p in log.glob("*.checkpoint.parquet")) == [f"{v:020d}.checkpoint.parquet"
+                                                                         for v in range(9, 101, 10)]
     assert len(list(log.glob("*.json"))) == 102  # versions 0 (create) .. 101
     assert store.read("steps", as_of={"steps": 1}).num_rows == 1

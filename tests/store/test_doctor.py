@@ -107,6 +107,28 @@ def test_a_healthy_store_has_no_problems(tmp_path):
     assert report.files_checked == 6 + 2
 
 
+def test_tables_without_recpipes_properties_get_them_and_keep_their_rows(tmp_path):
+    """A store whose tables an older recpipe created (Delta's defaults: log cleanup, a checkpoint every 100)."""
+    store = filled_store(tmp_path / "store")
+    for table in ("rollouts", "steps"):
+        store.delta(table).alter.set_table_properties({"delta.checkpointInterval": "100",
+                                                       "delta.enableExpiredLogCleanup": "true"})
+    before = store.read("rollouts").sort_by("rollout_id")
+    report = diagnose(store)
+    assert kinds(report) == ["table-settings", "table-settings"]
+    assert {p.table for p in report.problems} == {"rollouts", "steps"}
+    assert "delta.checkpointInterval=100 (recpipe sets 10)" in report.problems[0].detail
+    repair(store, report)
+    assert diagnose(Store(tmp_path / "store")).ok
+    for table in ("rollouts", "steps"):
+        configuration = Store(tmp_path / "store").delta(table).metadata().configuration
+        assert configuration["delta.checkpointInterval"] == "10"
+        assert configuration["delta.enableExpiredLogCleanup"] == "false"
+    assert store.read("rollouts").sort_by("rollout_id").equals(before)
+    store.append_rollouts(synthetic_rollouts(shard_id="s9", seed=9), shard_id="s9")  # appends still commit
+    assert consistent(store) == (4 * 8, 4 * 2)
+
+
 def test_a_damaged_file_is_quarantined_and_removed_by_a_delta_commit(tmp_path):
     store = filled_store(tmp_path / "store")
     keep = read_table(store, "rollouts").filter(pc.field("shard_id") != "s1")
