@@ -89,20 +89,23 @@ def params_json(params: dict[str, Any]) -> str:
 def lineage_rows(batch: Batch) -> pa.Table:
     """The batches-table rows recording ``batch``: one per response."""
     t = batch.rollouts
-    n = t.num_rows
+
+    def same(value: Any, kind: pa.DataType) -> pa.Array:  # one value for every row, converted once
+        return pa.repeat(pa.scalar(value, kind), t.num_rows)
+
     return conform("batches", pa.table({
-        "run": pa.array([batch.run] * n, pa.string()),
-        "step": pa.array([batch.step] * n, pa.int32()),
+        "run": same(batch.run, pa.string()),
+        "step": same(batch.step, pa.int32()),
         "rollout_id": t.column("rollout_id"),
         "group_id": t.column("group_id"),
         "source_run": t.column("source_run"),
         "policy_version": t.column("policy_version"),
-        "query_name": pa.array([batch.query_name] * n, pa.string()),
-        "query_hash": pa.array([batch.query_hash] * n, pa.string()),
-        "params": pa.array([params_json(batch.params)] * n, pa.string()),
+        "query_name": same(batch.query_name, pa.string()),
+        "query_hash": same(batch.query_hash, pa.string()),
+        "params": same(params_json(batch.params), pa.string()),
         "weight": t.column("weight"),
         "advantage": t.column("advantage"),
-        "read_versions": pa.array([params_json(batch.read_versions)] * n, pa.string()),
-        "created_at": pa.array([batch.created_at] * n, pa.timestamp("us", "UTC")),
-        "schema_version": pa.array([SCHEMA_VERSION] * n, pa.int32()),
+        "read_versions": same(params_json(batch.read_versions), pa.string()),
+        "created_at": same(batch.created_at, pa.timestamp("us", "UTC")),
+        "schema_version": same(SCHEMA_VERSION, pa.int32()),
     }))

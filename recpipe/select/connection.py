@@ -1,9 +1,9 @@
 """The read-only DuckDB connection selection runs on: Store.connect(read_only=True)'s tables (Store.register),
 on a cheaper connection, at pinned versions.
 
-    con, versions = selection_connection(store, rollouts=False)          # every table at its latest version
-    con, versions = selection_connection(store, rollouts=False, run="a") # only run a's files
-    con, versions = selection_connection(store, rollouts=True, as_of=recorded_versions)
+    con, pins = selection_connection(store, sql)                   # the tables sql names, latest versions
+    con, pins = selection_connection(store, sql, run="a")          # only run a's files
+    con, pins = selection_connection(store, sql, as_of=recorded_versions)
     ...
     con.close()
 
@@ -14,9 +14,11 @@ groups summary, so the rollouts a chosen summary names are always in the later-p
 version), and re-running the selection as of those versions reads exactly the same rows. Nothing is read until a statement scans
 a table, then only the files whose partition values the statement's filters keep, and only the
 columns it names. A query whose header says ``-- scope: run`` (schedule, fresh) gets tables holding
-its run's files only. The big ``rollouts`` table is registered only when the statement may need it
-(a user's SQL file, or the exclude_truncated filter); the second stage reads the chosen groups'
-files itself (selection._responses), from the same pinned rollouts version.
+its run's files only. Only the tables the statement names are registered (a word match on the SQL
+text: every reference to a table spells its name, and a false match costs one registration, ~0.4 ms):
+the big ``rollouts`` table only for a user's SQL file that reads it or the exclude_truncated filter.
+The second stage reads the chosen groups' files itself (selection._responses), from the same pinned
+rollouts version.
 
 Opening a DuckDB database costs 30-40 ms, as much as a whole run-scoped selection, so one locked-down
 in-memory database (recpipe.store.sql.lock_down: no file system access at all) is kept per process
@@ -30,6 +32,7 @@ archive, read from the groups table's partition values in the log instead of its
 
 from __future__ import annotations
 
+import re
 import threading
 
 import duckdb
@@ -59,10 +62,16 @@ def _database() -> duckdb.DuckDBPyConnection:
         return _database_con.cursor()
 
 
-def selection_connection(store: Store, *, rollouts: bool, run: str | None = None, as_of: AsOf = None,
+def named_tables(sql: str) -> list[str]:
+    """The archive tables (and ``versions``) whose names occur as words in ``sql``."""
+    words = {word.lower() for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", sql)}
+    return [t for t in [*table_names(), "versions"] if t in words]
+
+
+def selection_connection(store: Store, sql: str, *, run: str | None = None, as_of: AsOf = None,
                          fresh_since: float | None = None) -> tuple[duckdb.DuckDBPyConnection, Pins]:
-    """A locked-down connection with one table per archive table (rollouts only if ``rollouts``) and the
-    ``versions`` relation, each read at one version (recpipe.store.Pins), and the pins. Close the
+    """A locked-down connection with the tables ``sql`` names (recpipe.store.Store.register, and the
+    ``versions`` relation), each read at one version (recpipe.store.Pins), and the pins. Close the
     connection after use.
 
     run: only that run's files (the caller checked the name: letters, digits, ``_ . -``).
@@ -70,6 +79,8 @@ def selection_connection(store: Store, *, rollouts: bool, run: str | None = None
     fresh_since: see Store.delta (a table's log read since then, e.g. by the same selection, is not read again).
     """
     pins = Pins(store, as_of, fresh_since)
-    con = store.register(_database(), [t for t in table_names() if rollouts or t != "rollouts"], as_of=pins, run=run)
-    con.register("versions", archive_versions(store, run, pins.version("groups")))
+    tables = named_tables(sql)
+    con = store.register(_database(), [t for t in tables if t != "versions"], as_of=pins, run=run)
+    if "versions" in tables:
+        con.register("versions", archive_versions(store, run, pins.version("groups")))
     return con, pins

@@ -267,13 +267,14 @@ def select(
     values = _check_values(bind(param_table(q, eligible, truncated, stage2), dict(params or {}), context, q.name),
                            q.name)
 
-    # The rollouts view costs a footer read per file: only for user SQL and the truncation filter.
-    con, pins = selection_connection(store, rollouts=not q.builtin or values["exclude_truncated"],
-                                     run=run if q.scope == "run" else None, as_of=as_of, fresh_since=since)
+    # Stage 1 and the group lookup (_chosen_groups.sql) read only the tables stage 1 names (it reads groups);
+    # rollouts only for a user's SQL that names it, or the truncation filter.
+    sql = compose(q, eligible, truncated if values["exclude_truncated"] else None)
+    con, pins = selection_connection(store, sql, run=run if q.scope == "run" else None, as_of=as_of,
+                                     fresh_since=since)
     try:
         if not q.builtin:
             _one_select(con, q)
-        sql = compose(q, eligible, truncated if values["exclude_truncated"] else None)
         result = run_read_only(con, sql, _statement_values(con, sql, values), timeout_s=timeout_s)
         choice = check_result(result, q.name, groups, f"run={run!r}, step={step}, params {dict(params or {})}")
         rows = _batch_rows(con, store, choice, values, trust=q.builtin, query=q.name, timeout_s=timeout_s,
@@ -376,7 +377,8 @@ def _from_lineage(store: Store, lineage: pa.Table, *, run: str, step: int, timeo
     # unless recomputed) replace the computed ones, as a user query's own columns would.
     columns = ["source_run", "group_id", "rollout_id", "policy_version", "weight"] + ([] if recompute else ["advantage"])
     choice = lineage.select(columns).rename_columns(["run", *columns[1:]])
-    con, pins = selection_connection(store, rollouts=False, run=run)  # stage 2 reads its files itself
+    # A per-response choice naming its versions needs no archive table: stage 2 reads its files itself.
+    con, pins = selection_connection(store, "", run=run)
     try:
         rows = _batch_rows(con, store, choice, values, trust=True, query=f"lineage of run {run!r} step {step}",
                            timeout_s=timeout_s, rollouts=pins.of("rollouts"), counted="the recorded batch's count")

@@ -83,6 +83,7 @@ class Snapshot:
 
     def __init__(self, store: Store, table: str, version: int, actions: pa.Table):
         self.table, self.version, self.actions = table, version, actions
+        self.nbytes = actions.nbytes  # summed over the cache at every new version: computed once
         # The store's location, not the store: a cached snapshot must not keep a Store (and the Delta
         # tables it holds, ~0.5 GB each at 100M rollouts) alive.
         self._uri, self._location, self._spec = store.uri, store.location, table_spec(table)
@@ -177,7 +178,7 @@ def snapshot(store: Store, table: str, version: int | None = None) -> Snapshot:
         _snapshots[key] = snap
         # At most 64 versions, holding at most CACHED_ACTION_BYTES of file lists (~100 bytes a file).
         while len(_snapshots) > 1 and (len(_snapshots) > 64 or
-                                       sum(s.actions.nbytes for s in _snapshots.values()) > CACHED_ACTION_BYTES):
+                                       sum(s.nbytes for s in _snapshots.values()) > CACHED_ACTION_BYTES):
             _snapshots.popitem(last=False)
     return snap
 
