@@ -27,9 +27,8 @@ import functools
 import hashlib
 import json
 import math
-import operator
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,8 @@ from typing import Any
 import duckdb
 import yaml
 
-from recpipe.errors import RecpipeError
+from recpipe.algorithms.staleness import behaviour_version
+from recpipe.errors import RecpipeError, as_int
 from recpipe.schema import schemas_dir
 
 NAME = re.compile(r"^_?[a-z][a-z0-9_]*$")
@@ -46,6 +46,12 @@ SCOPES = ("archive", "run")
 TYPES = ("VARCHAR", "INTEGER", "BIGINT", "DOUBLE", "BOOLEAN", "VARCHAR[]", "INTEGER[]", "ANY")
 _REQUIRED = object()  # a Param default meaning "no default: the caller must give a value"
 CONTEXT = ("run", "step", "groups", "seed")  # parameters select() fills from its own arguments
+# Parameters select() computes from other parameters (a query declares them like any other): the
+# off-policy schedule's v(s) is recpipe.algorithms.behaviour_version, defined once, in Python.
+DERIVED: dict[str, tuple[tuple[str, ...], Callable[..., Any]]] = {
+    "behaviour_version": (("step", "sync_interval", "sync_offset"), behaviour_version),
+}
+SET_BY_SELECT = (*CONTEXT, *DERIVED)
 
 
 class QueryError(RecpipeError, ValueError):
@@ -86,13 +92,6 @@ class Param:
             raise QueryError(
                 f"{where}: parameter {self.name!r} must be a {self.type}; got {value!r} ({type(value).__name__})"
             ) from None
-
-
-def as_int(value: Any) -> int:
-    """``value`` as an int: Python and numpy integers pass; bools, 2.0 and "2" raise TypeError."""
-    if isinstance(value, bool):
-        raise TypeError("bool is not an integer")
-    return operator.index(value)
 
 
 def _coerce(kind: str, value: Any) -> Any:
@@ -161,21 +160,24 @@ def param_table(*queries: Query) -> dict[str, Param]:
 def bind(table: Mapping[str, Param], given: Mapping[str, Any], context: Mapping[str, Any],
          where: str) -> dict[str, Any]:
     """Every parameter of ``table`` with its typed value: from ``context`` (what select() sets from its
-    arguments), else ``given`` (the caller's params), else the declared default.
+    arguments), else ``given`` (the caller's params), else the declared default; then the DERIVED ones,
+    from those.
 
     Raises QueryError for a name ``table`` does not declare, a name given that the context sets, a
     required parameter without a value, or a value that does not fit the declared type.
     """
     unknown = sorted(set(given) - set(table))
     if unknown:
-        allowed = sorted(set(table) - set(CONTEXT))
+        allowed = sorted(set(table) - set(SET_BY_SELECT))
         raise QueryError(f"{where}: unknown parameter(s) {unknown}; allowed: {', '.join(allowed)}")
-    clash = sorted(set(given) & set(context))
+    clash = sorted(set(given) & (set(context) | set(DERIVED)))
     if clash:
-        raise QueryError(f"{where}: parameter(s) {clash} are set by select() (its run/step/groups/seed/"
-                         "loss_config arguments), not through params")
+        raise QueryError(f"{where}: parameter(s) {clash} are set by select() (from its run/step/groups/seed/"
+                         "loss_config arguments and the other parameters), not through params")
     values: dict[str, Any] = {}
     for name, param in sorted(table.items()):
+        if name in DERIVED:
+            continue
         if name in context:
             values[name] = context[name] if param.type == "ANY" else param.coerce(context[name], where)
         elif name in given:
@@ -191,6 +193,16 @@ def bind(table: Mapping[str, Param], given: Mapping[str, Any], context: Mapping[
                              + (f" - {param.description}" if param.description else ""))
         else:
             values[name] = param.default
+    for name, (inputs, compute) in DERIVED.items():
+        if name in table:
+            lacking = [i for i in inputs if i not in values]
+            if lacking:
+                raise QueryError(f"{where}: parameter {name!r} is computed from {', '.join(inputs)}; "
+                                 f"declare {', '.join(lacking)} too")
+            try:
+                values[name] = table[name].coerce(compute(*(values[i] for i in inputs)), where)
+            except ValueError as exc:
+                raise QueryError(f"{where}: {exc}") from None
     return values
 
 

@@ -35,9 +35,10 @@ import pyarrow.compute as pc
 
 from recpipe.algorithms import LossConfig
 from recpipe.config import RUN_NAME
+from recpipe.errors import checked_int
 from recpipe.select.batch import BATCH_COLUMNS, Batch, lineage_rows, lineage_shard
 from recpipe.select.connection import selection_connection
-from recpipe.select.queries import CONTEXT, Query, QueryError, as_int, bind, load_query, param_table
+from recpipe.select.queries import SET_BY_SELECT, Query, QueryError, bind, load_query, param_table
 from recpipe.select.validate import EmptySelection, SelectionError, check_complete, check_groups, check_result
 from recpipe.store import AsOf, Store, StoreError
 from recpipe.store.datasets import DataFile, read_table
@@ -69,13 +70,7 @@ def _check_run(name: str, value: Any) -> None:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    try:
-        number = as_int(value)
-    except TypeError:
-        raise QueryError(f"{name} must be an integer >= {minimum}; got {value!r}") from None
-    if number < minimum:
-        raise QueryError(f"{name} must be an integer >= {minimum}; got {number}")
-    return number
+    return checked_int(name, value, minimum, QueryError)
 
 
 # ---- the two stages ------------------------------------------------------------------------------
@@ -341,7 +336,7 @@ def rerun_recorded(store: Store, run: str, step: int, *, timeout_s: float | None
         raise SelectionError(f"run {run!r} step {step}: query {first['query_name']!r} has changed since it was "
                              "recorded (sha256 differs); re-running it would not be the recorded selection")
     values = json.loads(first["params"])
-    params = {k: v for k, v in values.items() if k not in CONTEXT}
+    params = {k: v for k, v in values.items() if k not in SET_BY_SELECT}
     return select(store, first["query_name"], params, run=run, step=step, groups=values["groups"],
                   seed=values["seed"], timeout_s=timeout_s, as_of=versions)
 

@@ -8,13 +8,14 @@
 -- param groups: INTEGER                -- groups per batch (select() fills it)
 -- param sync_interval: INTEGER = 1     -- k: the generator syncs weights every k steps
 -- param sync_offset: INTEGER = 0       -- o: lag between generation and training
+-- param behaviour_version: INTEGER     -- v(s): select() computes it (recpipe.algorithms.behaviour_version)
 -- output: run VARCHAR, group_id VARCHAR, policy_version INTEGER, n INTEGER, shard_id VARCHAR
 --   (one row per chosen group)
 -- scope: run                          -- reads only this run's partitions of groups and batches
 SELECT e.run, e.group_id, e.policy_version, e.n, e.shard_id
 FROM eligible AS e
 WHERE e.run = $run
-  AND e.policy_version = greatest(0, floor(($step - $sync_offset) / $sync_interval) * $sync_interval)
+  AND e.policy_version = $behaviour_version
   AND NOT EXISTS (
       SELECT 1 FROM batches AS b
       WHERE b.run = $run AND b.source_run = e.run AND b.group_id = e.group_id)

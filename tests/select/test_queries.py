@@ -75,6 +75,24 @@ def test_bind_checks_types_and_required():
         bind(table, {"step": 4}, context, q.name)
 
 
+def test_the_schedules_behaviour_version_is_computed_from_the_bound_parameters():
+    """schedule.sql filters on $behaviour_version; bind computes it with recpipe.algorithms' v(s), the one
+    definition, from the step and the sync parameters as bound (given or default)."""
+    q = load_query("schedule")
+    context = {"run": "a", "step": 25, "groups": 2, "seed": 0}
+    assert bind(q.params, {}, context, q.name)["behaviour_version"] == 25  # k=1, o=0: v(s) = s
+    assert bind(q.params, {"sync_interval": 20}, context, q.name)["behaviour_version"] == 20
+    assert bind(q.params, {"sync_interval": 10, "sync_offset": 8}, context, q.name)["behaviour_version"] == 10
+    assert bind(q.params, {"sync_interval": 10, "sync_offset": 30}, context, q.name)["behaviour_version"] == 0
+    with pytest.raises(QueryError, match=r"\['behaviour_version'\] are set by select"):
+        bind(q.params, {"behaviour_version": 3}, context, q.name)
+    with pytest.raises(QueryError, match="sync_interval must be an integer >= 1; got 0"):
+        bind(q.params, {"sync_interval": 0}, context, q.name)
+    params, _ = parse_header("-- param step: INTEGER\n-- param behaviour_version: INTEGER\nSELECT 1", "q.sql")
+    with pytest.raises(QueryError, match="computed from step, sync_interval, sync_offset; declare sync_interval"):
+        bind(params, {}, {"step": 1}, "q.sql")
+
+
 def test_select_binds_its_parameters_this_way(archive):
     # the same checks, through select(): the binder above is the one production uses
     with pytest.raises(QueryError, match="fresh: parameter 'max_staleness' must be a INTEGER; got '4'"):
