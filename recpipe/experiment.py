@@ -36,6 +36,7 @@ import yaml
 from recpipe.algorithms import PRESETS, LossConfig
 from recpipe.config import RecpipeConfig
 from recpipe.errors import OptionError, RecpipeError
+from recpipe.schema import table_spec
 from recpipe.store import Store
 from recpipe.store.lease import RunLocked
 
@@ -296,7 +297,8 @@ def share_initial_evals(configs: list[RecpipeConfig]) -> int:
         for cfg in group:
             if cfg.run not in existing and cfg.run != source["run"]:
                 row = {**source, "run": cfg.run, "created_at": dt.datetime.now(dt.UTC)}
-                store.append("evals", [row], shard_id=f"v{0:06d}-{source['task']}-test")
+                store.append("evals", [row], shard_id=table_spec("evals").shard_id(
+                    policy_version=row["policy_version"], task=row["task"], split=row["split"]))
                 recorded += 1
     return recorded
 

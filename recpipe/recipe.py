@@ -359,7 +359,7 @@ class LoopRecipe:
         check_stop()
         from recpipe.generate import evaluate_greedy
 
-        shard = f"v{version:06d}-{self.task.name}-test"
+        shard = table_spec("evals").shard_id(policy_version=version, task=self.task.name, split="test")
         if self.store.is_committed("evals", {"run": self.cfg.run}, shard):
             rows = self.store.read("evals", "run = $run AND policy_version = $v", {"run": self.cfg.run, "v": version})
             return rows.to_pylist()[0]

@@ -49,16 +49,21 @@ class TableSpec:
     description: str
     shard: str | None = None  # the shard id of a row, e.g. "step-{step:06d}", for tables without a shard_id column
 
-    def shard_filter(self, shard_id: str) -> dict[str, int] | None:
+    def shard_filter(self, shard_id: str) -> dict[str, int | str] | None:
         """The column values that select one shard's rows (``{"step": 3}`` for "step-000003"), if the table
         names its shards by a template; None if ``shard_id`` does not match it."""
         if self.shard is None:
             return None
+        numbers = set(re.findall(r"\{(\w+):0?\d*d\}", self.shard))
         pattern = re.sub(r"\\\{(\w+):0?\d*d\\\}", r"(?P<\1>\\d+)", re.escape(self.shard))
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>.+)", pattern)  # greedy: a task name may hold "-"
         match = re.fullmatch(pattern, shard_id)
-        return {k: int(v) for k, v in match.groupdict().items()} if match else None
+        if match is None:
+            return None
+        return {k: int(v) if k in numbers else v for k, v in match.groupdict().items()}
 
-    def shard_id(self, **values: int) -> str:
+    def shard_id(self, **values: int | str) -> str:
+        """The shard id of the rows with ``values`` (the template's fields)."""
         if self.shard is None:
             raise ValueError(f"table {self.name!r} has no shard template")
         return self.shard.format(**values)
