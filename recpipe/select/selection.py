@@ -104,10 +104,10 @@ def _rollout_files(store: Store, groups: pa.Table, version: int | None) -> list[
     for run, policy, shard in zip(groups.column("run").to_pylist(), groups.column("policy_version").to_pylist(),
                                   shard_ids, strict=True):
         shards.setdefault((run, policy), set()).add(shard)
-    by_partition = store.snapshot("rollouts", version).by_partition  # keys (run, policy_version)
+    by_partition = store.snapshot("rollouts", version).files_in(set(shards))  # keys (run, policy_version)
     files: list[DataFile] = []
     for key, wanted in sorted(shards.items()):
-        present = by_partition.get(key, [])
+        present = by_partition[key]
         if None not in wanted:
             exact = [f for f in present if f.shard_id in wanted]
             if len({f.shard_id for f in exact}) == len(wanted):

@@ -122,13 +122,20 @@ class Snapshot:
             return self.actions.slice(0, 0)
         return self.actions.filter(pc.equal(self.actions.column("partition.run"), run))
 
-    @functools.cached_property
-    def by_partition(self) -> dict[tuple[Any, ...], list[DataFile]]:
-        """The files of each partition, keyed by its values in partition_by order (built once per snapshot)."""
-        index: dict[tuple[Any, ...], list[DataFile]] = {}
-        for f in self.files:
-            index.setdefault(tuple(f.values.values()), []).append(f)
-        return index
+    def files_in(self, partitions: set[tuple[Any, ...]]) -> dict[tuple[Any, ...], list[DataFile]]:
+        """The files of each of ``partitions`` (values in partition_by order), in path order. The log's
+        actions are filtered in Arrow on the first partition column, so DataFiles are built only for the
+        partitions' runs (a selection's one or few), not for every file of a new version."""
+        found: dict[tuple[Any, ...], list[DataFile]] = {key: [] for key in partitions}
+        if not partitions or not self._spec.partition_by:
+            return found
+        first = self.actions.column(f"partition.{self._spec.partition_by[0]}")
+        wanted = pa.array(sorted({str(key[0]) for key in partitions}), pa.string()).cast(first.type)
+        for file in self._data_files(self.actions.filter(pc.is_in(first, value_set=wanted))):
+            key = tuple(file.values.values())
+            if key in found:
+                found[key].append(file)
+        return found
 
     def _data_files(self, actions: pa.Table, known: dict[str, DataFile] | None = None) -> list[DataFile]:
         actions = actions.sort_by("path")

@@ -240,6 +240,9 @@ def test_a_snapshot_advanced_from_the_commits_after_a_cached_version_lists_what_
     monkeypatch.setattr(DeltaTable, "get_add_actions", full)
     assert len(snap.actions) == 4 and _snapshot_files(snap) == _delta_rs_files(store, "groups", snap.version)
     assert [f.values for f in snap.files_of("a")] == [{"run": "a", "policy_version": 0}]
+    keys = {("a", 0), ("c", 2), ("c", 3), ("zz", 0)}
+    assert snap.files_in(keys) == {k: [f for f in snap.files if tuple(f.values.values()) == k] for k in keys}
+    assert [len(snap.files_in(keys)[k]) for k in (("a", 0), ("c", 2), ("c", 3), ("zz", 0))] == [1, 1, 0, 0]
     assert snap.actions.schema == store.snapshot("groups", 1).actions.schema  # typed as delta-rs types them
     store.delta("groups").alter.set_table_properties({"delta.appendOnly": "false"})  # a metaData action
     store.append_rollouts(synthetic_rollouts(run="c", policy_version=2, shard_id="s7"), shard_id="s7")
