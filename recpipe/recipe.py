@@ -377,9 +377,14 @@ class LoopRecipe:
         return row
 
     def compact(self, min_files: int = 8) -> None:
-        """Merge the run's one-file-per-step tables (one transaction per partition): long runs stay fast to scan."""
+        """At the run's end: merge the run's one-file-per-step tables (partitions of ``min_files`` files or
+        more) and the rollouts and group summaries of each of its versions (2 or more files: no version of
+        a finished run gets another shard), one transaction per partition. A selection opens every file
+        of the partitions it reads, so an archive of finished runs stays fast to select from."""
         for table in SMALL_TABLES:
             self.store.compact(table, run=self.cfg.run, min_files=min_files)
+        for table in ("rollouts", "groups"):
+            self.store.compact(table, run=self.cfg.run, min_files=2)
 
     def check_tokenizer(self, source_run: str) -> None:
         """Refuse to train on ``source_run``'s token ids with a model whose tokenizer differs from the one

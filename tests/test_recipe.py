@@ -107,3 +107,25 @@ def test_retrain_plan_refuses_a_source_run_without_recorded_batches(tiny_model, 
     cfg = RecpipeConfig(store=str(tmp_path / "store"), run="b")
     with pytest.raises(OptionError, match=r"--from-run 'a': that run has no recorded batches"):
         retrain_plan(cfg, "a", steps_given=False, model_given=False)
+
+
+def test_compact_at_the_end_of_a_run_merges_each_of_its_versions_and_nothing_else(tiny_model, tmp_path):
+    from tests.support import synthetic_rollouts
+
+    store = Store.create(tmp_path / "store")
+    for run, version, shards in (("a", 0, 3), ("a", 1, 1), ("b", 0, 2)):
+        for i in range(shards):
+            shard = f"{run}{version}s{i}"
+            store.append_rollouts(synthetic_rollouts(run=run, policy_version=version, shard_id=shard, seed=i),
+                                  shard_id=shard)
+    before = {t: store.read(t).sort_by("group_id") for t in ("rollouts", "groups")}
+    cfg = RecpipeConfig(store=str(tmp_path / "store"), run="a", model={"name": str(tiny_model)})
+    with LoopRecipe(cfg) as recipe:
+        recipe.compact()
+    store = Store(tmp_path / "store")
+    for table in ("rollouts", "groups"):
+        files = {}
+        for f in store.snapshot(table).files:
+            files.setdefault((f.values["run"], f.values["policy_version"]), []).append(f.shard_id)
+        assert files == {("a", 0): [None], ("a", 1): ["a1s0"], ("b", 0): ["b0s0", "b0s1"]}, table  # None: merged
+        assert store.read(table).sort_by("group_id").equals(before[table]), table

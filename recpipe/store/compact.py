@@ -54,7 +54,7 @@ def compact_partition(store: Store, table: str, values: dict[str, Any], files: l
 
     spec = table_spec(table)
     app_id = f"{_partition_name(table, values)}/compact"
-    done = store.delta(table, version).transaction_version(app_id) or 0
+    done = store.transaction_version(store.delta(table, version), table, app_id)
     try:
         merged = read_table(store, table, files=files)
     except OSError as exc:  # never merge a damaged file into a good one
@@ -74,14 +74,19 @@ def compact_partition(store: Store, table: str, values: dict[str, Any], files: l
 
 def compact_table(store: Store, table: str, run: str | None = None, min_files: int = 2) -> dict[str, int]:
     """Compact every partition of ``table`` (of one run, or all) holding at least ``min_files`` files."""
-    snap = snapshot(store, table)
-    by_partition: dict[tuple, list[DataFile]] = {}
-    for f in snap.files:
+    counts: dict[tuple, int] = {}
+    for f in snapshot(store, table).files:
         if run is None or f.values.get("run") == run:
-            by_partition.setdefault(tuple(f.values.items()), []).append(f)
+            key = tuple(f.values.values())
+            counts[key] = counts.get(key, 0) + 1
     partitions = files_merged = 0
-    for values, files in sorted(by_partition.items()):
-        if len(files) >= min_files and compact_partition(store, table, dict(values), files, snap.version):
+    for key in sorted(k for k, n in counts.items() if n >= min_files):
+        # Each partition from the latest version (our own commits and others' since): the version the
+        # store's table is at, so the rewrite count is read there without loading an older version.
+        snap = snapshot(store, table)
+        files = snap.files_in({key})[key]
+        values = dict(zip(table_spec(table).partition_by, key, strict=True))
+        if len(files) >= min_files and compact_partition(store, table, values, files, snap.version):
             partitions += 1
             files_merged += len(files)
     return {"partitions": partitions, "files_merged": files_merged, "files_written": partitions}
