@@ -13,8 +13,9 @@ groups and timings tables have as many commits). The log is filled with small re
 (1 group x 8 x 8 tokens: files, application transactions, checkpoints as usual) up to each point,
 and --spread small shards follow each measured one, so the measured shards spread over a checkpoint
 cycle (with --spread 2, 30 shards span ~90 commits).
-delta-rs writes a checkpoint with every 10th commit (the tables' delta.checkpointInterval; versions 9, 19,
-...); a commit's cost depends on where it falls in that cycle (measured: the further from the last checkpoint, the slower), so the fill's
+delta-rs writes a checkpoint with every 100th commit of the rollouts and groups tables (their
+checkpoint_interval in schemas/tables.yaml; versions 99, 199, ...); a commit's cost depends on where it
+falls in that cycle (measured: the further from the last checkpoint, the slower), so the fill's
 commits are also reported by their place in it. Also measured: a one-row commit (a `timings` row, as the loop
 writes several per step), and the share of the shard commit spent writing Parquet
 (recpipe.store.files.write_parquet) - the rest is summarising the groups and the Delta log.
@@ -45,7 +46,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from recpipe.store import TABLE_CONFIGURATION
+from recpipe.schema import table_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOLLM2_STEP_S = 25.0  # BENCHMARKS.md, "The README main command": 5.5 s generation + 18.4 s training + selection
@@ -164,7 +165,7 @@ def measure_backend(name: str, uri: str, options: dict[str, str] | None, args: a
     return points
 
 
-INTERVAL = int(TABLE_CONFIGURATION["delta.checkpointInterval"])  # the tables' checkpoint interval
+INTERVAL = table_spec("rollouts").checkpoint_interval  # the measured tables' (rollouts, groups)
 HALF = (INTERVAL - 1) // 2
 PHASES = (f"1-{HALF}", f"{HALF + 1}-{INTERVAL - 1}", f"{INTERVAL}th: writes a checkpoint")
 
@@ -284,7 +285,7 @@ def main() -> None:
     parser.add_argument("--at", default="10,100,1000", help="prior commits of the tables at each measured point")
     parser.add_argument("--shards", type=int, default=30, help="measured shards per point")
     parser.add_argument("--spread", type=int, default=2, help="small fill shards after each measured one, so the "
-                        "measured shards spread over a checkpoint cycle (2: 30 shards span 90 commits, nine checkpoint cycles)")
+                        "measured shards spread over a checkpoint cycle (2: 30 shards span 90 commits)")
     parser.add_argument("--groups", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=200, help="response tokens per response")

@@ -46,7 +46,8 @@ from recpipe.store.files import StoreWriteError, write_parquet
 from recpipe.store.lease import Lease, RunLocked
 from recpipe.store.location import Location, LocationError
 
-__all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "MARKER", "AsOf", "Pins"]
+__all__ = ["Store", "StoreError", "StoreWriteError", "RunLocked", "connect", "MARKER", "AsOf", "Pins",
+           "table_configuration"]
 
 MARKER = ".recpipe-store"
 FORMAT = "delta"
@@ -54,16 +55,27 @@ COMMIT_ATTEMPTS = 5  # beyond delta-rs's own retries of non-conflicting commits
 # After each commit delta-rs writes a checkpoint (every delta.checkpointInterval versions, kept) and, by
 # default, lists the log to delete commit files older than the log retention (30 days): that listing was
 # ~7 ms of every ~15-25 ms commit at 10M rollouts, and deleting old commits would end time travel to the
-# versions recorded selections read. recpipe never deletes log entries (the table property says so to other writers too).
+# versions recorded selections read. recpipe never deletes log entries (a table property tells other
+# writers too).
 COMMIT_HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)
-# Table properties of every table (set at creation; `recpipe doctor --repair` sets them on older tables):
-# - no expired-log cleanup by any writer, so every version a recorded selection read stays loadable;
-# - a checkpoint every 10 commits (Delta's default: 100). delta-rs 1.6.6 replays the log from the last
-#   checkpoint in every commit, refresh and application-transaction lookup, so their cost grows with the
-#   commits since it: a lineage commit plus refresh on the 750-file batches table took 10 + 8 ms at 26
-#   commits past a checkpoint and 21 + 19 ms at 86; every 10 commits it is ~15 ms all told, checkpoint
-#   writes included (bench_commit, BENCHMARKS.md).
-TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false", "delta.checkpointInterval": "10"}
+
+
+def table_configuration(table: str) -> dict[str, str]:
+    """The Delta table properties recpipe gives ``table`` (at creation; `recpipe doctor --repair` sets them
+    on older tables):
+
+    - no expired-log cleanup by any writer, so every version a recorded selection read stays loadable;
+    - a checkpoint every ``checkpoint_interval`` commits (schemas/tables.yaml; 10, Delta's default is 100).
+      delta-rs 1.6.6 replays the log from the last checkpoint in every commit, refresh and application-
+      transaction lookup, so their cost grows with the commits since it: a lineage commit plus refresh on
+      the 10M benchmark's 750-file batches table took 10 + 8 ms at 26 commits past a checkpoint and
+      21 + 19 ms at 86; every 10 commits ~15 ms on average, checkpoint writes included. A checkpoint lists
+      every live file, so rollouts and groups (a file per generation shard until compacted: 196k groups
+      files at 100M rollouts, up to 150 MB a checkpoint) keep 100.
+    """
+    return {"delta.enableExpiredLogCleanup": "false",
+            "delta.checkpointInterval": str(table_spec(table).checkpoint_interval)}
+
 
 # as_of: a version of every table read, {table: version}, or a point in time (each table as of it).
 AsOf = int | dict[str, int] | dt.datetime | None
@@ -176,7 +188,7 @@ class Store:
                 table_obj = DeltaTable.create(self.table_uri(table), schema=spec.schema, mode="ignore",
                                               partition_by=list(spec.partition_by) or None,
                                               storage_options=options, description=spec.description,
-                                              configuration=TABLE_CONFIGURATION)
+                                              configuration=table_configuration(table))
             except OSError as exc:
                 raise StoreWriteError(getattr(exc, "errno", None) or 5,
                                       f"cannot create table {table!r} in {self.uri}: {exc}") from exc

@@ -15,8 +15,8 @@ What is checked, in each table's current version:
 * ``duplicate-rollouts``: rollout ids stored more than once (reported, never repaired automatically).
 * ``missing-checkpoint``: the latest policy version of a run without its checkpoint.
 * ``stale-temp``: checkpoint temp dirs left by killed writers.
-* ``table-settings``: a table whose properties lack recpipe's (recpipe.store.TABLE_CONFIGURATION: no
-  expired-log cleanup, a checkpoint every 10 commits), e.g. created by an older recpipe; the repair sets
+* ``table-settings``: a table whose properties lack recpipe's (recpipe.store.table_configuration: no
+  expired-log cleanup, its checkpoint interval), e.g. created by an older recpipe; the repair sets
   them (one metadata commit per table; concurrent appends re-read and commit after it).
 
 Repairs are Delta transactions, safe beside running writers:
@@ -58,7 +58,7 @@ import pyarrow.parquet as pq
 from deltalake.transaction import RemoveAction
 
 from recpipe.schema import added_columns, fits_older, table_names, table_spec
-from recpipe.store import TABLE_CONFIGURATION, Store, StoreError, group_summary
+from recpipe.store import Store, StoreError, group_summary, table_configuration
 from recpipe.store.datasets import DataFile, file_schema, read_table
 from recpipe.store.files import StoreWriteError, stale_temps
 
@@ -208,9 +208,10 @@ def diagnose(store: Store) -> Report:
 
 
 def _unset_properties(store: Store, table: str) -> tuple[dict[str, str], dict[str, str]]:
-    """recpipe's table properties (recpipe.store.TABLE_CONFIGURATION) that ``table`` lacks, and its own."""
+    """recpipe's table properties (recpipe.store.table_configuration) that ``table`` lacks, and its own."""
     configuration = store.delta(table).metadata().configuration
-    return {key: value for key, value in TABLE_CONFIGURATION.items() if configuration.get(key) != value}, configuration
+    wanted = table_configuration(table)
+    return {key: value for key, value in wanted.items() if configuration.get(key) != value}, configuration
 
 
 def table_settings(store: Store) -> list[Problem]:

@@ -254,12 +254,13 @@ def test_a_snapshot_advanced_from_the_commits_after_a_cached_version_lists_what_
 
 def test_tables_keep_every_commit_for_time_travel_and_checkpoint_every_10(tmp_path):
     """recpipe never deletes log entries (a recorded selection may be re-run as of any version it read);
-    delta-rs writes a checkpoint every 10 commits (the table property), so a commit, refresh or
+    delta-rs writes a checkpoint every 10 commits (the table property; rollouts and groups: 100), so a commit, refresh or
     transaction lookup replays at most 9 commits after it."""
     store = Store.create(tmp_path / "store")
     delta = store.delta("steps")
     assert delta.metadata().configuration.get("delta.enableExpiredLogCleanup") == "false"
     assert delta.metadata().configuration.get("delta.checkpointInterval") == "10"
+    assert store.delta("groups").metadata().configuration.get("delta.checkpointInterval") == "100"
     blank = dict.fromkeys(table_spec("steps").schema.names)
     for step in range(101):
         row = {**blank, "run": "a", "step": step, "policy_version": step, "applied": True, "tokens": 0,

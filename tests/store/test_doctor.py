@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from recpipe.store import Store, StoreError, group_summary
+from recpipe.store import Store, StoreError, group_summary, table_configuration
 from recpipe.store.compact import compact_table
 from recpipe.store.datasets import read_table
 from recpipe.store.doctor import diagnose, repair
@@ -108,22 +108,23 @@ def test_a_healthy_store_has_no_problems(tmp_path):
 
 
 def test_tables_without_recpipes_properties_get_them_and_keep_their_rows(tmp_path):
-    """A store whose tables an older recpipe created (Delta's defaults: log cleanup, a checkpoint every 100)."""
+    """A store whose tables an older recpipe created (log cleanup on, another checkpoint interval)."""
     store = filled_store(tmp_path / "store")
-    for table in ("rollouts", "steps"):
-        store.delta(table).alter.set_table_properties({"delta.checkpointInterval": "100",
+    for table, interval in (("rollouts", "10"), ("steps", "100")):
+        store.delta(table).alter.set_table_properties({"delta.checkpointInterval": interval,
                                                        "delta.enableExpiredLogCleanup": "true"})
     before = store.read("rollouts").sort_by("rollout_id")
     report = diagnose(store)
     assert kinds(report) == ["table-settings", "table-settings"]
-    assert {p.table for p in report.problems} == {"rollouts", "steps"}
-    assert "delta.checkpointInterval=100 (recpipe sets 10)" in report.problems[0].detail
+    details = {p.table: p.detail for p in report.problems}
+    assert "delta.checkpointInterval=10 (recpipe sets 100)" in details["rollouts"]
+    assert "delta.checkpointInterval=100 (recpipe sets 10)" in details["steps"]
+    assert "delta.enableExpiredLogCleanup=true (recpipe sets false)" in details["steps"]
     repair(store, report)
     assert diagnose(Store(tmp_path / "store")).ok
     for table in ("rollouts", "steps"):
         configuration = Store(tmp_path / "store").delta(table).metadata().configuration
-        assert configuration["delta.checkpointInterval"] == "10"
-        assert configuration["delta.enableExpiredLogCleanup"] == "false"
+        assert {k: configuration[k] for k in table_configuration(table)} == table_configuration(table)
     assert store.read("rollouts").sort_by("rollout_id").equals(before)
     store.append_rollouts(synthetic_rollouts(shard_id="s9", seed=9), shard_id="s9")  # appends still commit
     assert consistent(store) == (4 * 8, 4 * 2)
