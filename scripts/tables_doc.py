@@ -51,6 +51,7 @@ def render(document: dict[str, Any]) -> str:
         out.append(f"- Key: {', '.join(f'`{k}`' for k in table.get('key', ()))}")
         if table.get("shard"):
             out.append(f"- Shard id of a row: `{table['shard']}`")
+        out.append(f"- Delta checkpoint every {table.get('checkpoint_interval', 10)} commits")
         out += ["", "| column | type | nullable | description |", "|---|---|---|---|"]
         out += _columns(table["columns"])
         out.append("")
