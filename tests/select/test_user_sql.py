@@ -129,3 +129,26 @@ def test_groups_the_summary_gets_wrong_are_named(archive, sql_file):
                                              "run `recpipe doctor`"):
         select(archive, sql_file("SELECT 'a' AS run, 'a-v0-s0/p1' AS group_id"), run="u", step=0, groups=1)
     assert recorded_steps(archive, "a") == [] and recorded_steps(archive, "u") == []
+
+
+def test_user_sql_reaches_the_tables_it_names_and_only_those_are_registered(archive, sql_file, monkeypatch):
+    """Only the tables a selection's SQL names are registered (a word match, any case); a user's file that
+    reads rollouts and "Policies" gets both, a named query gets neither."""
+    from recpipe.select.connection import named_tables
+    from recpipe.store import Store
+
+    registered = []
+    register = Store.register
+    monkeypatch.setattr(Store, "register", lambda self, con, tables=None, **k: registered.append(sorted(tables))
+                        or register(self, con, tables, **k))
+    path = sql_file("""
+        SELECT e.run, e.group_id FROM eligible AS e
+        WHERE e.run = $run AND e.policy_version IN (SELECT max(policy_version) FROM rollouts WHERE run = $run)
+          AND NOT EXISTS (SELECT 1 FROM "Policies" AS p WHERE p.run = 'nobody')
+        ORDER BY e.group_id LIMIT $groups;
+    """)
+    select(archive, path, run="a", step=0, groups=2)
+    assert registered[-1] == ["groups", "policies", "rollouts"]
+    select(archive, "schedule", run="a", step=1, groups=2)
+    assert registered[-1] == ["batches", "groups", "steps"]  # "steps" is a word of the query's header
+    assert named_tables("SELECT * FROM versions JOIN my_groups USING (run)") == ["versions"]
