@@ -40,6 +40,9 @@ def schemas_dir() -> Path:
     raise FileNotFoundError(f"schemas/tables.yaml not found next to {here}")
 
 
+CHECKPOINT_INTERVAL = 10  # a table's Delta checkpoint interval unless tables.yaml gives its own
+
+
 @dataclass(frozen=True)
 class TableSpec:
     name: str
@@ -48,7 +51,7 @@ class TableSpec:
     key: tuple[str, ...]
     description: str
     shard: str | None = None  # the shard id of a row, e.g. "step-{step:06d}", for tables without a shard_id column
-    checkpoint_interval: int = 10  # the table's Delta checkpoint every N commits (recpipe.store.table_configuration)
+    checkpoint_interval: int = CHECKPOINT_INTERVAL  # a Delta checkpoint every N commits (recpipe.store.table_configuration)
 
     def shard_filter(self, shard_id: str) -> dict[str, int | str] | None:
         """The column values that select one shard's rows (``{"step": 3}`` for "step-000003"), if the table
@@ -120,7 +123,7 @@ def table_spec(name: str) -> TableSpec:
         key=tuple(doc.get("key", ())),
         description=doc.get("description", ""),
         shard=doc.get("shard"),
-        checkpoint_interval=int(doc.get("checkpoint_interval", 10)),
+        checkpoint_interval=int(doc.get("checkpoint_interval", CHECKPOINT_INTERVAL)),
     )
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from recpipe.schema import CHECKPOINT_INTERVAL
+
 ROOT = Path(__file__).resolve().parents[1]
 TABLES_YAML = ROOT / "schemas" / "tables.yaml"
 DOC = ROOT / "docs" / "tables.md"
@@ -51,7 +53,7 @@ def render(document: dict[str, Any]) -> str:
         out.append(f"- Key: {', '.join(f'`{k}`' for k in table.get('key', ()))}")
         if table.get("shard"):
             out.append(f"- Shard id of a row: `{table['shard']}`")
-        out.append(f"- Delta checkpoint every {table.get('checkpoint_interval', 10)} commits")
+        out.append(f"- Delta checkpoint every {table.get('checkpoint_interval', CHECKPOINT_INTERVAL)} commits")
         out += ["", "| column | type | nullable | description |", "|---|---|---|---|"]
         out += _columns(table["columns"])
         out.append("")
