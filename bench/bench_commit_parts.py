@@ -17,8 +17,9 @@ each, by part and by alternative:
   write path   write_deltalake on the open table (writes its own Parquet, keeps the handle current):
                one refresh less, but delta-rs's writer writes no page checksums, which the archive's
                corruption checks need (recpipe.store.files.write_parquet), so the archive cannot use it
-  junk N       the --prior=first table with N extra entries in _delta_log that are not log files:
-               the part of a commit's growth that is listing the folder
+  junk N       copies of the first --prior table (after the commits measured on it) with N extra
+               entries in _delta_log that are not log files, against a copy with none: the part of a
+               commit's growth that is listing the folder
 
 The cost that grows with the log is the listing: delta-rs (1.6.6, object_store's LocalFileSystem) lists
 the whole _delta_log folder to find the entries after the last checkpoint, three times per commit and
@@ -38,9 +39,10 @@ from pathlib import Path
 
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
-from deltalake.transaction import AddAction, CommitProperties, PostCommitHookProperties, Transaction
+from deltalake.transaction import AddAction, CommitProperties, Transaction
 
-HOOKS = PostCommitHookProperties(create_checkpoint=True, cleanup_expired_logs=False)  # as recpipe.store
+from recpipe.store import COMMIT_HOOKS, table_configuration
+
 SCHEMA = pa.schema([("run", pa.string()), ("step", pa.int32()), ("rollout_id", pa.string())])
 
 
@@ -50,13 +52,12 @@ def add(table: DeltaTable, name: str) -> None:
                        '{"numRecords": 8}')
     table.create_write_transaction([action], mode="append", schema=table.schema(), partition_by=["run"],
                                    commit_properties=CommitProperties(app_transactions=[Transaction(name, 1)]),
-                                   post_commithook_properties=HOOKS)
+                                   post_commithook_properties=COMMIT_HOOKS)
 
 
 def build(path: Path, prior: int) -> None:
     table = DeltaTable.create(str(path), schema=SCHEMA, partition_by=["run"],
-                              configuration={"delta.checkpointInterval": "10",
-                                             "delta.enableExpiredLogCleanup": "false"})
+                              configuration=table_configuration("batches"))
     for i in range(prior - 1):
         add(table, f"prior{i}")
         table.update_incremental()
@@ -93,7 +94,7 @@ def measure(path: Path, commits: int) -> dict[str, float]:
         props = CommitProperties(app_transactions=[Transaction(uuid.uuid4().hex, 1)])
         t0 = time.perf_counter()
         write_deltalake(table, rows, mode="append", partition_by=["run"], commit_properties=props,
-                        post_commithook_properties=HOOKS)
+                        post_commithook_properties=COMMIT_HOOKS)
         writes.append(time.perf_counter() - t0)
     out["write path"] = median_ms(writes)
     return out
@@ -141,7 +142,8 @@ def main() -> None:
         for prior, out in rows:
             print(f"| {prior} | " + " | ".join(str(out[k]) for k in keys) + " |")
         first = Path(tmp) / f"batches-{priors[0]}"
-        print(f"\ncommit + refresh on the {priors[0]}-commit table with extra non-log entries in _delta_log:")
+        print(f"\ncommit + refresh on copies of the {priors[0]}-commit table (after its measured commits) "
+              "with extra non-log entries in _delta_log:")
         for junk in [0, *(int(x) for x in args.junk.split(",") if x)]:
             print(f"  {junk:>6} extra entries: {with_junk(first, junk, args.commits)} ms", flush=True)
 
